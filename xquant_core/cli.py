@@ -1,0 +1,122 @@
+"""Command line: ``xquant -c cfg.json [-i in.onnx] [-o out.onnx]`` and ``xquant plugins``.
+
+Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
+3 internal error (a bug: the log file has the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, XQuantError
+
+log = logging.getLogger("xquant")
+LOG_FILE = Path(tempfile.gettempdir()) / "xquant-last-error.log"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xquant",
+        description="Post-training INT8 quantization of ONNX models for SpacemiT chips, from an "
+                    "XQuant-compatible JSON config.",
+        epilog="commands:\n  (none)    quantize the model the config describes (needs -c)\n"
+               "  plugins   list the installed plugins and the names they register\n\n"
+               "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
+               "130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", nargs="?", choices=["plugins"], help=argparse.SUPPRESS)
+    parser.add_argument("-c", "--config", help="the JSON config file")
+    parser.add_argument("-i", "--input", help="float ONNX model (overrides model_parameters.onnx_model)")
+    parser.add_argument("-o", "--output", help="output model path (overrides <working_dir>/<output_prefix>.onnx)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"xquant {__version__}")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose
+                                           else "xquant: %(levelname)s: %(message)s"))
+    root = logging.getLogger("xquant")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def _progress(label: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"xquant {label}", unit="batch", file=sys.stderr, leave=False,
+                disable=None if not os.environ.get("XQUANT_PROGRESS") else False)
+
+
+def cmd_plugins() -> int:
+    from .plugins import get_host
+
+    host = get_host()
+    for info, provided in host.describe():
+        origin = "built-in" if info.builtin else "third-party"
+        print(f"{info.name}  ({info.distribution} {info.version}, {origin})")
+        for kind, names in provided.items():
+            print(f"    {kind}: {', '.join(names)}")
+    return EXIT_OK
+
+
+def cmd_quantize(args) -> int:
+    from .config import load_config
+    from .pipeline import run
+
+    cfg = load_config(args.config)
+    result = run(cfg, model=args.input, output=args.output, progress=_progress)
+    print(f"xquant: wrote {result.output_path} ({result.samples} calibration samples on {result.device}) "
+          f"in {result.seconds:.1f} s")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "plugins":
+            return cmd_plugins()
+        if not args.config:
+            parser.print_usage(sys.stderr)
+            print("xquant: error: -c/--config is required to quantize", file=sys.stderr)
+            return EXIT_USAGE
+        return cmd_quantize(args)
+    except XQuantError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"xquant: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("xquant: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        details = traceback.format_exc()
+        try:
+            LOG_FILE.write_text(details, encoding="utf-8")
+            where = f"the traceback is in {LOG_FILE}"
+        except OSError:
+            where = "run again with --verbose for the traceback"
+        if args.verbose:
+            print(details, file=sys.stderr)
+        print(f"xquant: internal error (this is a bug in xquant, please report it); {where}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

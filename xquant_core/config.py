@@ -1,0 +1,330 @@
+"""Config loading: JSON file or dict -> schema check -> defaults -> frozen objects.
+
+The JSON Schema in ``schemas/xquant_config.schema.json`` is the single source of truth
+for fields and defaults. Every problem is reported at once, each located by its JSON
+path (``cfg.json::$.calibration_parameters.calibration_type``). After loading, the
+pipeline only sees the frozen dataclasses below, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+SCHEMA_FILE = "xquant_config.schema.json"
+VENDOR_INPUTS_KEY = "input_parametres"
+INPUTS_KEYS = (VENDOR_INPUTS_KEY, "input_parameters")
+PREPROCESS_NONE = "none"
+
+
+# --------------------------------------------------------------------------- schema
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """The config schema: from the installed wheel, else from the source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schemas" / SCHEMA_FILE, here.parent / "schemas" / SCHEMA_FILE):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"xquant's config schema {SCHEMA_FILE} is missing from the installation")
+
+
+# --------------------------------------------------------------------------- objects
+@dataclass(frozen=True)
+class InputConfig:
+    """One model input's calibration settings (``input_parametres[i]``)."""
+
+    index: int
+    data_list_path: Path
+    input_name: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    file_type: str = "img"
+    color_format: str = "bgr"
+    mean_value: tuple[float, ...] | None = None
+    std_value: tuple[float, ...] | None = None
+    preprocess_file: str = PREPROCESS_NONE
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    onnx_model: Path | None
+    output_prefix: str | None
+    working_dir: Path | None
+    skip_onnxsim: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    calibration_step: int
+    calibration_batch_size: int
+    calibration_device: str | None
+    calibration_type: str
+    inputs: tuple[InputConfig, ...]
+
+
+@dataclass(frozen=True)
+class CustomSetting:
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    precision_level: int | None = None
+    max_percentile: float | None = None
+    calibration_type: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    analysis_enable: bool
+    precision_level: int
+    finetune_level: int
+    max_percentile: float
+    platform: str
+    custom_setting: tuple[CustomSetting, ...] = ()
+    truncate_var_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class XQuantConfig:
+    model: ModelConfig
+    calibration: CalibrationConfig
+    quantization: QuantizationConfig
+    source: str
+    base_dir: Path
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(config: str | os.PathLike | Mapping[str, Any], *, check_plugins: bool = True) -> XQuantConfig:
+    """Load and validate a config from a JSON file path or a dict.
+
+    Relative paths resolve against the config file's folder (the current folder for a
+    dict). Raises :class:`ConfigError` listing every problem found.
+    """
+    if isinstance(config, Mapping):
+        raw, source, base_dir = copy.deepcopy(dict(config)), "config", Path.cwd()
+    else:
+        path = Path(config)
+        source = str(config)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"], source=source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"cannot read the config file: {exc}"], source=source) from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"],
+                              source=source) from None
+        base_dir = path.resolve().parent
+
+    problems = validate(raw, check_plugins=check_plugins)
+    if problems:
+        raise ConfigError([f"{source}::{problem}" for problem in problems], source=source)
+    return _build(raw, source, base_dir)
+
+
+def validate(raw: Any, *, check_plugins: bool = True) -> list[str]:
+    """All problems of a raw config, each ``$.json.path: message``; empty when valid."""
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    validator = Draft202012Validator(schema)
+    problems: list[tuple[str, str]] = []
+    for error in validator.iter_errors(raw):
+        problems.extend(_describe(error, schema))
+    if isinstance(raw, dict) and not problems:
+        problems.extend(_semantic_problems(raw, check_plugins))
+    elif isinstance(raw, dict) and check_plugins:
+        # name unknown plugins next to the schema problems, so one run shows them all
+        problems.extend(_plugin_problems(raw))
+    seen, ordered = set(), []
+    for path, message in sorted(problems, key=lambda item: item[0]):
+        if (path, message) not in seen:
+            seen.add((path, message))
+            ordered.append(f"{path}: {message}")
+    return ordered
+
+
+def _describe(error, schema: dict) -> list[tuple[str, str]]:
+    path = _json_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = [key for key in error.instance if key not in error.schema.get("properties", {})]
+        out = []
+        for key in extra:
+            hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+            out.append((_json_path(list(error.absolute_path) + [key]),
+                        f"unknown key '{key}'.{did_you_mean} Allowed keys: {', '.join(allowed)}"))
+        return out
+    if error.validator == "not" and error.schema.get("not", {}).get("required") == list(INPUTS_KEYS):
+        return [(path, "give either 'input_parametres' or 'input_parameters', not both")]
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        best = min(error.context, key=lambda e: len(list(e.absolute_path)))
+        return _describe(best, schema)
+    return [(path, error.message)]
+
+
+def _json_path(parts) -> str:
+    out = "$"
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _inputs_key(calib: dict) -> str:
+    return next((key for key in INPUTS_KEYS if key in calib), VENDOR_INPUTS_KEY)
+
+
+def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
+    problems = []
+    calib = raw.get("calibration_parameters")
+    if not isinstance(calib, dict) or not any(key in calib for key in INPUTS_KEYS):
+        problems.append(("$.calibration_parameters",
+                         f"'{VENDOR_INPUTS_KEY}' is required: one entry per model input, "
+                         "each with at least data_list_path"))
+    quant = raw.get("quantization_parameters", {})
+    for index, item in enumerate(quant.get("custom_setting", [])):
+        if not item.get("input_names") or not item.get("output_names"):
+            problems.append((f"$.quantization_parameters.custom_setting[{index}]",
+                             "input_names and output_names should be set."))
+    for index, item in enumerate(_inputs(raw)):
+        mean, std = item.get("mean_value"), item.get("std_value")
+        if mean is not None and std is not None and len(mean) != len(std):
+            problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}]",
+                             f"mean_value has {len(mean)} values but std_value has {len(std)}"))
+        spec = item.get("preprocess_file")
+        if isinstance(spec, str) and ":" in spec and not spec.rsplit(":", 1)[1].isidentifier():
+            problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}].preprocess_file",
+                             f"'{spec}' is not of the form 'path/to/file.py:function'"))
+    if check_plugins:
+        problems.extend(_plugin_problems(raw))
+    return problems
+
+
+def _inputs(raw: dict) -> list[dict]:
+    calib = raw.get("calibration_parameters")
+    if not isinstance(calib, dict):
+        return []
+    items = calib.get(_inputs_key(calib))
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+def _plugin_problems(raw: dict) -> list[tuple[str, str]]:
+    """Names that must resolve to an installed plugin."""
+    from .plugins import registry
+
+    checks: list[tuple[str, str, Any]] = []
+    calib = raw.get("calibration_parameters") if isinstance(raw.get("calibration_parameters"), dict) else {}
+    quant = raw.get("quantization_parameters") if isinstance(raw.get("quantization_parameters"), dict) else {}
+    checks.append(("calibration", "$.calibration_parameters.calibration_type", calib.get("calibration_type")))
+    checks.append(("platform", "$.quantization_parameters.platform", quant.get("platform")))
+    settings = quant.get("custom_setting")
+    for index, item in enumerate(settings if isinstance(settings, list) else []):
+        if isinstance(item, dict):
+            checks.append(("calibration", f"$.quantization_parameters.custom_setting[{index}].calibration_type",
+                           item.get("calibration_type")))
+    key = _inputs_key(calib)
+    for index, item in enumerate(_inputs(raw)):
+        prefix = f"$.calibration_parameters.{key}[{index}]"
+        checks.append(("reader", f"{prefix}.file_type", item.get("file_type")))
+        spec = item.get("preprocess_file")
+        if isinstance(spec, str) and ":" not in spec and spec.lower() != PREPROCESS_NONE:
+            checks.append(("preprocessor", f"{prefix}.preprocess_file", spec))
+    problems = []
+    for kind, path, name in checks:
+        if isinstance(name, str) and name and name not in registry(kind):
+            problems.append((path, registry(kind).unknown_message(name)))
+    return problems
+
+
+# --------------------------------------------------------------------------- building
+def _defaults(section: str) -> dict:
+    props = load_schema()["properties"][section]["properties"]
+    return {key: value["default"] for key, value in props.items() if "default" in value}
+
+
+def _input_defaults() -> dict:
+    props = load_schema()["$defs"]["input_parameter"]["properties"]
+    return {key: value["default"] for key, value in props.items() if "default" in value}
+
+
+def _resolve(base_dir: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def _resolve_preprocess(base_dir: Path, spec: str | None) -> str:
+    if spec is None or spec.lower() == PREPROCESS_NONE:
+        return PREPROCESS_NONE
+    if ":" in spec:
+        file_part, func = spec.rsplit(":", 1)
+        return f"{_resolve(base_dir, file_part)}:{func}"
+    return spec
+
+
+def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
+    model = {**_defaults("model_parameters"), **raw.get("model_parameters", {})}
+    calib = {**_defaults("calibration_parameters"), **raw.get("calibration_parameters", {})}
+    quant = {**_defaults("quantization_parameters"), **raw.get("quantization_parameters", {})}
+
+    inputs = []
+    for index, item in enumerate(calib[_inputs_key(calib)]):
+        item = {**_input_defaults(), **item}
+        inputs.append(InputConfig(
+            index=index,
+            data_list_path=_resolve(base_dir, item["data_list_path"]),
+            input_name=item.get("input_name"),
+            input_shape=tuple(item["input_shape"]) if item.get("input_shape") else None,
+            dtype=item.get("dtype"),
+            file_type=item["file_type"],
+            color_format=item["color_format"],
+            mean_value=tuple(float(v) for v in item["mean_value"]) if item.get("mean_value") else None,
+            std_value=tuple(float(v) for v in item["std_value"]) if item.get("std_value") else None,
+            preprocess_file=_resolve_preprocess(base_dir, item.get("preprocess_file")),
+        ))
+
+    return XQuantConfig(
+        model=ModelConfig(
+            onnx_model=_resolve(base_dir, model.get("onnx_model")),
+            output_prefix=model.get("output_prefix"),
+            working_dir=_resolve(base_dir, model.get("working_dir")),
+            skip_onnxsim=model["skip_onnxsim"],
+        ),
+        calibration=CalibrationConfig(
+            calibration_step=calib["calibration_step"],
+            calibration_batch_size=calib["calibration_batch_size"],
+            calibration_device=calib.get("calibration_device"),
+            calibration_type=calib["calibration_type"],
+            inputs=tuple(inputs),
+        ),
+        quantization=QuantizationConfig(
+            analysis_enable=quant["analysis_enable"],
+            precision_level=quant["precision_level"],
+            finetune_level=quant["finetune_level"],
+            max_percentile=float(quant["max_percentile"]),
+            platform=quant["platform"],
+            custom_setting=tuple(
+                CustomSetting(
+                    input_names=tuple(item.get("input_names", ())),
+                    output_names=tuple(item.get("output_names", ())),
+                    precision_level=item.get("precision_level"),
+                    max_percentile=item.get("max_percentile"),
+                    calibration_type=item.get("calibration_type"),
+                )
+                for item in quant["custom_setting"]
+            ),
+            truncate_var_names=tuple(quant["truncate_var_names"]),
+        ),
+        source=source,
+        base_dir=base_dir,
+    )

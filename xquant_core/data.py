@@ -1,0 +1,250 @@
+"""Calibration data: list file -> reader plugin -> preprocessor plugin -> batches.
+
+Each stage is testable alone:
+
+- :func:`read_list` turns a list file into sample paths;
+- a :class:`Reader` (``file_type``) turns one path into one array;
+- a :class:`Preprocessor` (``preprocess_file``) turns that array into one model input
+  sample (without the batch dimension);
+- :class:`CalibrationDataset` zips the inputs of a model sample by sample and yields
+  batches ``{input_name: np.ndarray}``, reading lazily with a bounded cache so memory
+  does not grow with the number of calibration passes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from .config import PREPROCESS_NONE, InputConfig
+from .errors import DataError
+
+log = logging.getLogger("xquant.data")
+
+#: cache budget for preprocessed calibration samples (bytes)
+CACHE_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input, resolved against the model: what readers and preprocessors see."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    config: InputConfig
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: ``shape`` without the batch dimension."""
+        return tuple(self.shape[1:])
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """(H, W) of an NCHW or NHWC image input."""
+        if len(self.shape) != 4:
+            raise DataError(f"input '{self.name}' has shape {list(self.shape)}: image preprocessing needs 4 dims")
+        if self.is_nhwc:
+            return self.shape[1], self.shape[2]
+        return self.shape[2], self.shape[3]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[3] if self.is_nhwc else self.shape[1]
+
+    @property
+    def is_nhwc(self) -> bool:
+        return len(self.shape) == 4 and self.shape[3] in (1, 3, 4) and self.shape[1] not in (1, 3, 4)
+
+    def vendor_dict(self) -> dict[str, Any]:
+        """The input's parameters as the vendor tool passes them to custom preprocess functions."""
+        cfg = self.config
+        return {
+            "input_name": self.name,
+            "input_shape": list(self.shape),
+            "dtype": self.dtype,
+            "file_type": cfg.file_type,
+            "color_format": cfg.color_format,
+            "mean_value": list(cfg.mean_value) if cfg.mean_value else None,
+            "std_value": list(cfg.std_value) if cfg.std_value else None,
+            "preprocess_file": cfg.preprocess_file,
+            "data_list_path": str(cfg.data_list_path),
+        }
+
+
+class Reader(Protocol):
+    """Reads one calibration file (``file_type``).
+
+    ``is_image`` tells the default ("none") preprocessor whether to apply the image
+    pipeline (resize, normalize, HWC->CHW) or just reshape.
+    """
+
+    is_image: bool
+
+    def read(self, path: Path, spec: InputSpec) -> np.ndarray:
+        """Return the file's content as an array; raise :class:`DataError` naming the file."""
+
+
+class Preprocessor(Protocol):
+    """Turns what a reader returned into one model input sample (``sample_shape``)."""
+
+    def __call__(self, sample: np.ndarray, spec: InputSpec, reader: Reader) -> np.ndarray: ...
+
+
+def read_list(spec_config: InputConfig, name: str) -> list[Path]:
+    """Sample paths of a list file: one per line, relative to the list's folder."""
+    list_path = spec_config.data_list_path
+    if not list_path.is_file():
+        raise DataError(f"Calibration input {name}: data_list_path {list_path} does not exist.")
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Calibration input {name}: cannot read data_list_path {list_path}: {exc}") from None
+    paths = []
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        path = Path(line)
+        paths.append(path if path.is_absolute() else list_path.parent / path)
+    if not paths:
+        raise DataError(f"Calibration input {name} finds 0 items. (data_list_path: {list_path})")
+    return paths
+
+
+class PathFunctionPreprocessor:
+    """The vendor's ``"file.py:function"`` preprocessor: ``function(path_list, input_dict)``.
+
+    The function receives the paths of one batch and the input's parameters as a dict and
+    returns the batch (numpy array or torch tensor, with the batch dimension).
+    """
+
+    def __init__(self, spec: str):
+        file_part, func_name = spec.rsplit(":", 1)
+        self.file = Path(file_part)
+        self.func_name = func_name
+        self.func = self._load()
+
+    def _load(self) -> Callable:
+        if not self.file.is_file():
+            raise DataError(f"preprocess_file {self.file}:{self.func_name}: file {self.file} does not exist")
+        module_name = f"xquant_preprocess_{abs(hash(str(self.file)))}"
+        try:
+            spec = importlib.util.spec_from_file_location(module_name, self.file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise DataError(f"preprocess_file {self.file}:{self.func_name}: importing {self.file} failed: "
+                            f"{type(exc).__name__}: {exc}") from None
+        func = getattr(module, self.func_name, None)
+        if not callable(func):
+            raise DataError(f"preprocess_file {self.file}:{self.func_name}: {self.file} has no function "
+                            f"'{self.func_name}'")
+        return func
+
+    def batch(self, paths: Sequence[Path], spec: InputSpec) -> np.ndarray:
+        try:
+            result = self.func([str(p) for p in paths], spec.vendor_dict())
+        except Exception as exc:
+            raise DataError(f"preprocess_file {self.file}:{self.func_name} raised {type(exc).__name__}: {exc} "
+                            f"(first file: {paths[0]})") from None
+        if hasattr(result, "detach"):  # torch tensor
+            result = result.detach().cpu().numpy()
+        return np.asarray(result)
+
+
+def conform(array: np.ndarray, spec: InputSpec, count: int, origin: str) -> np.ndarray:
+    """Check and cast a batch of ``count`` samples to the input's shape and dtype."""
+    expected = (count,) + spec.sample_shape
+    array = np.asarray(array)
+    if array.shape != expected and array.size == math.prod(expected):
+        if array.shape[1:] == spec.sample_shape or array.shape == spec.sample_shape or count == 1:
+            array = array.reshape(expected)
+    if array.shape != expected:
+        raise DataError(f"Calibration input {spec.name}: {origin} gives shape {list(array.shape)}, "
+                        f"expected {list(expected)}")
+    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+
+
+class CalibrationDataset:
+    """Batches of calibration samples for all model inputs, read lazily.
+
+    ``readers``/``preprocessors`` map input names to the resolved plugin components.
+    Preprocessed samples are cached up to :data:`CACHE_BUDGET_BYTES`; the rest are
+    re-read on each pass, so peak memory is bounded whatever the sample count.
+    """
+
+    def __init__(self, specs: Sequence[InputSpec], readers: dict[str, Reader],
+                 preprocessors: dict[str, Any], samples: int, batch_size: int = 1):
+        self.specs = list(specs)
+        self.readers = readers
+        self.preprocessors = preprocessors
+        self.batch_size = batch_size
+        lists = {spec.name: read_list(spec.config, spec.name) for spec in self.specs}
+        lengths = {name: len(paths) for name, paths in lists.items()}
+        if len(set(lengths.values())) > 1:
+            detail = ", ".join(f"{name}: {n}" for name, n in lengths.items())
+            raise DataError(f"Calibration inputs have data lists of different lengths ({detail}); "
+                            "line k of each list must belong to the same sample")
+        available = next(iter(lengths.values()))
+        if available < samples:
+            log.warning("calibration_step is %d but only %d sample(s) are listed: using all %d",
+                        samples, available, available)
+        self.count = min(samples, available)
+        self.lists = {name: paths[: self.count] for name, paths in lists.items()}
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._cache_bytes = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for index in range(len(self)):
+            yield self.batch(index)
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.count)
+        batch = {spec.name: self._load(spec, self.lists[spec.name][start:stop]) for spec in self.specs}
+        size = sum(array.nbytes for array in batch.values())
+        if self._cache_bytes + size <= CACHE_BUDGET_BYTES:
+            self._cache[index] = batch
+            self._cache_bytes += size
+        return batch
+
+    def _load(self, spec: InputSpec, paths: list[Path]) -> np.ndarray:
+        pre = self.preprocessors[spec.name]
+        if isinstance(pre, PathFunctionPreprocessor):
+            return conform(pre.batch(paths, spec), spec, len(paths), f"{pre.file}:{pre.func_name}")
+        reader = self.readers[spec.name]
+        samples = []
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"Calibration input {spec.name}: file {path} listed in "
+                                f"{spec.config.data_list_path} does not exist")
+            raw = reader.read(path, spec)
+            try:
+                sample = pre(raw, spec, reader)
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"Calibration input {spec.name}: preprocessing {path} failed: "
+                                f"{type(exc).__name__}: {exc}") from None
+            samples.append(conform(sample, spec, 1, str(path))[0])
+        return np.stack(samples)
+
+
+def resolve_preprocessor(spec_config: InputConfig, registry) -> Any:
+    """The preprocessor component for an input: a plugin or a ``file.py:function``."""
+    name = spec_config.preprocess_file or PREPROCESS_NONE
+    if ":" in name:
+        return PathFunctionPreprocessor(name)
+    return registry.get(name)

@@ -1,0 +1,289 @@
+"""The one core module that talks to PPQ: graph IR, dispatch, calibration, passes.
+
+``quantize_graph`` takes a float ONNX model, calibration batches and a platform and
+returns the quantized ``onnx.ModelProto``. The steps:
+
+1. parse the model into PPQ's IR and format it (constants folded into parameters,
+   BatchNorm merged into Conv);
+2. dispatch: ops the platform quantizes go to INT8, the rest (and what
+   ``precision_level`` keeps in float) to FP32;
+3. optional cross-layer equalization (``finetune_level`` >= 1);
+4. the platform's quantizer creates the tensor quantization configs; the platform
+   ties the configs of shape ops to their inputs;
+5. weights by min/max, activations by the configured calibration algorithm (two
+   passes over the data when it needs a histogram), passive parameters (bias);
+6. optional bias correction (``finetune_level`` >= 1);
+7. platform policy fixes, then export.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
+from .ppq_compat import import_ppq
+
+log = logging.getLogger("xquant.engine")
+
+#: ops kept in float at precision_level 2 (parameter-free arithmetic and squashing ops)
+PRECISION_2_FLOAT_OPS = {"Add", "Sub", "Mul", "Div", "Softmax", "Sigmoid"}
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything the engine needs to know, resolved from the config."""
+
+    algorithm: CalibrationAlgorithm
+    context: CalibrationContext
+    precision_level: int
+    finetune_level: int
+    device: str
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches: int,
+                   platform: Any, plan: EnginePlan,
+                   progress: Callable[[str, int], Any] | None = None):
+    """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``."""
+    import_ppq()
+    import torch
+    from ppq import TargetPlatform, TorchExecutor
+
+    torch.manual_seed(0)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads())
+    try:
+        return _quantize(model, batches, num_batches, platform, plan, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def torch_threads() -> int:
+    """Threads for torch during calibration: ``XQUANT_NUM_THREADS``, else half the cores.
+
+    torch's OpenMP kernels slow down by 10x or more when their threads compete with
+    other processes for every core (measured here on a 2-core machine: a 1x1 conv took
+    30 ms with 2 threads beside one busy process, 0.2 ms with 1 thread), so by default
+    we leave half of the cores free.
+    """
+    configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // 2)
+
+
+def _quantize(model, batches, num_batches, platform, plan, progress):
+    import torch
+    from ppq import TargetPlatform, TorchExecutor
+
+    graph = _load_graph(model)
+    quantizer = platform.create_quantizer(graph)
+    _dispatch(graph, quantizer.quant_operation_types, plan.precision_level)
+
+    def feeds() -> Iterable[dict[str, Any]]:
+        for batch in batches:
+            yield {name: torch.from_numpy(array).to(plan.device) for name, array in batch.items()}
+
+    executor = TorchExecutor(graph=graph, device=plan.device)
+    first = next(iter(feeds()))
+    executor.tracing_operation_meta(inputs=first)
+
+    for name, operation in list(graph.operations.items()):
+        if operation.platform == TargetPlatform.UNSPECIFIED:
+            operation.platform = (quantizer.target_platform if operation.type in quantizer.quant_operation_types
+                                  else TargetPlatform.FP32)
+        if operation.platform not in {TargetPlatform.FP32, TargetPlatform.SOI}:
+            quantizer.quantize_operation(name)
+    executor.load_graph(graph)
+
+    from ppq.quantization.optim import (ParameterQuantizePass, PassiveParameterQuantizePass,
+                                        QuantAlignmentPass, QuantizeFusionPass, QuantizeSimplifyPass)
+
+    def apply(ppq_pass) -> None:
+        ppq_pass.optimize(graph=graph, dataloader=list(feeds()), executor=executor,
+                          calib_steps=num_batches, collate_fn=None)
+
+    apply(QuantizeFusionPass(activation_type=quantizer.activation_fusion_types, fuse_activation=True,
+                             fuse_passive_op=False))
+    apply(QuantizeSimplifyPass())
+    platform.share_quantization(graph)
+    apply(ParameterQuantizePass())
+    ActivationCalibration(plan).run(graph, executor, feeds, num_batches, progress)
+    apply(QuantAlignmentPass(elementwise_alignment="None", concat_alignment="Align to Output",
+                             pooling_alignment="None", resize_alignment="None", force_overlap=True))
+    apply(PassiveParameterQuantizePass())
+    platform.finalize(graph)
+    return platform.export(graph)
+
+
+def _load_graph(model):
+    """Parse an ``onnx.ModelProto`` into PPQ's IR and format it."""
+    import onnx
+    from ppq.api.interface import format_graph
+    from ppq.parser.onnx_parser import OnnxParser
+
+    handle, path = tempfile.mkstemp(suffix=".onnx", prefix="xquant-")
+    os.close(handle)
+    try:
+        onnx.save(model, path)
+        graph = OnnxParser().build(path)
+    finally:
+        os.unlink(path)
+    return format_graph(graph)
+
+
+def _dispatch(graph, quant_types: set, precision_level: int) -> None:
+    """Send each op to INT8 (decided by the quantizer) or FP32."""
+    from ppq import TargetPlatform
+    from ppq.scheduler import DISPATCHER_TABLE
+
+    dispatcher = DISPATCHER_TABLE["conservative"](graph)
+    table = dispatcher.dispatch(graph=graph, quant_types=quant_types,
+                                quant_platform=TargetPlatform.UNSPECIFIED,
+                                fp32_platform=TargetPlatform.FP32, SOI_platform=TargetPlatform.SOI)
+    for operation in graph.operations.values():
+        operation.platform = table[operation.name]
+        if precision_level >= 2 and operation.type in PRECISION_2_FLOAT_OPS and not operation.parameters:
+            operation.platform = TargetPlatform.FP32
+
+
+class _TensorObserver:
+    """Collects min/max, then optionally a histogram, of one activation tensor."""
+
+    def __init__(self, name: str, configs: list, consumers: tuple[str, ...], algorithm: CalibrationAlgorithm,
+                 context: CalibrationContext):
+        self.name, self.configs, self.consumers = name, configs, consumers
+        self.algorithm, self.context = algorithm, context
+        self.phase = "minmax"
+        self.low, self.high = float("inf"), float("-inf")
+        self.histogram = None
+        self.last_step = -1
+        self.step = 0
+
+    def observe(self, value) -> None:
+        if self.last_step == self.step:  # the same tensor seen as an output and as an input
+            return
+        self.last_step = self.step
+        import torch
+
+        value = value.detach().float()
+        if self.phase == "minmax":
+            self.low = min(self.low, value.min().item())
+            self.high = max(self.high, value.max().item())
+        elif self.high > self.low:
+            counts = torch.histc(value, bins=HISTOGRAM_BINS, min=self.low, max=self.high)
+            counts = counts.cpu().numpy().astype(np.float64)
+            self.histogram = counts if self.histogram is None else self.histogram + counts
+
+    def statistics(self) -> TensorStatistics:
+        histogram = self.histogram
+        if histogram is None and self.algorithm.needs_histogram:
+            histogram = np.zeros(HISTOGRAM_BINS)
+            histogram[0] = 1.0
+        return TensorStatistics(self.name, self.low, self.high, histogram, self.consumers)
+
+    def render(self) -> None:
+        import torch
+        from ppq import QuantizationProperty, QuantizationStates
+
+        low, high = self.algorithm.compute_range(self.statistics(), self.context)
+        for config in self.configs:
+            scale, offset = range_to_scale_offset(
+                low, high, config.quant_min, config.quant_max,
+                symmetric=config.policy.has_property(QuantizationProperty.SYMMETRICAL))
+            config.scale = torch.tensor(scale, dtype=torch.float32)
+            config.offset = torch.tensor(offset, dtype=torch.float32)
+            config.state = QuantizationStates.ACTIVATED
+
+
+def range_to_scale_offset(low: float, high: float, quant_min: int, quant_max: int,
+                          symmetric: bool = False) -> tuple[float, float]:
+    """Scale and zero point so that [low, high] (widened to include 0) maps to the int range."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if symmetric:
+        bound = max(-low, high)
+        scale = max(2 * bound / (quant_max - quant_min), 1e-8)
+        return scale, 0.0
+    scale = max((high - low) / (quant_max - quant_min), 1e-8)
+    offset = float(np.clip(quant_min - np.round(low / scale), quant_min, quant_max))
+    return scale, offset
+
+
+class ActivationCalibration:
+    """Activation calibration with xquant's algorithm plugins (replaces PPQ's pass)."""
+
+    def __init__(self, plan: EnginePlan):
+        self.plan = plan
+
+    def run(self, graph, executor, feeds, num_batches: int, progress) -> None:
+        from ppq import QuantableOperation, QuantizationStates
+        from ppq.quantization.observer import CalibrationHook
+
+        observers: dict[str, _TensorObserver] = {}
+        tables: dict[str, dict] = {}
+        for operation in graph.topological_sort():
+            if not isinstance(operation, QuantableOperation):
+                continue
+            table = {}
+            for config, var in operation.config_with_variable:
+                if var.is_parameter or config.state != QuantizationStates.INITIAL:
+                    continue
+                observer = observers.get(var.name)
+                if observer is None:
+                    consumers = tuple(op.type for op in var.dest_ops)
+                    observer = observers[var.name] = _TensorObserver(
+                        var.name, [], consumers, self.plan.algorithm, self.plan.context)
+                observer.configs.append(config)
+                table[config] = observer
+            if table:
+                tables[operation.name] = table
+        if not observers:
+            return
+
+        def render_noop() -> None:  # rendering happens once, below
+            return None
+
+        hooks = {}
+        for name, table in tables.items():
+            hook = CalibrationHook(operation=graph.operations[name], observer_table=table)
+            hook.render_quantization_config = render_noop
+            hooks[name] = hook
+
+        phases = ["minmax"] + (["histogram"] if self.plan.algorithm.needs_histogram else [])
+        steps = itertools.count()
+        for phase in phases:
+            for observer in observers.values():
+                observer.phase = phase
+            self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress,
+                              f"calibration ({phase})")
+        for observer in observers.values():
+            observer.render()
+
+    @staticmethod
+    def _forward_all(executor, feeds, hooks, observers, steps, num_batches, progress, label) -> None:
+        import torch
+
+        bar = progress(label, num_batches) if progress else None
+        with torch.no_grad():
+            for feed in feeds():
+                step = next(steps)
+                for observer in observers.values():
+                    observer.step = step
+                executor.forward(inputs=feed, hooks=hooks)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()

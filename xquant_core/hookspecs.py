@@ -1,0 +1,87 @@
+"""The plugin author's manual: every hook xquant calls.
+
+A plugin is a module (or object) with functions decorated by ``xquant_core.hookimpl``
+and named after the hooks below. Declare it in your package's metadata under the
+``xquant`` entry-point group::
+
+    [project.entry-points.xquant]
+    my_reader = "my_package.xquant_plugin"
+
+xquant's own built-ins (``xquant_plugins``) are declared the same way. Each hook hands
+the plugin a ``register`` callable instead of expecting a return value, so xquant knows
+which plugin provided each name::
+
+    register(name: str, component: object, *, override: bool = False) -> None
+
+Registering a name that another plugin already registered is an error unless
+``override=True`` is passed (then the later plugin wins and ``xquant plugins`` says so).
+Hooks run once per process, built-ins first, then third-party plugins sorted by
+distribution name. Keep plugin modules light: do not import torch or PPQ at module
+level (``xquant --help``, ``xquant plugins`` and config validation must stay fast);
+import them inside the component's methods.
+
+The component interfaces are documented in:
+
+- calibration algorithms: :class:`xquant_core.calibration.CalibrationAlgorithm`
+- readers: :class:`xquant_core.data.Reader`
+- preprocessors: :class:`xquant_core.data.Preprocessor`
+- platforms: :class:`xquant_core.platform.Platform`
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pluggy
+
+PROJECT = "xquant"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Register(Protocol):
+    """The callable every registration hook receives."""
+
+    def __call__(self, name: str, component: Any, *, override: bool = False) -> None: ...
+
+
+@hookspec
+def xquant_register_calibration_algorithms(register: Register) -> None:
+    """Register activation calibration algorithms.
+
+    Called once, when a config is validated or a model is quantized. ``component`` must
+    implement :class:`xquant_core.calibration.CalibrationAlgorithm`. The registered name
+    is what users write in ``calibration_type`` (globally or in ``custom_setting``).
+    """
+
+
+@hookspec
+def xquant_register_readers(register: Register) -> None:
+    """Register calibration-data readers.
+
+    Called once, when a config is validated or data is loaded. ``component`` must
+    implement :class:`xquant_core.data.Reader`. The registered name is what users
+    write in ``input_parametres[i].file_type``.
+    """
+
+
+@hookspec
+def xquant_register_preprocessors(register: Register) -> None:
+    """Register calibration-data preprocessors.
+
+    Called once, when a config is validated or data is loaded. ``component`` must
+    implement :class:`xquant_core.data.Preprocessor`. The registered name is what users
+    write in ``input_parametres[i].preprocess_file`` (``"file.py:function"`` needs no
+    plugin; ``"none"`` is the name used when the field is empty).
+    """
+
+
+@hookspec
+def xquant_register_platforms(register: Register) -> None:
+    """Register target platforms (quantizer policy + exporter).
+
+    Called once, when a config is validated or a model is quantized. ``component`` must
+    implement :class:`xquant_core.platform.Platform`. The registered name is what
+    users write in ``quantization_parameters.platform`` (default ``spacemit``).
+    """

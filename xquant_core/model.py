@@ -1,0 +1,139 @@
+"""The float model: loading, simplification, and the inputs calibration must feed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from .config import InputConfig
+from .data import InputSpec
+from .errors import ModelError
+
+log = logging.getLogger("xquant.model")
+
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+           "DynamicQuantizeLinear"}
+
+
+def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """Load and sanity-check a float ONNX model (a path or an in-memory proto)."""
+    if isinstance(source, onnx.ModelProto):
+        model = source
+        where = "the given model"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ModelError(f"onnx_model {path} does not exist")
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:
+            raise ModelError(f"onnx_model {path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise ModelError(f"{where} has an empty graph: is it an ONNX model?")
+    quantized = sorted({node.op_type for node in model.graph.node if node.op_type in QDQ_OPS})
+    if quantized:
+        raise ModelError(f"{where} is already quantized (it contains {', '.join(quantized)}); "
+                         "give xquant the float model")
+    return model
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim the model; on failure warn and return the original."""
+    try:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:  # onnxsim raises many kinds of errors on exotic graphs
+        log.warning("onnxsim failed (%s: %s); going on with the original graph",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return model
+    if not ok:
+        log.warning("onnxsim could not validate the simplified model; going on with the original graph")
+        return model
+    return simplified
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs of the graph (initializers listed as inputs excluded)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def _model_shape(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims = []
+    for dim in value.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(dim.dim_value)
+        else:
+            dims.append(dim.dim_param or None)
+    return dims
+
+
+def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], inputs_key: str) -> list[InputSpec]:
+    """Match the config's per-input settings with the model's inputs."""
+    values = graph_inputs(model)
+    names = [value.name for value in values]
+    if len(configs) != len(values):
+        raise ModelError(
+            "Calibration input_parametres size should equal to model inputs size. "
+            f"The config has {len(configs)} entr{'y' if len(configs) == 1 else 'ies'} in {inputs_key}, "
+            f"the model has {len(values)} input(s): {', '.join(names)}")
+    specs = []
+    for cfg, value in zip(configs, values):
+        where = f"{inputs_key}[{cfg.index}]"
+        if cfg.input_name is not None:
+            if cfg.input_name not in names:
+                raise ModelError(f"{where}.input_name '{cfg.input_name}' is not a model input; "
+                                 f"the model's inputs are: {', '.join(names)}")
+            value = values[names.index(cfg.input_name)]
+        elem_type = value.type.tensor_type.elem_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+        except Exception:
+            raise ModelError(f"model input '{value.name}' has an unsupported element type {elem_type}") from None
+        if cfg.dtype is not None and cfg.dtype != dtype:
+            raise ModelError(f"{where}.dtype is {cfg.dtype} but model input '{value.name}' is {dtype}; "
+                             "the model's type is used: remove dtype or make it match")
+        if cfg.dtype is not None and cfg.dtype != "float32":
+            raise ModelError(f"{where}.dtype {cfg.dtype}: only float32 model inputs can be calibrated today")
+        model_shape = _model_shape(value)
+        if cfg.input_shape is not None:
+            shape = tuple(cfg.input_shape)
+            if len(shape) != len(model_shape) or any(
+                    isinstance(m, int) and m != s for m, s in zip(model_shape, shape)):
+                raise ModelError(f"{where}.input_shape {list(shape)} does not fit model input "
+                                 f"'{value.name}' of shape {model_shape}")
+        else:
+            shape = []
+            for axis, dim in enumerate(model_shape):
+                if isinstance(dim, int):
+                    shape.append(dim)
+                elif axis == 0:
+                    shape.append(1)  # symbolic batch
+                else:
+                    raise ModelError(f"model input '{value.name}' has a symbolic dimension '{dim}' at axis {axis}; "
+                                     f"set {where}.input_shape")
+            shape = tuple(shape)
+        specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, config=cfg))
+    used = [spec.name for spec in specs]
+    if len(set(used)) != len(used):
+        raise ModelError(f"{inputs_key} names the same model input twice: {', '.join(used)}")
+    return specs
+
+
+def fix_input_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx.ModelProto:
+    """Write the calibration shapes into the model's inputs (symbolic batch -> fixed)."""
+    by_name = {spec.name: spec for spec in specs}
+    for value in model.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape):
+            dim.Clear()
+            dim.dim_value = size
+    return model

@@ -1,0 +1,145 @@
+"""The quantization pipeline, from a validated config to the written QDQ model.
+
+load model -> onnxsim (unless skip_onnxsim) -> resolve inputs -> calibration data ->
+engine (PPQ) with the platform plugin -> atomic write of ``<working_dir>/<prefix>.onnx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import onnx
+
+from . import model as model_io
+from .calibration import CalibrationContext
+from .config import XQuantConfig, load_config
+from .data import CalibrationDataset, resolve_preprocessor
+from .errors import ModelError, QuantizationError, XQuantError
+from .plugins import registry
+
+log = logging.getLogger("xquant")
+
+ProgressFactory = Callable[[str, int], Any]
+
+
+@dataclass(frozen=True)
+class QuantizationResult:
+    model: onnx.ModelProto
+    output_path: Path
+    seconds: float
+    samples: int
+    device: str
+
+
+def quantize_onnx_model(config_or_path: str | os.PathLike | Mapping[str, Any] | XQuantConfig,
+                        model: str | os.PathLike | onnx.ModelProto | None = None,
+                        output: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """Quantize a float ONNX model as the config says; return the QDQ ``onnx.ModelProto``.
+
+    ``config_or_path``: a config file path, a dict in the same format, or a loaded config.
+    ``model``: overrides ``model_parameters.onnx_model`` (a path or an ``onnx.ModelProto``).
+    ``output``: overrides ``<working_dir>/<output_prefix>.onnx``. The returned model is
+    the one written to disk.
+    """
+    cfg = config_or_path if isinstance(config_or_path, XQuantConfig) else load_config(config_or_path)
+    return run(cfg, model=model, output=output).model
+
+
+def output_path_for(cfg: XQuantConfig, model_path: Path | None, output: str | os.PathLike | None) -> Path:
+    if output is not None:
+        return Path(output)
+    if model_path is not None:
+        stem = model_path.stem
+    else:
+        stem = "model"
+    prefix = cfg.model.output_prefix or f"{stem}.q"
+    working_dir = cfg.model.working_dir or (model_path.parent if model_path is not None else Path.cwd())
+    return working_dir / f"{prefix}.onnx"
+
+
+def choose_device(requested: str | None) -> str:
+    from .engine import cuda_available
+
+    if requested == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if requested == "cuda":
+        log.warning("calibration_device is cuda but CUDA is not available: calibrating on cpu")
+    return "cpu"
+
+
+def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
+        output: str | os.PathLike | None = None, progress: ProgressFactory | None = None) -> QuantizationResult:
+    """Run the whole pipeline; raise an :class:`XQuantError` on bad input."""
+    started = time.perf_counter()
+    source = model if model is not None else cfg.model.onnx_model
+    if source is None:
+        raise ModelError("no model: set model_parameters.onnx_model in the config or pass a model (-i)")
+    model_path = None if isinstance(source, onnx.ModelProto) else Path(source)
+    out_path = output_path_for(cfg, model_path, output)
+    if model_path is not None and out_path.resolve() == model_path.resolve():
+        raise ModelError(f"the output path {out_path} is the input model: choose another output_prefix or -o")
+
+    float_model = model_io.load_model(source)
+    inputs_key = "input_parametres"
+    specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, inputs_key)
+    float_model = model_io.fix_input_shapes(float_model, specs)
+    if not cfg.model.skip_onnxsim:
+        float_model = model_io.simplify(float_model)
+
+    readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
+    preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
+    dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step,
+                                 cfg.calibration.calibration_batch_size)
+    dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
+
+    platform = registry("platform").get(cfg.quantization.platform)
+    algorithm = registry("calibration").get(cfg.calibration.calibration_type)
+    device = choose_device(cfg.calibration.calibration_device)
+
+    from .engine import EnginePlan, quantize_graph
+
+    plan = EnginePlan(
+        algorithm=algorithm,
+        context=CalibrationContext(max_percentile=cfg.quantization.max_percentile),
+        precision_level=cfg.quantization.precision_level,
+        finetune_level=cfg.quantization.finetune_level,
+        device=device,
+    )
+    try:
+        quantized = quantize_graph(float_model, dataset, len(dataset), platform, plan, progress)
+    except XQuantError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
+        raise QuantizationError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
+
+    write_model_atomically(quantized, out_path)
+    return QuantizationResult(quantized, out_path, time.perf_counter() - started, dataset.count, device)
+
+
+def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` to ``path`` via a temporary file + rename: never a partial file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create the output folder {path.parent}: {exc.strerror}") from None
+    data = model.SerializeToString()
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ModelError(f"cannot write to the output folder {path.parent}: {exc.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

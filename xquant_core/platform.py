@@ -1,0 +1,31 @@
+"""Target platforms: the quantization policy of a chip and how its models are exported.
+
+A platform plugin registers an object implementing :class:`Platform`. The engine
+(:mod:`xquant_core.engine`) drives the work: it dispatches ops, lets the platform's
+quantizer create the tensor quantization configs, calibrates, runs the fine-tuning
+passes, then asks the platform to export. Platform plugins may use PPQ directly; import
+it inside the methods, not at module level.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Platform(Protocol):
+    """What a platform plugin provides."""
+
+    #: one line for `xquant plugins`
+    description: str
+
+    def create_quantizer(self, graph: Any) -> Any:
+        """Return a PPQ ``BaseQuantizer`` for the graph (defines op types and policies)."""
+
+    def share_quantization(self, graph: Any) -> None:
+        """Tie quantization configs that the runtime requires to be equal (shape ops)."""
+
+    def finalize(self, graph: Any) -> None:
+        """Last policy fixes after calibration (e.g. float bias where int32 would overflow)."""
+
+    def export(self, graph: Any) -> Any:
+        """Return the quantized graph as an ``onnx.ModelProto``."""

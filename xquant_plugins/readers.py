@@ -1,0 +1,73 @@
+"""Built-in calibration readers: ``img``, ``npy``, ``raw``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from xquant_core import hookimpl
+from xquant_core.data import InputSpec
+from xquant_core.errors import DataError
+
+
+class ImageReader:
+    """``img``: any OpenCV-readable image, as HxWxC uint8 in ``color_format`` order.
+
+    Images load as BGR; ``color_format: rgb`` converts. A model with one input channel
+    gets the image as grayscale (HxWx1).
+    """
+
+    is_image = True
+
+    def read(self, path: Path, spec: InputSpec) -> np.ndarray:
+        import cv2
+
+        data = np.fromfile(str(path), dtype=np.uint8)  # np.fromfile copes with non-ASCII paths
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if image is None:
+            raise DataError(f"Calibration input {spec.name}: {path} is not a readable image")
+        if len(spec.shape) == 4 and spec.channels == 1:
+            return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
+        if spec.config.color_format == "rgb":
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
+
+
+class NpyReader:
+    """``npy``: ``np.load`` of an array with or without the batch dimension."""
+
+    is_image = False
+
+    def read(self, path: Path, spec: InputSpec) -> np.ndarray:
+        try:
+            array = np.load(str(path), allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"Calibration input {spec.name}: {path} is not a readable .npy file: {exc}") from None
+        if array.shape == spec.shape and spec.shape[0] == 1:
+            array = array[0]
+        if array.shape != spec.sample_shape:
+            raise DataError(f"Calibration input {spec.name}: {path} holds shape {list(array.shape)}, expected "
+                            f"{list(spec.sample_shape)} or {list(spec.shape)}")
+        return array
+
+
+class RawReader:
+    """``raw``: flat float32 bytes, reshaped to ``input_shape``."""
+
+    is_image = False
+
+    def read(self, path: Path, spec: InputSpec) -> np.ndarray:
+        expected = int(np.prod(spec.sample_shape)) * 4
+        actual = path.stat().st_size
+        if actual != expected and actual != expected * spec.shape[0]:
+            raise DataError(f"Calibration input {spec.name}: {path} has {actual} bytes, expected {expected} "
+                            f"(float32 x {list(spec.sample_shape)})")
+        return np.fromfile(str(path), dtype=np.float32)[: expected // 4].reshape(spec.sample_shape)
+
+
+@hookimpl
+def xquant_register_readers(register):
+    register("img", ImageReader())
+    register("npy", NpyReader())
+    register("raw", RawReader())

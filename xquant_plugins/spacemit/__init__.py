@@ -1,0 +1,57 @@
+"""The SpacemiT K1/K3 platform: quantization policy and QDQ export.
+
+This module stays light (no torch/PPQ import); the policy lives in
+:mod:`.quantizer` and the exporter in :mod:`.exporter`, imported on first use.
+"""
+
+from __future__ import annotations
+
+from xquant_core import hookimpl
+
+#: ops whose output shares the input's quantization (layout/shape ops)
+SHARED_QUANT_OPS = frozenset({
+    "Reshape", "Flatten", "Transpose", "Slice", "Split", "Squeeze", "Unsqueeze",
+    "Gather", "MaxPool", "GlobalMaxPool", "Pad", "Resize", "Identity", "Dropout",
+})
+
+#: op types the SpacemiT runtime runs in int8
+QUANTIZED_OPS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul",
+    "Relu", "PRelu", "LeakyRelu", "Sigmoid", "HardSwish", "HardSigmoid", "Gelu", "Clip",
+    "AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "ReduceMean",
+    "Add", "Sub", "Mul", "Concat",
+}) | SHARED_QUANT_OPS
+
+#: keep bias in float when any quantized |bias| would exceed this
+BIAS_INT_LIMIT = 2 ** 20
+
+
+class SpacemitPlatform:
+    """int8 asymmetric per-tensor activations, symmetric per-channel weights, int32 bias."""
+
+    description = "SpacemiT K1/K3 (onnxruntime + SpaceMIT EP): int8 QDQ"
+
+    def create_quantizer(self, graph):
+        from .quantizer import SpacemitQuantizer
+
+        return SpacemitQuantizer(graph)
+
+    def share_quantization(self, graph) -> None:
+        from .quantizer import share_shape_op_quantization
+
+        share_shape_op_quantization(graph, SHARED_QUANT_OPS)
+
+    def finalize(self, graph) -> None:
+        from .quantizer import keep_overflowing_bias_float
+
+        keep_overflowing_bias_float(graph, BIAS_INT_LIMIT)
+
+    def export(self, graph):
+        from .exporter import export_qdq
+
+        return export_qdq(graph)
+
+
+@hookimpl
+def xquant_register_platforms(register):
+    register("spacemit", SpacemitPlatform())

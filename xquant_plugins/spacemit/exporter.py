@@ -1,0 +1,89 @@
+"""QDQ export for the SpacemiT runtime (stock onnxruntime loads the same model).
+
+PPQ's onnxruntime exporter does the graph work (QuantizeLinear/DequantizeLinear pairs
+on activations, int8 weight initializers with DequantizeLinear, Relu/Clip removal where
+the int8 range already clips). Two things differ for SpacemiT and are handled here:
+
+- activations are *signed* int8 with a zero point; PPQ's exporter only accepts
+  asymmetric configs in [0, 255] (uint8), so its exportability check and its choice of
+  integer type are replaced while exporting;
+- PPQ writes the default opset under the domain name 'ai.onnx', which onnx.checker
+  rejects: we write it as '' with opset >= 13, and record the xquant version.
+"""
+
+from __future__ import annotations
+
+from xquant_core.ppq_compat import import_ppq
+
+import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/onnx
+
+import os
+import tempfile
+from contextlib import contextmanager
+
+import onnx
+import torch
+from ppq.core import GRAPH_OPSET_ATTRIB, QuantizationProperty, QuantizationVisibility
+from ppq.parser import onnxruntime_exporter
+from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter
+
+import xquant_core
+
+MIN_OPSET = 13
+
+
+def _exportable(TQC, bounded_var) -> bool:
+    if not TQC.can_export() or TQC.visibility == QuantizationVisibility.INTERNAL:
+        return False
+    if TQC.num_of_bits == 8:
+        return TQC.quant_min >= -128 and TQC.quant_max <= 127
+    return TQC.num_of_bits == 32
+
+
+class SpacemitExporter(ONNXRUNTIMExporter):
+    def infer_qtype(self, config):
+        if config.num_of_bits > 8:
+            return torch.int32, torch.int32
+        if config.policy.has_property(QuantizationProperty.ASYMMETRICAL) and config.quant_min >= 0:
+            return torch.uint8, torch.uint8
+        return torch.int8, torch.int8
+
+
+@contextmanager
+def _signed_asymmetric_allowed():
+    helper = onnxruntime_exporter.QDQHelper
+    original = helper.__dict__["TQC_Exportable_Check"]
+    helper.TQC_Exportable_Check = staticmethod(_exportable)
+    try:
+        yield
+    finally:
+        helper.TQC_Exportable_Check = original
+
+
+def export_qdq(graph) -> onnx.ModelProto:
+    """Export a quantized PPQ graph to an ONNX QDQ ``ModelProto``."""
+    original_opset = max((opset["version"] for opset in graph._detail.get(GRAPH_OPSET_ATTRIB, [])
+                          if opset.get("domain", "") in ("", "ai.onnx")), default=MIN_OPSET)
+    handle, path = tempfile.mkstemp(suffix=".onnx", prefix="xquant-export-")
+    os.close(handle)
+    try:
+        with _signed_asymmetric_allowed():
+            SpacemitExporter().export(file_path=path, graph=graph.copy(), quantized_param=True,
+                                      remove_activation=True)
+        model = onnx.load(path)
+    finally:
+        os.unlink(path)
+
+    opsets = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain in ("", "ai.onnx") else opset.domain
+        opsets[domain] = max(opsets.get(domain, 0), opset.version)
+    opsets[""] = max(opsets.get("", 0), original_opset, MIN_OPSET)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
+    model.producer_name = "xquant"
+    model.producer_version = xquant_core.__version__
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {"xquant_version": xquant_core.__version__,
+                                        "xquant_platform": "spacemit"})
+    return model

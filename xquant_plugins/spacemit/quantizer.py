@@ -1,0 +1,119 @@
+"""SpacemiT quantization policy on PPQ's IR.
+
+- activations: int8 [-128, 127], asymmetric (zero point), per-tensor, round half to even;
+- Conv/ConvTranspose weights: int8 symmetric per-channel (axis 0; ConvTranspose axis 1),
+  min/max, range [-127, 127];
+- Gemm/MatMul constant weights: symmetric per-channel over the output features; a
+  non-constant MatMul operand is an activation (asymmetric per-tensor);
+- bias: int32 with scale = input scale x weight scale, float when it would overflow;
+- other constant operands: int8 symmetric per-tensor;
+- normalization parameters stay float (BatchNorm is merged into Conv by PPQ's
+  formatter; LayerNorm/InstanceNorm are not in the quantized op set).
+"""
+
+from __future__ import annotations
+
+from xquant_core.ppq_compat import import_ppq
+
+import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/onnx
+
+import torch
+from ppq.core import (OperationQuantizationConfig, QuantizationPolicy, QuantizationProperty,
+                      QuantizationStates, RoundingPolicy, TargetPlatform)
+from ppq.IR import BaseGraph, Operation, QuantableOperation
+from ppq.quantization.quantizer.base import BaseQuantizer
+
+from . import QUANTIZED_OPS
+
+ACTIVATION_POLICY = QuantizationPolicy(
+    QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+WEIGHT_PER_CHANNEL = QuantizationPolicy(
+    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_CHANNEL)
+WEIGHT_PER_TENSOR = QuantizationPolicy(
+    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+
+
+def _weight_axis(operation: Operation) -> int | None:
+    """Output-channel axis of an op's constant second operand, or None if per-tensor."""
+    weight = operation.inputs[1].value if operation.num_of_input > 1 else None
+    if weight is None or weight.ndim < 2:
+        return None
+    if operation.type == "Conv":
+        return 0
+    if operation.type == "ConvTranspose":
+        return 1
+    if operation.type == "Gemm":
+        return 0 if operation.attributes.get("transB", 0) else 1
+    if operation.type == "MatMul":
+        return weight.ndim - 1
+    return None
+
+
+class SpacemitQuantizer(BaseQuantizer):
+    def __init__(self, graph: BaseGraph) -> None:
+        super().__init__(graph=graph, verbose=False)
+
+    @property
+    def target_platform(self) -> TargetPlatform:
+        return TargetPlatform.INT8
+
+    @property
+    def quant_operation_types(self) -> set:
+        return set(QUANTIZED_OPS)
+
+    @property
+    def activation_fusion_types(self) -> set:
+        return {"Relu", "Clip"}
+
+    def init_quantize_config(self, operation: Operation) -> OperationQuantizationConfig:
+        config = self.create_default_quant_config(
+            op=operation, num_of_bits=8, quant_min=-128, quant_max=127, observer_algorithm="minmax",
+            policy=ACTIVATION_POLICY, rounding=RoundingPolicy.ROUND_HALF_EVEN)
+        has_bias = operation.type in {"Conv", "ConvTranspose", "Gemm"} and operation.num_of_input > 2
+        for index, (var, tqc) in enumerate(zip(operation.inputs, config.input_quantization_config)):
+            if not var.is_parameter or tqc.state != QuantizationStates.INITIAL:
+                continue
+            if has_bias and index == 2:
+                weight_axis = _weight_axis(operation)
+                tqc.policy = WEIGHT_PER_CHANNEL if weight_axis is not None else WEIGHT_PER_TENSOR
+                tqc.channel_axis = 0
+                tqc.num_of_bits = 32
+                tqc._quant_min, tqc._quant_max = -(2 ** 31), 2 ** 31 - 1
+                tqc.state = QuantizationStates.PASSIVE_INIT
+                continue
+            axis = _weight_axis(operation) if index == 1 else None
+            tqc.policy = WEIGHT_PER_CHANNEL if axis is not None else WEIGHT_PER_TENSOR
+            if axis is not None:
+                tqc.channel_axis = axis
+            tqc._quant_min, tqc._quant_max = -127, 127
+            tqc.observer_algorithm = "minmax"
+        return config
+
+
+def share_shape_op_quantization(graph: BaseGraph, op_types) -> None:
+    """Make the outputs of shape/layout ops reuse their data input's quantization."""
+    for operation in graph.topological_sort():
+        if not isinstance(operation, QuantableOperation) or operation.type not in op_types:
+            continue
+        source = operation.config.input_quantization_config[0]
+        if source.state == QuantizationStates.FP32:
+            continue
+        for output_config in operation.config.output_quantization_config:
+            if output_config.state == QuantizationStates.INITIAL:
+                output_config.dominated_by = source
+
+
+def keep_overflowing_bias_float(graph: BaseGraph, limit: int) -> None:
+    """Leave a bias in float when its int32 value would exceed ``limit`` in magnitude."""
+    for operation in graph.operations.values():
+        if not isinstance(operation, QuantableOperation) or operation.num_of_input < 3:
+            continue
+        if operation.type not in {"Conv", "ConvTranspose", "Gemm"}:
+            continue
+        bias_config = operation.config.input_quantization_config[2]
+        bias = operation.inputs[2].value
+        if bias_config.state != QuantizationStates.PASSIVE or bias is None:
+            continue
+        quantized = torch.round(bias.float() / bias_config.scale.float().to(bias.device))
+        if quantized.abs().max().item() > limit:
+            bias_config.state = QuantizationStates.FP32
