@@ -265,10 +265,10 @@ def apt_download(package: str, workdir: Path, cache: Optional[Path]) -> Tuple[Pa
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise FetchError(f"apt-get/dpkg-deb not available: cannot fetch Debian package '{package}'")
     workdir.mkdir(parents=True, exist_ok=True)
-    os.chmod(workdir, 0o777)  # lets apt's sandbox user write (avoids the "unsandboxed" warning)
-    extra: List[str] = []
+    # (as root, apt warns that the download runs unsandboxed: harmless, output is captured)
     res = _run(["apt-get", "-q", "download", package], cwd=workdir)
-    if res.returncode != 0 and ("Unable to locate" in res.stdout or "has no installation candidate" in res.stdout):
+    missing = ("Unable to locate package", "has no installation candidate")
+    if res.returncode != 0 and any(m in res.stdout for m in missing):
         lists = workdir / "apt-lists"
         _apt_private_update(lists)
         extra = ["-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={workdir / 'apt-cache'}"]
@@ -372,8 +372,9 @@ def fetch_source(source: Source, dest_root: Path, manifest: Dict[str, dict],
                  cache: Optional[Path]) -> Tuple[str, int]:
     """Fetch one source; return (status, number of files it provides)."""
     done = [r for r, e in manifest.items() if e.get("source") == source.name]
-    expected = len(source.files) - len(source.optional_files) + (source.glob_count or 0)
-    if len(done) >= expected and all(_verify_file(dest_root, r, manifest) for r in done):
+    required = {rel for inner, rel in source.files.items() if inner not in source.optional_files}
+    complete = required <= set(done) and len(done) >= len(required) + (source.glob_count or 0)
+    if complete and all(_verify_file(dest_root, r, manifest) for r in done):
         return "present, verified", len(done)
     for r in done:  # stale entries are refetched
         manifest.pop(r, None)
