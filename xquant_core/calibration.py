@@ -26,7 +26,8 @@ class TensorStatistics:
 
     ``histogram`` counts values in ``HISTOGRAM_BINS`` equal bins spanning
     ``[min, max]``; it is ``None`` when the algorithm set ``needs_histogram = False``.
-    ``consumers`` are the op types that read the tensor (e.g. ``("Sigmoid",)``).
+    ``consumers`` are the op types that read the tensor (e.g. ``("Sigmoid",)``);
+    ``is_graph_output`` tells whether the model returns it.
     """
 
     name: str
@@ -34,6 +35,7 @@ class TensorStatistics:
     max: float
     histogram: np.ndarray | None = None
     consumers: tuple[str, ...] = ()
+    is_graph_output: bool = False
 
     @property
     def bin_width(self) -> float:

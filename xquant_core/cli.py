@@ -49,6 +49,9 @@ def _setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    # PPQ's own warnings are about its internals (e.g. int32 bias "not executable" on
+    # its onnxruntime platform, which stock onnxruntime runs fine): show them with -v.
+    logging.getLogger("xquant.ppq").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def _progress(label: str, total: int):

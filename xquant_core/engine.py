@@ -18,6 +18,8 @@ returns the quantized ``onnx.ModelProto``. The steps:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import logging
 import os
@@ -101,6 +103,17 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     first = next(iter(feeds()))
     executor.tracing_operation_meta(inputs=first)
 
+    def apply(ppq_pass) -> None:
+        with _ppq_output_to_log():
+            ppq_pass.optimize(graph=graph, dataloader=list(feeds()), executor=executor,
+                              calib_steps=num_batches, collate_fn=None)
+
+    if plan.finetune_level >= 1:
+        from ppq.quantization.optim import LayerwiseEqualizationPass
+
+        apply(LayerwiseEqualizationPass(iterations=10, weight_threshold=0.5, including_bias=False,
+                                        including_act=False, optimize_level=2))
+
     for name, operation in list(graph.operations.items()):
         if operation.platform == TargetPlatform.UNSPECIFIED:
             operation.platform = (quantizer.target_platform if operation.type in quantizer.quant_operation_types
@@ -112,10 +125,6 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     from ppq.quantization.optim import (ParameterQuantizePass, PassiveParameterQuantizePass,
                                         QuantAlignmentPass, QuantizeFusionPass, QuantizeSimplifyPass)
 
-    def apply(ppq_pass) -> None:
-        ppq_pass.optimize(graph=graph, dataloader=list(feeds()), executor=executor,
-                          calib_steps=num_batches, collate_fn=None)
-
     apply(QuantizeFusionPass(activation_type=quantizer.activation_fusion_types, fuse_activation=True,
                              fuse_passive_op=False))
     apply(QuantizeSimplifyPass())
@@ -125,8 +134,23 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     apply(QuantAlignmentPass(elementwise_alignment="None", concat_alignment="Align to Output",
                              pooling_alignment="None", resize_alignment="None", force_overlap=True))
     apply(PassiveParameterQuantizePass())
+    if plan.finetune_level >= 1:
+        correct_bias(graph, executor, feeds, progress=progress)
     platform.finalize(graph)
     return platform.export(graph)
+
+
+@contextlib.contextmanager
+def _ppq_output_to_log():
+    """PPQ passes report with print(): keep that out of the user's terminal (debug log)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        text = captured.getvalue().strip()
+        if text:
+            log.debug("%s", text)
 
 
 def _load_graph(model):
@@ -160,12 +184,74 @@ def _dispatch(graph, quant_types: set, precision_level: int) -> None:
             operation.platform = TargetPlatform.FP32
 
 
+def correct_bias(graph, executor, feeds, progress=None) -> None:
+    """Per-channel bias correction of the error that weight quantization adds.
+
+    Rounding weights shifts the mean of each output channel: ``E[(W_q - W) x] != 0``.
+    In one pass over the calibration data we run each Conv/ConvTranspose/Gemm twice on
+    the same (quantized) input, once with quantized and once with float weights, and
+    fold the per-channel difference of the output means into the bias (Nagel et al.,
+    "Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV
+    2019, empirical variant). Measuring each layer on its own input keeps upstream
+    corrections from being counted twice, which correcting all layers from one
+    float-vs-quantized comparison of the whole network would do. Cost: one pass.
+    """
+    import torch
+    from ppq import QuantableOperation
+    from ppq.executor import QuantOPRuntimeHook
+    from ppq.executor.base import OPERATION_FORWARD_TABLE
+
+    layers = [operation for operation in graph.operations.values()
+              if isinstance(operation, QuantableOperation) and operation.type in {"Conv", "ConvTranspose", "Gemm"}
+              and operation.num_of_input == 3 and operation.inputs[2].value is not None]
+    if not layers:
+        return
+    shifts: dict[str, torch.Tensor] = {}
+    context = executor._executing_context
+
+    class ShiftHook(QuantOPRuntimeHook):
+        """Accumulates mean(output with float weights) - mean(output with quantized weights)."""
+
+        def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
+            operation = self._hook_to
+            forward = OPERATION_FORWARD_TABLE[operation.platform][operation.type]
+            float_weights = [quant_inputs[0], inputs[1], quant_inputs[2]]
+            self._float_weight_output = forward(operation, float_weights, context)
+            return quant_inputs
+
+        def post_forward_hook(self, outputs, quant_outputs, quant_configs):
+            operation = self._hook_to
+            difference = (self._float_weight_output - outputs[0]).float()
+            channel = difference.ndim - 1 if operation.type == "Gemm" else 1
+            mean = difference.mean(dim=[d for d in range(difference.ndim) if d != channel])
+            shifts[operation.name] = shifts[operation.name] + mean if operation.name in shifts else mean
+            self._float_weight_output = None
+            return quant_outputs
+
+    hooks = {operation.name: ShiftHook(operation) for operation in layers}
+    count = 0
+    bar = progress("bias correction", None) if progress else None
+    with torch.no_grad():
+        for feed in feeds():
+            executor.forward(inputs=feed, hooks=hooks)
+            count += 1
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    for operation in layers:
+        bias = operation.inputs[2].value
+        shift = (shifts[operation.name] / max(count, 1)).to(bias.device, bias.dtype)
+        if shift.shape == bias.shape:
+            operation.inputs[2].value = bias + shift
+
+
 class _TensorObserver:
     """Collects min/max, then optionally a histogram, of one activation tensor."""
 
-    def __init__(self, name: str, configs: list, consumers: tuple[str, ...], algorithm: CalibrationAlgorithm,
-                 context: CalibrationContext):
-        self.name, self.configs, self.consumers = name, configs, consumers
+    def __init__(self, name: str, configs: list, consumers: tuple[str, ...], is_output: bool,
+                 algorithm: CalibrationAlgorithm, context: CalibrationContext):
+        self.name, self.configs, self.consumers, self.is_output = name, configs, consumers, is_output
         self.algorithm, self.context = algorithm, context
         self.phase = "minmax"
         self.low, self.high = float("inf"), float("-inf")
@@ -193,7 +279,7 @@ class _TensorObserver:
         if histogram is None and self.algorithm.needs_histogram:
             histogram = np.zeros(HISTOGRAM_BINS)
             histogram[0] = 1.0
-        return TensorStatistics(self.name, self.low, self.high, histogram, self.consumers)
+        return TensorStatistics(self.name, self.low, self.high, histogram, self.consumers, self.is_output)
 
     def render(self) -> None:
         import torch
@@ -245,7 +331,8 @@ class ActivationCalibration:
                 if observer is None:
                     consumers = tuple(op.type for op in var.dest_ops)
                     observer = observers[var.name] = _TensorObserver(
-                        var.name, [], consumers, self.plan.algorithm, self.plan.context)
+                        var.name, [], consumers, var.name in graph.outputs, self.plan.algorithm,
+                        self.plan.context)
                 observer.configs.append(config)
                 table[config] = observer
             if table:

