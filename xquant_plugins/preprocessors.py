@@ -8,6 +8,8 @@ by the core (:class:`xquant_core.data.PathFunctionPreprocessor`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from xquant_core import hookimpl
@@ -34,9 +36,20 @@ def normalize_and_layout(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     return image if spec.is_nhwc else np.transpose(image, (2, 0, 1))
 
 
-def resize_and_center_crop(image: np.ndarray, height: int, width: int, interpolation: int) -> np.ndarray:
-    """Resize the short side to ``height / 0.875`` (aspect kept), then centre-crop HxW."""
-    import cv2
+def center_crop(image: np.ndarray, height: int, width: int, rounding) -> np.ndarray:
+    top = int(rounding((image.shape[0] - height) / 2.0))
+    left = int(rounding((image.shape[1] - width) / 2.0))
+    return image[top:top + height, left:left + width]
+
+
+def torchvision_resize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """torchvision ``Resize(int(h / 0.875))`` + ``CenterCrop((h, w))`` on a PIL image.
+
+    The short side becomes ``int(h / 0.875)``, the long side keeps the aspect ratio
+    (torchvision's ``int(size * long / short)``); Pillow's antialiased bilinear filter
+    does the resampling, as torchvision does on PIL images; crop offsets are rounded.
+    """
+    from PIL import Image
 
     h, w = image.shape[:2]
     short_target = int(height / CROP_FRACTION)
@@ -44,13 +57,33 @@ def resize_and_center_crop(image: np.ndarray, height: int, width: int, interpola
         new_h, new_w = short_target, int(short_target * w / h)
     else:
         new_h, new_w = int(short_target * h / w), short_target
-    new_h, new_w = max(new_h, height), max(new_w, width)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    channels = image.shape[2]
+    pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+    resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
     if resized.ndim == 2:
         resized = resized[:, :, None]
-    top = int(round((new_h - height) / 2.0))
-    left = int(round((new_w - width) / 2.0))
-    return resized[top:top + height, left:left + width]
+    return center_crop(resized, height, width, round)
+
+
+def opencv_resize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """OpenCV-style ImageNet crop: the crop is 87.5 % of the resized image.
+
+    With ``th = int(h / 0.875)`` and ``tw = int(w / 0.875)``, a portrait image becomes
+    ``tw`` wide and ``int(th * H / W)`` high, any other ``th`` high and
+    ``int(tw * W / H)`` wide (area interpolation); crop offsets are floored.
+    """
+    import cv2
+
+    h, w = image.shape[:2]
+    target_h, target_w = int(height / CROP_FRACTION), int(width / CROP_FRACTION)
+    if h > w:
+        new_w, new_h = target_w, int(target_h * h / w)
+    else:
+        new_w, new_h = int(target_w * w / h), target_h
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    if resized.ndim == 2:
+        resized = resized[:, :, None]
+    return center_crop(resized, height, width, math.floor)
 
 
 class NoPreprocess:
@@ -72,27 +105,23 @@ class NoPreprocess:
 class CropPreprocess:
     """ImageNet-style resize + centre crop + normalize.
 
-    ``PT_IMAGENET`` is torchvision's evaluation transform (bilinear resize of the short
-    side to H/0.875, centre crop); ``IMAGENET`` is the OpenCV flavour (area
-    interpolation), as in the vendor tool.
+    ``PT_IMAGENET`` is torchvision's evaluation transform (:func:`torchvision_resize_crop`);
+    ``IMAGENET`` is the OpenCV flavour (:func:`opencv_resize_crop`), as in the vendor tool.
     """
 
-    def __init__(self, interpolation: str):
-        self.interpolation = interpolation
+    def __init__(self, resize_crop):
+        self.resize_crop = resize_crop
 
     def __call__(self, sample: np.ndarray, spec: InputSpec, reader: Reader) -> np.ndarray:
-        import cv2
-
         if not getattr(reader, "is_image", False):
             raise DataError(f"Calibration input {spec.name}: preprocess_file {spec.config.preprocess_file} "
                             f"needs images, but file_type is {spec.config.file_type}")
         height, width = spec.height_width
-        flag = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}[self.interpolation]
-        return normalize_and_layout(resize_and_center_crop(sample, height, width, flag), spec)
+        return normalize_and_layout(self.resize_crop(sample, height, width), spec)
 
 
 @hookimpl
 def xquant_register_preprocessors(register):
     register("none", NoPreprocess())
-    register("PT_IMAGENET", CropPreprocess("bilinear"))
-    register("IMAGENET", CropPreprocess("area"))
+    register("PT_IMAGENET", CropPreprocess(torchvision_resize_crop))
+    register("IMAGENET", CropPreprocess(opencv_resize_crop))
