@@ -117,17 +117,33 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], *, check_plugins:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError([f"cannot read the config file: {exc}"], source=source) from None
+        if not text.strip():
+            raise ConfigError(["the config file is empty: it must hold a JSON object with model_parameters, "
+                               "calibration_parameters and quantization_parameters"], source=source)
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError([f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"],
-                              source=source) from None
+            raise ConfigError([f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+                               f"{_json_hint(text, exc.pos)}"], source=source) from None
         base_dir = path.resolve().parent
 
     problems = validate(raw, check_plugins=check_plugins)
     if problems:
         raise ConfigError([f"{source}::{problem}" for problem in problems], source=source)
     return _build(raw, source, base_dir)
+
+
+def _json_hint(text: str, pos: int) -> str:
+    """What most likely went wrong at ``pos``: the two mistakes people make in JSON configs."""
+    rest = text[pos:].lstrip()
+    if rest.startswith(("//", "/*", "#")):
+        return " (JSON does not allow comments: remove them)"
+    before = text[:pos].rstrip()
+    if before.endswith(",") and rest[:1] in ("}", "]"):
+        return " (JSON does not allow a comma before '}' or ']': remove it)"
+    if rest.startswith("'"):
+        return " (JSON strings and keys need double quotes)"
+    return ""
 
 
 def validate(raw: Any, *, check_plugins: bool = True) -> list[str]:
@@ -137,13 +153,16 @@ def validate(raw: Any, *, check_plugins: bool = True) -> list[str]:
     schema = load_schema()
     validator = Draft202012Validator(schema)
     problems: list[tuple[str, str]] = []
-    for error in validator.iter_errors(raw):
+    errors = list(validator.iter_errors(raw))
+    # a value of the wrong type also fails its enum/bounds: report the type only
+    wrong_type = {tuple(error.absolute_path) for error in errors if error.validator == "type"}
+    for error in errors:
+        if error.validator != "type" and tuple(error.absolute_path) in wrong_type:
+            continue
         problems.extend(_describe(error, schema))
-    if isinstance(raw, dict) and not problems:
+    if isinstance(raw, dict):
+        # checks the schema cannot express, next to the schema problems: one run shows them all
         problems.extend(_semantic_problems(raw, check_plugins))
-    elif isinstance(raw, dict) and check_plugins:
-        # name unknown plugins next to the schema problems, so one run shows them all
-        problems.extend(_plugin_problems(raw))
     seen, ordered = set(), []
     for path, message in sorted(problems, key=lambda item: item[0]):
         if (path, message) not in seen:
@@ -169,7 +188,27 @@ def _describe(error, schema: dict) -> list[tuple[str, str]]:
     if error.validator in ("anyOf", "oneOf") and error.context:
         best = min(error.context, key=lambda e: len(list(e.absolute_path)))
         return _describe(best, schema)
+    if error.validator == "type" and path == "$":
+        return [(path, "the config must be a JSON object with model_parameters, calibration_parameters and "
+                       f"quantization_parameters, not {_short(error.instance)}")]
+    if error.validator == "type":
+        expected = error.validator_value
+        expected = ", ".join(repr(t) for t in expected) if isinstance(expected, list) else repr(expected)
+        return [(path, f"{_short(error.instance)} is not of type {expected}")]
+    if error.validator == "pattern" and path.endswith(".output_prefix"):
+        return [(path, f"{error.instance!r} is not a file name: output_prefix must not contain '/' or '\\'; "
+                       "put the folder in working_dir")]
+    if error.validator == "minItems" and path.endswith(INPUTS_KEYS) and not error.instance:
+        return [(path, "must not be empty: give one entry per model input, each with at least data_list_path")]
     return [(path, error.message)]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    kind = {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+    return f"{kind} ({text[:limit - 5]}...)"
 
 
 def _json_path(parts) -> str:
@@ -186,18 +225,19 @@ def _inputs_key(calib: dict) -> str:
 def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
     problems = []
     calib = raw.get("calibration_parameters")
-    if not isinstance(calib, dict) or not any(key in calib for key in INPUTS_KEYS):
+    if calib is None or (isinstance(calib, dict) and not any(key in calib for key in INPUTS_KEYS)):
         problems.append(("$.calibration_parameters",
                          f"'{VENDOR_INPUTS_KEY}' is required: one entry per model input, "
                          "each with at least data_list_path"))
-    quant = raw.get("quantization_parameters", {})
-    for index, item in enumerate(quant.get("custom_setting", [])):
-        if not item.get("input_names") or not item.get("output_names"):
+    quant = raw.get("quantization_parameters")
+    settings = quant.get("custom_setting") if isinstance(quant, dict) else None
+    for index, item in enumerate(settings if isinstance(settings, list) else []):
+        if isinstance(item, dict) and (not item.get("input_names") or not item.get("output_names")):
             problems.append((f"$.quantization_parameters.custom_setting[{index}]",
                              "input_names and output_names should be set."))
     for index, item in enumerate(_inputs(raw)):
         mean, std = item.get("mean_value"), item.get("std_value")
-        if mean is not None and std is not None and len(mean) != len(std):
+        if isinstance(mean, list) and isinstance(std, list) and len(mean) != len(std):
             problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}]",
                              f"mean_value has {len(mean)} values but std_value has {len(std)}"))
         spec = item.get("preprocess_file")

@@ -33,6 +33,11 @@ KINDS = {
     "platform": ("xquant_register_platforms", "platform"),
 }
 
+#: what else a name of that kind may be, told after the installed names
+UNKNOWN_NAME_HINTS = {
+    "preprocessor": "; a custom preprocessor is given as 'path/to/file.py:function'",
+}
+
 
 @dataclass(frozen=True)
 class PluginInfo:
@@ -84,7 +89,7 @@ class Registry:
         field_name = KINDS[self.kind][1]
         return (
             f"{field_name} {name} not implemented yet. Installed: {', '.join(self.names()) or '(none)'} "
-            "(see `xquant plugins`)"
+            f"(see `xquant plugins`){UNKNOWN_NAME_HINTS.get(self.kind, '')}"
         )
 
     def __contains__(self, name: object) -> bool:
