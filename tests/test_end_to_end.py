@@ -1,0 +1,96 @@
+"""End to end on the real sample: MobileNetV2 (torchvision weights), real photos.
+
+Calibration uses the 40 calibration photos; accuracy is measured on the 20 labelled
+ImageNet photos that calibration never sees.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import xquant
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG = REPO / "samples" / "mobilenet_v2" / "config.json"
+
+#: measured on this sample (2026-11-27): agreement 90 %, cosine 0.9937, SNR 0.0130
+MIN_AGREEMENT = 0.90
+MIN_COSINE = 0.99
+MAX_SNR = 0.02
+
+
+def _evaluator():
+    spec = importlib.util.spec_from_file_location("xquant_sample_evaluate",
+                                                  REPO / "samples" / "mobilenet_v2" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quantized_sample(tmp_path_factory):
+    if not (REPO / "samples" / "material" / "calib" / "list.txt").is_file():
+        pytest.skip("sample material missing: run scripts/setup.sh")
+    model = REPO / "samples" / "mobilenet_v2" / "mobilenet_v2.onnx"
+    if not model.is_file():
+        pytest.skip("sample model missing: run scripts/setup.sh")
+    out = tmp_path_factory.mktemp("sample") / "mobilenet_v2.q.onnx"
+    returned = xquant.quantize_onnx_model(str(SAMPLE_CONFIG), output=str(out))
+    return model, out, returned
+
+
+def test_sample_int8_agrees_with_fp32_on_held_out_photos(quantized_sample):
+    model, out, _ = quantized_sample
+    evaluator = _evaluator()
+    result = evaluator.evaluate(model, out)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=1))
+    assert result["images"] == 20
+    assert result["top1_agreement"] >= MIN_AGREEMENT, result
+    assert result["logits_cosine"] >= MIN_COSINE, result
+    assert result["logits_snr"] <= MAX_SNR, result
+
+
+def test_sample_api_returns_what_it_wrote(quantized_sample):
+    _, out, returned = quantized_sample
+    assert returned.SerializeToString() == out.read_bytes()
+
+
+def test_sample_follows_spacemit_policy(quantized_sample):
+    _, out, _ = quantized_sample
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    opsets = {opset.domain: opset.version for opset in model.opset_import}
+    assert opsets.get("", 0) >= 13 and "ai.onnx" not in opsets
+    assert dict((p.key, p.value) for p in model.metadata_props)["xquant_version"] == xquant.__version__
+
+    inits = {init.name: init for init in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    conv_weights = conv_biases = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight_dq = producers[node.input[1]]
+        assert weight_dq.op_type == "DequantizeLinear"
+        weight = numpy_helper.to_array(inits[weight_dq.input[0]])
+        scale = numpy_helper.to_array(inits[weight_dq.input[1]])
+        zero = numpy_helper.to_array(inits[weight_dq.input[2]])
+        assert weight.dtype == np.int8 and scale.shape == (weight.shape[0],)  # per-channel, axis 0
+        assert not zero.any() and np.abs(weight).max() <= 127  # symmetric
+        conv_weights += 1
+        if len(node.input) > 2 and node.input[2] in producers:
+            bias_dq = producers[node.input[2]]
+            assert numpy_helper.to_array(inits[bias_dq.input[0]]).dtype == np.int32
+            conv_biases += 1
+    assert conv_weights == 52 and conv_biases == 52
+
+    activation_zero_points = [numpy_helper.to_array(inits[node.input[2]]) for node in model.graph.node
+                              if node.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(z.dtype == np.int8 and z.size == 1 for z in activation_zero_points)
+    assert any(int(z) != 0 for z in activation_zero_points)  # asymmetric: real zero points are used
