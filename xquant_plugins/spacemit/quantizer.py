@@ -23,7 +23,7 @@ import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/
 
 import torch
 from ppq.core import (OperationQuantizationConfig, QuantizationPolicy, QuantizationProperty,
-                      QuantizationStates, RoundingPolicy, TargetPlatform)
+                      QuantizationStates, QuantizationVisibility, RoundingPolicy, TargetPlatform)
 from ppq.IR import BaseGraph, Operation, QuantableOperation
 from ppq.quantization.quantizer.base import BaseQuantizer
 
@@ -108,6 +108,9 @@ def share_shape_op_quantization(graph: BaseGraph, op_types) -> None:
         for output_config in operation.config.output_quantization_config:
             if output_config.state == QuantizationStates.INITIAL:
                 output_config.dominated_by = source
+                # write Q/DQ after the op too (DQ -> Reshape -> Q -> DQ -> consumer), so the
+                # consumers see quantized inputs and the runtime can fuse them
+                output_config.visibility = QuantizationVisibility.FORCE_EXPORT
 
 
 def keep_overflowing_bias_float(graph: BaseGraph, limit: int) -> None:

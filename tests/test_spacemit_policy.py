@@ -1,0 +1,140 @@
+"""The SpacemiT policy, read back from exported graphs of small models built in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import xquant
+
+
+def _project(tmp_path: Path, model: onnx.ModelProto, shape, samples: int = 10, **quant) -> Path:
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(3)
+    lines = []
+    for index in range(samples):
+        np.save(tmp_path / f"x{index}.npy", rng.normal(0, 1, shape[1:]).astype(np.float32))
+        lines.append(f"x{index}.npy")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    config = {
+        "model_parameters": {"onnx_model": "m.onnx"},
+        "calibration_parameters": {"calibration_step": samples, "calibration_device": "cpu",
+                                   "calibration_type": "minmax",
+                                   "input_parametres": [{"file_type": "npy", "data_list_path": "list.txt"}]},
+        "quantization_parameters": {"analysis_enable": False, "finetune_level": 0, **quant},
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _model(nodes, inits, in_shape, out_shape) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(array, name) for name, array in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _conv_block(bias_scale: float = 0.1):
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+             "b": (rng.normal(0, 1, (4,)) * bias_scale).astype(np.float32),
+             "shape": np.array([1, -1], dtype=np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+             helper.make_node("Sigmoid", ["flat"], ["s"]),
+             helper.make_node("Add", ["s", "flat"], ["y"])]
+    return _model(nodes, inits, [1, 3, 8, 8], [1, 256])
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_exported_model_runs_and_tracks_float(tmp_path):
+    config = _project(tmp_path, _conv_block(), (1, 3, 8, 8))
+    model = xquant.quantize_onnx_model(str(config))
+    onnx.checker.check_model(model)
+    x = np.load(tmp_path / "x0.npy")[None]
+    reference, quantized = _run(tmp_path / "m.onnx", x), _run(tmp_path / "m.q.onnx", x)
+    # int8 over a range of ~4 has steps of ~0.016; a few steps of accumulated error at most
+    assert np.abs(reference - quantized).max() < 0.1
+
+
+def test_shape_op_shares_its_input_quantization(tmp_path):
+    config = _project(tmp_path, _conv_block(), (1, 3, 8, 8))
+    model = xquant.quantize_onnx_model(str(config))
+    by_output = {out: node for node in model.graph.node for out in node.output}
+    inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
+    # the Reshape reads a dequantized tensor and its output is re-quantized with the same parameters
+    before = by_output[reshape.input[0]]
+    assert before.op_type == "DequantizeLinear"
+    after = next(node for node in model.graph.node if node.op_type == "QuantizeLinear"
+                 and node.input[0] == reshape.output[0])
+    assert np.allclose(inits[before.input[1]], inits[after.input[1]])
+    assert np.array_equal(inits[before.input[2]], inits[after.input[2]])
+
+
+def test_model_output_stays_float(tmp_path):
+    config = _project(tmp_path, _conv_block(), (1, 3, 8, 8))
+    model = xquant.quantize_onnx_model(str(config))
+    producer = {out: node for node in model.graph.node for out in node.output}["y"]
+    assert producer.op_type == "Add"  # not a DequantizeLinear: the output is not rounded to int8
+
+
+def test_bias_that_overflows_stays_float(tmp_path):
+    # a bias of ~1e6 with input and weight scales of ~1e-2 needs > 2^20 in int32 units
+    config = _project(tmp_path, _conv_block(bias_scale=1e6), (1, 3, 8, 8))
+    model = xquant.quantize_onnx_model(str(config))
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    assert conv.input[2] in {init.name for init in model.graph.initializer}  # a float initializer, no DQ
+    (tmp_path / "small").mkdir()
+    small = xquant.quantize_onnx_model(str(_project(tmp_path / "small", _conv_block(), (1, 3, 8, 8))))
+    conv = next(node for node in small.graph.node if node.op_type == "Conv")
+    producer = {out: node for node in small.graph.node for out in node.output}
+    assert producer[conv.input[2]].op_type == "DequantizeLinear"
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_precision_level_2_keeps_parameter_free_ops_float(tmp_path, level):
+    config = _project(tmp_path, _conv_block(), (1, 3, 8, 8), precision_level=level)
+    model = xquant.quantize_onnx_model(str(config))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    sigmoid = next(node for node in model.graph.node if node.op_type == "Sigmoid")
+    add = next(node for node in model.graph.node if node.op_type == "Add")
+    sigmoid_output_quantized = any(node.op_type == "QuantizeLinear" and node.input[0] == sigmoid.output[0]
+                                   for node in model.graph.node)
+    add_reads_int8 = all(producer[name].op_type == "DequantizeLinear" for name in add.input)
+    assert sigmoid_output_quantized == (level == 0)
+    assert add_reads_int8 == (level == 0)
+
+
+def test_matmul_constant_weight_is_per_channel_over_outputs(tmp_path):
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.normal(0, 0.5, (16, 6)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    config = _project(tmp_path, _model(nodes, inits, [1, 16], [1, 6]), (1, 16))
+    model = xquant.quantize_onnx_model(str(config))
+    matmul = next(node for node in model.graph.node if node.op_type == "MatMul")
+    producer = {out: node for node in model.graph.node for out in node.output}
+    weight_dq = producer[matmul.input[1]]
+    axis = next(attr.i for attr in weight_dq.attribute if attr.name == "axis")
+    scale = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == weight_dq.input[1]))
+    assert axis == 1 and scale.shape == (6,)
+    x = np.load(tmp_path / "x0.npy")[None]
+    assert np.abs(_run(tmp_path / "m.onnx", x) - _run(tmp_path / "m.q.onnx", x)).max() < 0.1
