@@ -230,7 +230,13 @@ class CalibrationDataset:
             if not path.is_file():
                 raise DataError(f"Calibration input {spec.name}: file {path} listed in "
                                 f"{spec.config.data_list_path} does not exist")
-            raw = reader.read(path, spec)
+            try:
+                raw = reader.read(path, spec)
+            except DataError:
+                raise
+            except Exception as exc:  # a plugin's reader should raise DataError; name the file anyway
+                raise DataError(f"Calibration input {spec.name}: reading {path} with file_type "
+                                f"{spec.config.file_type} failed: {type(exc).__name__}: {exc}") from None
             try:
                 sample = pre(raw, spec, reader)
             except DataError:
