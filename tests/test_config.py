@@ -447,3 +447,12 @@ def test_golden_invalid_config(case, tmp_path, run_xquant):
     assert result.returncode == 2
     # nothing was written next to the config
     assert sorted(p.name for p in work.iterdir()) == sorted(p.name for p in case.iterdir())
+
+
+def test_shipped_sample_configs_are_valid():
+    repo = Path(__file__).resolve().parent.parent
+    configs = sorted(repo.glob("samples/*/config.json"))
+    assert configs, "the samples ship at least one config"
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.model.onnx_model is not None and cfg.model.onnx_model.parent == path.parent.resolve()
