@@ -114,7 +114,6 @@ def test_defaults_come_from_the_schema(tmp_path):
     cfg = load_config(write_config(tmp_path, minimal()))
     assert cfg.calibration.calibration_step == 100
     assert cfg.calibration.calibration_type == "default"
-    assert cfg.calibration.calibration_batch_size == 1
     assert cfg.calibration.calibration_device is None  # "cuda when available": decided at run time
     assert cfg.quantization.finetune_level == 1
     assert cfg.quantization.precision_level == 0

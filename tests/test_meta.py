@@ -70,8 +70,6 @@ def _properties(node, path="#"):
             yield from _properties(item, f"{path}/{index}")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap in schemas/xquant_config.schema.json: the three section "
-                                      "objects and the five custom_setting properties have no description")
 def test_every_schema_property_has_a_description():
     props = list(_properties(load_schema()))
     assert len(props) > 30  # the walk does reach $defs

@@ -64,7 +64,6 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CalibrationConfig:
     calibration_step: int
-    calibration_batch_size: int
     calibration_device: str | None
     calibration_type: str
     inputs: tuple[InputConfig, ...]
@@ -342,7 +341,6 @@ def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
         ),
         calibration=CalibrationConfig(
             calibration_step=calib["calibration_step"],
-            calibration_batch_size=calib["calibration_batch_size"],
             calibration_device=calib.get("calibration_device"),
             calibration_type=calib["calibration_type"],
             inputs=tuple(inputs),

@@ -96,8 +96,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
-    dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step,
-                                 cfg.calibration.calibration_batch_size)
+    dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
 
     platform = registry("platform").get(cfg.quantization.platform)

@@ -74,6 +74,7 @@ def export_qdq(graph) -> onnx.ModelProto:
     finally:
         os.unlink(path)
 
+    _order_tensors(model)
     opsets = {}
     for opset in model.opset_import:
         domain = "" if opset.domain in ("", "ai.onnx") else opset.domain
@@ -87,3 +88,19 @@ def export_qdq(graph) -> onnx.ModelProto:
     onnx.helper.set_model_props(model, {"xquant_version": xquant_core.__version__,
                                         "xquant_platform": "spacemit"})
     return model
+
+
+def _order_tensors(model: onnx.ModelProto) -> None:
+    """Write initializers and value_info in node order.
+
+    PPQ lists them in the iteration order of a set of names, which changes with
+    PYTHONHASHSEED; ordering them by first use makes the output bytes reproducible.
+    """
+    position: dict[str, int] = {}
+    for index, node in enumerate(model.graph.node):
+        for name in list(node.input) + list(node.output):
+            position.setdefault(name, index)
+    for field in (model.graph.initializer, model.graph.value_info):
+        items = sorted(field, key=lambda item: (position.get(item.name, len(position)), item.name))
+        del field[:]
+        field.extend(items)
