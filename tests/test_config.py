@@ -454,4 +454,5 @@ def test_shipped_sample_configs_are_valid():
     assert configs, "the samples ship at least one config"
     for path in configs:
         cfg = load_config(path)
-        assert cfg.model.onnx_model is not None and cfg.model.onnx_model.parent == path.parent.resolve()
+        written = json.loads(path.read_text())["model_parameters"]["onnx_model"]
+        assert cfg.model.onnx_model == path.parent.resolve() / written  # relative to the config's folder

@@ -79,8 +79,9 @@ def cmd_quantize(args) -> int:
 
     cfg = load_config(args.config)
     result = run(cfg, model=args.input, output=args.output, progress=_progress)
-    print(f"xquant: wrote {result.output_path} ({result.samples} calibration samples on {result.device}) "
-          f"in {result.seconds:.1f} s")
+    how = (f"{result.samples} calibration samples on {result.device}" if result.samples
+           else "dynamic quantization, no calibration")
+    print(f"xquant: wrote {result.output_path} ({how}) in {result.seconds:.1f} s")
     return EXIT_OK
 
 

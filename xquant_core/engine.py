@@ -19,6 +19,7 @@ returns the quantized ``onnx.ModelProto``. The steps:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import logging
@@ -30,12 +31,32 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
+from .errors import ModelError
 from .ppq_compat import import_ppq
 
 log = logging.getLogger("xquant.engine")
 
-#: ops kept in float at precision_level 2 (parameter-free arithmetic and squashing ops)
-PRECISION_2_FLOAT_OPS = {"Add", "Sub", "Mul", "Div", "Softmax", "Sigmoid"}
+#: parameter-free ops (both operands are activations) kept in float, by precision_level.
+#: Level 1 keeps the products (gates such as SiLU's Sigmoid x Mul, attention products) in
+#: float: rounding errors of both operands multiply there. Residual Add/Sub stay int8.
+#: Level 2 also keeps Add/Sub in float. Level 3 keeps every op in float.
+FLOAT_OPS_BY_LEVEL = {
+    0: frozenset(),
+    1: frozenset({"Mul", "Div", "Sigmoid", "Softmax"}),
+    2: frozenset({"Add", "Sub", "Mul", "Div", "Sigmoid", "Softmax"}),
+}
+
+
+@dataclass(frozen=True)
+class SubgraphOverride:
+    """One ``custom_setting`` entry, its names resolved to plugin objects."""
+
+    index: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    precision_level: int | None = None
+    algorithm: CalibrationAlgorithm | None = None
+    max_percentile: float | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,7 @@ class EnginePlan:
     precision_level: int
     finetune_level: int
     device: str
+    overrides: tuple[SubgraphOverride, ...] = ()
 
 
 def cuda_available() -> bool:
@@ -93,7 +115,8 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
 
     graph = _load_graph(model)
     quantizer = platform.create_quantizer(graph)
-    _dispatch(graph, quantizer.quant_operation_types, plan.precision_level)
+    regions = resolve_overrides(graph, plan.overrides)
+    _dispatch(graph, quantizer.quant_operation_types, plan, regions)
 
     def feeds() -> Iterable[dict[str, Any]]:
         for batch in batches:
@@ -130,7 +153,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     apply(QuantizeSimplifyPass())
     platform.share_quantization(graph)
     apply(ParameterQuantizePass())
-    ActivationCalibration(plan).run(graph, executor, feeds, num_batches, progress)
+    ActivationCalibration(plan, regions).run(graph, executor, feeds, num_batches, progress)
     apply(QuantAlignmentPass(elementwise_alignment="None", concat_alignment="Align to Output",
                              pooling_alignment="None", resize_alignment="None", force_overlap=True))
     apply(PassiveParameterQuantizePass())
@@ -169,8 +192,43 @@ def _load_graph(model):
     return format_graph(graph)
 
 
-def _dispatch(graph, quant_types: set, precision_level: int) -> None:
-    """Send each op to INT8 (decided by the quantizer) or FP32."""
+def resolve_overrides(graph, overrides) -> list[tuple[SubgraphOverride, set[str]]]:
+    """The ops of each ``custom_setting`` subgraph: downstream of its inputs, upstream of its outputs."""
+    regions = []
+    for override in overrides:
+        where = f"$.quantization_parameters.custom_setting[{override.index}]"
+        if not override.input_names or not override.output_names:
+            raise ModelError(f"{where}: input_names and output_names should be set.")
+        for field, names in (("input_names", override.input_names), ("output_names", override.output_names)):
+            for name in names:
+                if name not in graph.variables:
+                    raise ModelError(f"{where}.{field}: var name {name} not in the graph. (Names are those of the "
+                                     "model after onnxsim; set skip_onnxsim to keep every original name.)")
+        downstream = _reachable({op for name in override.input_names for op in graph.variables[name].dest_ops},
+                                lambda op: [d for out in op.outputs for d in out.dest_ops])
+        upstream = _reachable({graph.variables[name].source_op for name in override.output_names
+                               if graph.variables[name].source_op is not None},
+                              lambda op: [v.source_op for v in op.inputs if v.source_op is not None])
+        ops = {op.name for op in downstream & upstream}
+        if not ops:
+            raise ModelError(f"{where}: no op lies between input_names {list(override.input_names)} and "
+                             f"output_names {list(override.output_names)}")
+        regions.append((override, ops))
+    return regions
+
+
+def _reachable(start: set, neighbours) -> set:
+    seen, stack = set(start), list(start)
+    while stack:
+        for nxt in neighbours(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
+    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels."""
     from ppq import TargetPlatform
     from ppq.scheduler import DISPATCHER_TABLE
 
@@ -178,9 +236,15 @@ def _dispatch(graph, quant_types: set, precision_level: int) -> None:
     table = dispatcher.dispatch(graph=graph, quant_types=quant_types,
                                 quant_platform=TargetPlatform.UNSPECIFIED,
                                 fp32_platform=TargetPlatform.FP32, SOI_platform=TargetPlatform.SOI)
+    levels = {name: plan.precision_level for name in graph.operations}
+    for override, ops in regions:
+        if override.precision_level is not None:
+            for name in ops:
+                levels[name] = override.precision_level
     for operation in graph.operations.values():
         operation.platform = table[operation.name]
-        if precision_level >= 2 and operation.type in PRECISION_2_FLOAT_OPS and not operation.parameters:
+        level = levels[operation.name]
+        if level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters):
             operation.platform = TargetPlatform.FP32
 
 
@@ -269,7 +333,7 @@ class _TensorObserver:
         if self.phase == "minmax":
             self.low = min(self.low, value.min().item())
             self.high = max(self.high, value.max().item())
-        elif self.high > self.low:
+        elif self.phase == "histogram" and self.high > self.low:
             counts = torch.histc(value, bins=HISTOGRAM_BINS, min=self.low, max=self.high)
             counts = counts.cpu().numpy().astype(np.float64)
             self.histogram = counts if self.histogram is None else self.histogram + counts
@@ -311,13 +375,34 @@ def range_to_scale_offset(low: float, high: float, quant_min: int, quant_max: in
 class ActivationCalibration:
     """Activation calibration with xquant's algorithm plugins (replaces PPQ's pass)."""
 
-    def __init__(self, plan: EnginePlan):
+    def __init__(self, plan: EnginePlan, regions=()):
         self.plan = plan
+        self.regions = regions
+
+    def _settings_per_tensor(self, graph) -> dict[str, tuple[CalibrationAlgorithm, CalibrationContext]]:
+        """custom_setting calibration_type/max_percentile for the tensors their subgraphs touch."""
+        settings: dict[str, tuple[CalibrationAlgorithm, CalibrationContext]] = {}
+        for override, ops in self.regions:
+            if override.algorithm is None and override.max_percentile is None:
+                continue
+            for name in ops:
+                operation = graph.operations[name]
+                for var in operation.inputs + operation.outputs:
+                    if var.is_parameter:
+                        continue
+                    algorithm, context = settings.get(var.name, (self.plan.algorithm, self.plan.context))
+                    if override.algorithm is not None:
+                        algorithm = override.algorithm
+                    if override.max_percentile is not None:
+                        context = dataclasses.replace(context, max_percentile=override.max_percentile)
+                    settings[var.name] = (algorithm, context)
+        return settings
 
     def run(self, graph, executor, feeds, num_batches: int, progress) -> None:
         from ppq import QuantableOperation, QuantizationStates
         from ppq.quantization.observer import CalibrationHook
 
+        per_tensor = self._settings_per_tensor(graph)
         observers: dict[str, _TensorObserver] = {}
         tables: dict[str, dict] = {}
         for operation in graph.topological_sort():
@@ -330,9 +415,9 @@ class ActivationCalibration:
                 observer = observers.get(var.name)
                 if observer is None:
                     consumers = tuple(op.type for op in var.dest_ops)
+                    algorithm, context = per_tensor.get(var.name, (self.plan.algorithm, self.plan.context))
                     observer = observers[var.name] = _TensorObserver(
-                        var.name, [], consumers, var.name in graph.outputs, self.plan.algorithm,
-                        self.plan.context)
+                        var.name, [], consumers, var.name in graph.outputs, algorithm, context)
                 observer.configs.append(config)
                 table[config] = observer
             if table:
@@ -349,11 +434,12 @@ class ActivationCalibration:
             hook.render_quantization_config = render_noop
             hooks[name] = hook
 
-        phases = ["minmax"] + (["histogram"] if self.plan.algorithm.needs_histogram else [])
+        needs_histogram = any(observer.algorithm.needs_histogram for observer in observers.values())
+        phases = ["minmax"] + (["histogram"] if needs_histogram else [])
         steps = itertools.count()
         for phase in phases:
             for observer in observers.values():
-                observer.phase = phase
+                observer.phase = phase if (phase == "minmax" or observer.algorithm.needs_histogram) else "done"
             self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress,
                               f"calibration ({phase})")
         for observer in observers.values():

@@ -137,3 +137,97 @@ def fix_input_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx
             dim.Clear()
             dim.dim_value = size
     return model
+
+
+# --------------------------------------------------------------------------- truncation
+TRUNCATE_FAILED = "truncate graph failed."
+
+
+def split_at(model: onnx.ModelProto, cut: Sequence[str]) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
+    """Split ``model`` at the ``cut`` tensors (``truncate_var_names``).
+
+    Returns the upper model (the nodes needed to compute the cut tensors, which become its
+    outputs along with any model output computed there) and the nodes below the cut, to
+    be re-attached in float by :func:`reattach`.
+    """
+    duplicates = sorted({name for name in cut if list(cut).count(name) > 1})
+    if duplicates:
+        raise ModelError(f"{TRUNCATE_FAILED} truncate_var_names lists {', '.join(duplicates)} more than once")
+    producers = {out: index for index, node in enumerate(model.graph.node) for out in node.output}
+    known = set(producers) | {value.name for value in model.graph.input}
+    missing = [name for name in cut if name not in known]
+    if missing:
+        raise ModelError(f"{TRUNCATE_FAILED} var name(s) not in the graph: {', '.join(missing)} "
+                         "(names are those of the model after onnxsim; set skip_onnxsim to keep every original name)")
+    upper: set[int] = set()
+    stack = [producers[name] for name in cut if name in producers]
+    while stack:
+        index = stack.pop()
+        if index in upper:
+            continue
+        upper.add(index)
+        stack.extend(producers[name] for name in model.graph.node[index].input if name in producers)
+    lower = [node for index, node in enumerate(model.graph.node) if index not in upper]
+    if not lower:
+        raise ModelError(f"{TRUNCATE_FAILED} nothing lies below {', '.join(cut)}: the cut does not split the graph")
+    upper_outputs = {out for index in upper for out in model.graph.node[index].output}
+    crossing = sorted({name for node in lower for name in node.input if name in upper_outputs} - set(cut))
+    if crossing:
+        raise ModelError(f"{TRUNCATE_FAILED} tensor(s) {', '.join(crossing)} also cross from above the cut to below "
+                         "it: add them to truncate_var_names")
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = {value.name: value for value in list(inferred.graph.value_info) + list(inferred.graph.output)
+             + list(inferred.graph.input)}
+    graph_outputs = [value.name for value in model.graph.output]
+    outputs = list(cut) + [name for name in graph_outputs if name in upper_outputs and name not in cut]
+    for name in outputs:
+        if name not in infos:
+            raise ModelError(f"{TRUNCATE_FAILED} the type of tensor {name} cannot be inferred")
+    upper_nodes = [node for index, node in enumerate(model.graph.node) if index in upper]
+    used = {name for node in upper_nodes for name in node.input}
+    graph = onnx.helper.make_graph(
+        upper_nodes, model.graph.name + "_upper",
+        [value for value in model.graph.input if value.name in used],
+        [infos[name] for name in outputs],
+        [init for init in model.graph.initializer if init.name in used])
+    upper_model = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return upper_model, lower
+
+
+def reattach(quantized_upper: onnx.ModelProto, original: onnx.ModelProto,
+             lower: Sequence[onnx.NodeProto]) -> onnx.ModelProto:
+    """The quantized upper part plus the float nodes below the cut, with the original interface."""
+    upper_names = {init.name for init in quantized_upper.graph.initializer}
+    renamed: dict[str, str] = {}
+    lower_inits = []
+    needed = {name for node in lower for name in node.input}
+    for init in original.graph.initializer:
+        if init.name not in needed:
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        if init.name in upper_names:  # a weight shared across the cut: keep the float copy apart
+            renamed[init.name] = copy.name = f"{init.name}_float"
+        lower_inits.append(copy)
+    lower_nodes = []
+    for node in lower:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for position, name in enumerate(copy.input):
+            if name in renamed:
+                copy.input[position] = renamed[name]
+        lower_nodes.append(copy)
+    graph = onnx.helper.make_graph(
+        list(quantized_upper.graph.node) + lower_nodes, original.graph.name,
+        list(original.graph.input), list(original.graph.output),
+        list(quantized_upper.graph.initializer) + lower_inits,
+        value_info=list(quantized_upper.graph.value_info))
+    opsets: dict[str, int] = {}
+    for opset in list(quantized_upper.opset_import) + list(original.opset_import):
+        opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    merged = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+                                    ir_version=quantized_upper.ir_version)
+    merged.producer_name, merged.producer_version = quantized_upper.producer_name, quantized_upper.producer_version
+    merged.metadata_props.extend(quantized_upper.metadata_props)
+    return merged

@@ -94,6 +94,13 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     if not cfg.model.skip_onnxsim:
         float_model = model_io.simplify(float_model)
 
+    if cfg.quantization.precision_level == 3:
+        from .dynamic import quantize_dynamic
+
+        quantized = quantize_dynamic(float_model)
+        write_model_atomically(quantized, out_path)
+        return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
+
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
@@ -103,7 +110,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     algorithm = registry("calibration").get(cfg.calibration.calibration_type)
     device = choose_device(cfg.calibration.calibration_device)
 
-    from .engine import EnginePlan, quantize_graph
+    from .engine import EnginePlan, SubgraphOverride, quantize_graph
 
     plan = EnginePlan(
         algorithm=algorithm,
@@ -111,14 +118,24 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         precision_level=cfg.quantization.precision_level,
         finetune_level=cfg.quantization.finetune_level,
         device=device,
+        overrides=tuple(
+            SubgraphOverride(
+                index=index, input_names=item.input_names, output_names=item.output_names,
+                precision_level=item.precision_level, max_percentile=item.max_percentile,
+                algorithm=registry("calibration").get(item.calibration_type) if item.calibration_type else None)
+            for index, item in enumerate(cfg.quantization.custom_setting)),
     )
+    cut = cfg.quantization.truncate_var_names
+    upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
     try:
-        quantized = quantize_graph(float_model, dataset, len(dataset), platform, plan, progress)
+        quantized = quantize_graph(upper, dataset, len(dataset), platform, plan, progress)
     except XQuantError:
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
         raise QuantizationError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
 
+    if cut:
+        quantized = model_io.reattach(quantized, float_model, lower)
     write_model_atomically(quantized, out_path)
     return QuantizationResult(quantized, out_path, time.perf_counter() - started, dataset.count, device)
 
