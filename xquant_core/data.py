@@ -169,7 +169,39 @@ def conform(array: np.ndarray, spec: InputSpec, count: int, origin: str) -> np.n
     if array.shape != expected:
         raise DataError(f"Calibration input {spec.name}: {origin} gives shape {list(array.shape)}, "
                         f"expected {list(expected)}")
-    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+    return np.ascontiguousarray(cast_to_input_dtype(array, spec, origin))
+
+
+def cast_to_input_dtype(array: np.ndarray, spec: InputSpec, origin: str) -> np.ndarray:
+    """Cast to the model input's dtype; refuse a cast that would change values.
+
+    Casting to a float input always works (float64 -> float32 only rounds). Casting to an
+    integer or bool input (token ids, masks) needs whole values inside the target range:
+    ``1.5`` or ``-1`` for a uint8 input is a :class:`DataError` naming ``origin``.
+    """
+    target = np.dtype(spec.dtype)
+    if array.dtype == target:
+        return array
+    if target.kind in "iub" and array.size:
+        if array.dtype.kind not in "iubf":
+            raise DataError(f"Calibration input {spec.name}: {origin} holds {array.dtype} data, "
+                            f"the model input is {target}")
+        if target.kind == "b":
+            low, high = 0, 1
+        else:
+            info = np.iinfo(target)
+            low, high = info.min, info.max
+        bad = None
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            bad = "non-finite values"
+        elif array.dtype.kind == "f" and not np.all(np.floor(array) == array):
+            bad = "fractional values"
+        elif array.min() < low or array.max() > high:
+            bad = f"values in [{array.min()}, {array.max()}] outside [{low}, {high}]"
+        if bad:
+            raise DataError(f"Calibration input {spec.name}: {origin} holds {array.dtype} data with {bad}; "
+                            f"the model input is {target} and casting would change them")
+    return array.astype(target, copy=False)
 
 
 class CalibrationDataset:
