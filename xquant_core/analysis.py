@@ -33,9 +33,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -57,6 +58,8 @@ HISTOGRAM_BINS = 10
 #: ops labelled in the chart and the summary's custom_setting suggestions
 CHART_LABELS = 5
 MAX_SUGGESTIONS = 2
+#: a further suggestion must add at least this share of the first one's SNR growth
+SECONDARY_SHARE = 0.25
 
 QDQ_TYPES = ("QuantizeLinear", "DequantizeLinear")
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -361,11 +364,23 @@ def _instrumented(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
     return copy.SerializeToString()
 
 
+def _threads() -> int:
+    """onnxruntime threads: ``XQUANT_NUM_THREADS``, else half the cores, as for torch in the engine
+    (spinning threads that compete for every core made the analysis 3x slower on a busy 2-core box)."""
+    configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // 2)
+
+
 def _session(model_bytes: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = _threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -452,7 +467,8 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
         notes.append(f"{len(skipped_rows)} tensor(s) not compared (not float, or shapes differ between the models)")
     stats = {probe: acc.result() for probe, acc in accumulators.items() if probe not in skipped and acc.count}
     outputs = {name: acc.result() for name, acc in output_accumulators.items() if acc.count}
-    return Measurement(graph, ops, stats, outputs, used, len(batches), max_elements, time.perf_counter() - started, notes)
+    return Measurement(graph, ops, stats, outputs, used, len(batches), max_elements,
+                       time.perf_counter() - started, notes)
 
 
 # --------------------------------------------------------------------------- findings
@@ -529,8 +545,9 @@ def suggest(measurement: Measurement, limit: int = MAX_SUGGESTIONS) -> list[Sugg
     outlier hides in its own SNR, since the outlier dominates that tensor's power, and shows
     here), so the subgraph takes in the inputs' producers; growth after it comes from
     quantizing the output (e.g. a range that clips), so the subgraph takes in the output's
-    consumers. Either way the tensor in between stays float. Flagged ops come first; with
-    nothing flagged, the one op with the largest growth is suggested.
+    consumers. Either way the tensor in between stays float. Flagged ops come first (a
+    further one only when it adds at least :data:`SECONDARY_SHARE` of the first one's
+    growth); with nothing flagged, the one op with the largest growth is suggested.
     """
     stats, graph = measurement.stats, measurement.graph
     scored = []
@@ -548,7 +565,7 @@ def suggest(measurement: Measurement, limit: int = MAX_SUGGESTIONS) -> list[Sugg
     suggestions: list[Suggestion] = []
     taken: set[int] = set()
     for added, cause, op in flagged or scored[:1]:
-        if len(suggestions) >= limit:
+        if len(suggestions) >= limit or (suggestions and added < SECONDARY_SHARE * suggestions[0].added_snr):
             break
         node = graph.nodes[op.index]
         seeds = {op.index}
@@ -580,7 +597,7 @@ def sparkline(counts: Sequence[int]) -> str:
             out.append(_SPARK_EMPTY)
         else:
             level = math.log1p(count) / math.log1p(top)
-            out.append(_SPARK[min(len(_SPARK) - 1, int(round(level * (len(_SPARK) - 1))))])
+            out.append(_SPARK[min(len(_SPARK) - 1, round(level * (len(_SPARK) - 1)))])
     return "".join(out)
 
 
@@ -691,11 +708,13 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
         s = row.stats
         body.append([str(number), _cell(row.op.label), _cell(row.probe.var),
                      "out" if row.role == "output" else "in", _num(s.snr), _num(s.mse), _cos(s.cosine),
-                     _num(s.q_min), _num(s.q_max), _num(s.f_min), _num(s.f_max), f"`{sparkline(s.histogram)}`", f"**{s.flags}**" if s.flags else ""])
+                     _num(s.q_min), _num(s.q_max), _num(s.f_min), _num(s.f_max), f"`{sparkline(s.histogram)}`",
+                     f"**{s.flags}**" if s.flags else ""])
     lines += _table(header, body, align)
-    lines += ["", f"F histogram: {HISTOGRAM_BINS} bins from F min to F max of the float tensor, log scale "
+    legend = (f"F histogram: {HISTOGRAM_BINS} bins from F min to F max of the float tensor, log scale "
               f"(`{_SPARK_EMPTY}` = empty bin); SNR and cosine over the sampled elements, min/max over all "
-              "elements of the batches used.", ""]
+              "elements of the batches used.")
+    lines += ["", legend, ""]
     return "\n".join(lines)
 
 
@@ -726,7 +745,7 @@ def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (
         if not (value > 0):
             return top + plot_h
         level = (min(max(math.log10(min(value, 1e300)), low), high) - low) / (high - low)
-        return int(round(top + plot_h - level * plot_h))
+        return round(top + plot_h - level * plot_h)
 
     for exponent in range(low, high + 1):
         y = y_of(10.0 ** exponent)
@@ -818,7 +837,7 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
     chart_path = report_path.with_suffix(".png")
-    title = report_path.stem[: -len("_report")] if report_path.stem.endswith("_report") else report_path.stem
+    title = report_path.stem.removesuffix("_report")
     image = render_chart(measurement, title)
     ok, png = cv2.imencode(".png", image)
     if not ok:

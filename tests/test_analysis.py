@@ -1,0 +1,412 @@
+"""The quantization analysis report (``xquant_core.analysis``).
+
+A small model with one deliberately bad activation (a Mul that gives one position of one
+channel a 1000x outlier, then a Clip) must show that activation at the top of the report,
+flagged, with a custom_setting snippet that, pasted into the config, lowers the output
+SNR. The sample MobileNetV2's report must be valid Markdown with a PNG that opens, at a
+stated fraction of the quantization time. The inputs of ``write_report`` are produced here
+the way the pipeline produces them (quantize with analysis off, then measure).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import xquant
+from xquant_core import analysis
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG = REPO / "samples" / "mobilenet_v2" / "config.json"
+
+#: the analysis must stay well under the quantization time (the issue: it must not double it)
+MAX_TIME_FRACTION = 0.5
+
+
+# --------------------------------------------------------------------------- helpers
+def make_spiky_model(path: Path, size: int = 16, channels: int = 8) -> Path:
+    """Conv-Relu-Mul(outlier)-Clip-Conv-Relu-GAP-Gemm: the Mul makes one position of channel 0
+    1000x larger, so the INT8 step of its output is 1000x too coarse for every other value."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (channels, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, channels).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (channels, channels, 3, 3)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, channels).astype(np.float32)
+    wf = rng.normal(0, 0.3, (10, channels)).astype(np.float32)
+    bf = rng.normal(0, 0.1, 10).astype(np.float32)
+    gain = np.ones((1, channels, size, size), np.float32)
+    gain[0, 0, size // 3, size // 3] = 1000.0
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Mul", ["r1", "gain"], ["spiky"], name="spike"),
+        helper.make_node("Clip", ["spiky", "lo", "hi"], ["clipped"], name="clip"),
+        helper.make_node("Conv", ["clipped", "w2", "b2"], ["c2"], pads=[1] * 4, name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1, name="fc"),
+    ]
+    arrays = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "wf": wf, "bf": bf, "gain": gain,
+              "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    graph = helper.make_graph(
+        nodes, "spiky", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(array, name) for name, array in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def table_blocks(markdown: str) -> list[list[str]]:
+    """The Markdown tables of a document: runs of lines that start with '|'."""
+    blocks, current, in_code = [], [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if not in_code and line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append(current)
+            current = []
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def cells(line: str) -> list[str]:
+    """The cells of a GFM table row (pipes escaped as '\\|' stay inside a cell)."""
+    assert line.startswith("|") and line.rstrip().endswith("|"), line
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+
+def rows_of(markdown: str, header_first: str = "#") -> list[dict[str, str]]:
+    """The tensor table as dicts keyed by header."""
+    for block in table_blocks(markdown):
+        header = cells(block[0])
+        if header[0] == header_first:
+            return [dict(zip(header, cells(line))) for line in block[2:]]
+    raise AssertionError("no tensor table in the report")
+
+
+def snippet_of(markdown: str) -> list[dict]:
+    """The custom_setting snippet of the report's "Next step" section."""
+    match = re.search(r"```json\n(.*?)\n```", markdown, re.DOTALL)
+    assert match, "no JSON snippet in the report"
+    return json.loads("{" + match.group(1) + "}")["custom_setting"]
+
+
+def unquote(cell: str) -> str:
+    return cell.strip("`").replace("\\|", "|").replace("\\\\", "\\")
+
+
+def npy_batches(folder: Path, count: int) -> list[dict[str, np.ndarray]]:
+    return [{"input": np.load(folder / f"sample_{i:02d}.npy")[None]} for i in range(count)]
+
+
+# --------------------------------------------------------------------------- the bad layer
+@pytest.fixture(scope="module")
+def spiky(tmp_path_factory):
+    """The spiky model quantized (analysis off), its calibration batches and its report."""
+    root = tmp_path_factory.mktemp("spiky")
+    make_spiky_model(root / "spiky.onnx")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(12):
+        np.save(data / f"sample_{index:02d}.npy", rng.normal(0, 1, (3, 16, 16)).astype(np.float32))
+    (data / "list.txt").write_text("".join(f"sample_{i:02d}.npy\n" for i in range(12)))
+    config = {
+        "model_parameters": {"onnx_model": str(root / "spiky.onnx"), "working_dir": str(root / "out")},
+        "calibration_parameters": {
+            "calibration_step": 12, "calibration_device": "cpu", "calibration_type": "default",
+            "input_parametres": [{"file_type": "npy", "data_list_path": str(data / "list.txt")}],
+        },
+        "quantization_parameters": {"analysis_enable": False, "finetune_level": 0},
+    }
+    started = time.perf_counter()
+    quant = xquant.quantize_onnx_model(config, output=root / "out" / "spiky.q.onnx")
+    seconds = time.perf_counter() - started
+    float_model = onnx.load(str(root / "spiky.onnx"))
+    batches = npy_batches(data, 12)
+    report = root / "out" / "spiky.q_report.md"
+    lines = analysis.write_report(float_model, quant, batches, report, {"calibration_type": "default"}, seconds)
+    return {"root": root, "config": config, "float": float_model, "quant": quant, "batches": batches,
+            "report": report, "lines": lines, "seconds": seconds}
+
+
+def test_bad_layer_is_the_first_row_and_flagged(spiky):
+    rows = rows_of(spiky["report"].read_text(encoding="utf-8"))
+    first = rows[0]
+    assert unquote(first["Op"]) == "clip[Clip]", first  # the op that reads the outlier-quantized tensor
+    assert unquote(first["Var"]) == "clipped"
+    assert "SNR" in first["Flag"] and float(first["SNR"]) > analysis.FLAG_SNR
+    snrs = [float(row["SNR"]) for row in rows]
+    assert snrs == sorted(snrs, reverse=True)
+    # the outlier tensor itself: its float max is the outlier, its quantized range follows it
+    spiky_row = next(row for row in rows if unquote(row["Op"]) == "spike[Mul]" and row["I/O"] == "out")
+    assert unquote(spiky_row["Var"]) == "spiky" and float(spiky_row["F max"]) > 500
+    # everything upstream of the outlier is fine
+    conv1 = next(row for row in rows if unquote(row["Op"]) == "conv1[Conv]" and row["I/O"] == "out")
+    assert not conv1["Flag"] and float(conv1["SNR"]) < 0.01
+
+
+def test_bad_layer_snippet_names_its_subgraph(spiky):
+    text = spiky["report"].read_text(encoding="utf-8")
+    snippet = snippet_of(text)
+    assert snippet[0] == {"input_names": ["r1"], "output_names": ["clipped"], "precision_level": 3}
+    assert "`spike[Mul]`, `clip[Clip]`" in text
+
+
+def test_summary_lines_and_report_summary(spiky):
+    lines = spiky["lines"]
+    assert 3 <= len(lines) <= 6
+    assert any("logits" in line and "SNR" in line and "cosine" in line for line in lines)
+    assert any("flagged" in line for line in lines)
+    assert any("clip[Clip]" in line for line in lines)
+    assert any(str(spiky["report"]) in line for line in lines)
+    assert any(re.search(r"\d+% of the quantization time", line) for line in lines)
+    text = spiky["report"].read_text(encoding="utf-8")
+    head = text.split("## Tensors")[0]
+    assert "not decibels" in head and "`calibration_type`" in head
+    assert f"]({spiky['report'].with_suffix('.png').name})" in head
+
+
+def test_pasted_snippet_lowers_the_output_snr(spiky, tmp_path):
+    """The acceptance loop: report -> paste the custom_setting -> quantize -> lower output SNR."""
+    before = analysis.measure(spiky["float"], spiky["quant"], spiky["batches"]).outputs["logits"].snr
+    config = json.loads(json.dumps(spiky["config"]))
+    config["quantization_parameters"]["custom_setting"] = snippet_of(spiky["report"].read_text(encoding="utf-8"))
+    fixed = xquant.quantize_onnx_model(config, output=tmp_path / "fixed.q.onnx")
+    after = analysis.measure(spiky["float"], fixed, spiky["batches"])
+    print(f"output SNR before {before:.4g}, after pasting the snippet {after.outputs['logits'].snr:.4g}")
+    assert before > analysis.FLAG_SNR
+    assert after.outputs["logits"].snr < 0.1 * before
+    assert not any(stats.flagged for stats in after.stats.values())
+
+
+def test_chart_opens(spiky):
+    import cv2
+
+    image = cv2.imread(str(spiky["report"].with_suffix(".png")))
+    assert image is not None and image.shape[0] >= 300 and image.shape[1] >= 600
+    assert (image != 255).any(axis=2).mean() > 0.02  # something is drawn
+
+
+def test_inputs_are_not_modified(spiky):
+    float_bytes = spiky["float"].SerializeToString()
+    quant_bytes = spiky["quant"].SerializeToString()
+    batches = spiky["batches"][:2]
+    copies = [{k: v.copy() for k, v in batch.items()} for batch in batches]
+    analysis.measure(spiky["float"], spiky["quant"], batches)
+    assert spiky["float"].SerializeToString() == float_bytes
+    assert spiky["quant"].SerializeToString() == quant_bytes
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(batches, copies) for k in a)
+
+
+def test_costs_are_bounded(spiky):
+    measured = analysis.measure(spiky["float"], spiky["quant"], spiky["batches"], max_batches=3, max_elements=300)
+    assert measured.batches_used == 3 and measured.batches_given == 12
+    assert all(stats.elements <= 300 for stats in measured.stats.values())
+    assert max(stats.elements for stats in measured.stats.values()) == 300  # 3 batches x 100 sampled
+    again = analysis.measure(spiky["float"], spiky["quant"], spiky["batches"], max_batches=3, max_elements=300)
+    assert {p: s.snr for p, s in again.stats.items()} == {p: s.snr for p, s in measured.stats.items()}
+    # a time budget of zero still runs one batch, and says that it stopped
+    cut = analysis.measure(spiky["float"], spiky["quant"], spiky["batches"], time_budget=0.0)
+    assert cut.batches_used == 1 and any("time budget" in note for note in cut.notes)
+
+
+def test_failure_raises_and_leaves_no_partial_files(spiky, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the report folder should be")
+    with pytest.raises(OSError):
+        analysis.write_report(spiky["float"], spiky["quant"], spiky["batches"][:1], blocker / "r_report.md", {}, 1.0)
+    good = tmp_path / "ok"
+    good.mkdir()
+    with pytest.raises(ValueError):
+        analysis.write_report(spiky["float"], spiky["quant"], [], good / "r_report.md", {}, 1.0)
+    assert list(good.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- mapping, without PPQ
+def _qdq(name_in: str, name_q: str, name_dq: str, scale: str, zero: str) -> list:
+    return [helper.make_node("QuantizeLinear", [name_in, scale, zero], [name_q]),
+            helper.make_node("DequantizeLinear", [name_q, scale, zero], [name_dq])]
+
+
+def test_vars_map_back_to_float_names_for_both_export_conventions():
+    """PPQ renames an op's output and gives its name to the DQ after it; other exporters
+    (onnxruntime's quantizer) keep the op output's name and rename the DQ output. Both map
+    to the float model's names; weights are not rows; the quantized value is the DQ output."""
+    float_graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+         helper.make_node("Sigmoid", ["a"], ["b"], name="sig"),
+         helper.make_node("Mul", ["b", "w"], ["y"], name="mul")],
+        "f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "w")])
+    float_model = helper.make_model(float_graph, opset_imports=[helper.make_opsetid("", 13)])
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.full((1, 4), 100, np.int8), "w_q"),
+             numpy_helper.from_array(np.array(0.005, np.float32), "ws")]
+    nodes = (_qdq("x", "x_q", "x_dq", "s", "z")                           # input: renamed DQ output
+             + [helper.make_node("Relu", ["x_dq"], ["relu_raw"], name="relu")]
+             + _qdq("relu_raw", "a_q", "a", "s", "z")                    # PPQ style: DQ takes the name
+             + [helper.make_node("Sigmoid", ["a"], ["b"], name="sig")]
+             + _qdq("b", "b_q", "b_dq", "s", "z")                        # ORT style: op keeps the name
+             + [helper.make_node("DequantizeLinear", ["w_q", "ws"], ["w_dq"]),
+                helper.make_node("Mul", ["b_dq", "w_dq"], ["y"], name="mul")])
+    quant_graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    quant_model = helper.make_model(quant_graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(quant_model)
+
+    ops = {op.name: op for op in analysis.quantized_ops(quant_model, float_model)}
+    assert set(ops) == {"relu", "sig", "mul"}
+    assert ops["relu"].inputs == (analysis.Probe("x_dq", "x"),)
+    assert ops["relu"].outputs == (analysis.Probe("a", "a"),)
+    assert ops["relu"].raw_outputs == (analysis.Probe("relu_raw", "a"),)
+    assert ops["sig"].outputs == (analysis.Probe("b_dq", "b"),)
+    assert ops["mul"].inputs == (analysis.Probe("b_dq", "b"),)  # the weight is not a row
+    assert ops["mul"].outputs == (analysis.Probe("y", "y"),)
+
+    batches = [{"x": np.linspace(-2, 2, 4, dtype=np.float32)[None] * k} for k in (1, 2)]
+    measured = analysis.measure(float_model, quant_model, batches)
+    assert measured.outputs["y"].cosine > 0.99
+    assert measured.stats[analysis.Probe("x_dq", "x")].q_max == pytest.approx(2.54, abs=1e-6)  # 127 * 0.02
+
+
+# --------------------------------------------------------------------------- rendering
+def test_sparkline_shows_a_lone_outlier_and_empty_bins():
+    line = analysis.sparkline([1000, 0, 0, 0, 1])
+    assert len(line) == 5 and line[0] == "█" and line[1] == "·" and line[-1] != "·"
+    assert analysis.sparkline([0, 0]) == "··"
+
+
+def test_odd_names_keep_the_table_valid(tmp_path):
+    """Pipes and backticks in tensor names must not break the table."""
+    x, y = "in|put", "out`put|x"
+    opset = [helper.make_opsetid("", 13)]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])]
+    outputs = [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4])]
+    float_model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", [x], [y], name="re|lu")], "f", inputs, outputs), opset_imports=opset)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    quant_model = helper.make_model(helper.make_graph(
+        _qdq(x, "xq", "xdq", "s", "z") + [helper.make_node("Relu", ["xdq"], [y], name="re|lu")], "q",
+        inputs, outputs, inits), opset_imports=opset)
+    report = tmp_path / "odd_report.md"
+    analysis.write_report(float_model, quant_model, [{x: np.ones((1, 4), np.float32)}], report, {"a|b": "c|d"}, 0.0)
+    text = report.read_text(encoding="utf-8")
+    for block in table_blocks(text):
+        widths = {len(cells(line)) for line in block}
+        assert len(widths) == 1, block
+    rows = rows_of(text)
+    assert {unquote(row["Var"]) for row in rows} == {x, y}
+
+
+# --------------------------------------------------------------------------- the sample
+def _sample_batches(config: dict, count: int) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """The float model as the pipeline quantizes it (fixed shapes, onnxsim) and calibration batches
+    read and preprocessed exactly as calibration reads them."""
+    from xquant_core import model as model_io
+    from xquant_core.config import load_config
+    from xquant_core.data import CalibrationDataset, resolve_preprocessor
+    from xquant_core.plugins import registry
+
+    cfg = load_config(config)
+    float_model = model_io.load_model(cfg.model.onnx_model)
+    specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")
+    float_model = model_io.simplify(model_io.fix_input_shapes(float_model, specs))
+    readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
+    preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
+    dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
+    return float_model, [dataset.batch(index) for index in range(min(count, len(dataset)))]
+
+
+@pytest.fixture(scope="module")
+def sample_report(tmp_path_factory):
+    if not (REPO / "samples" / "material" / "calib" / "list.txt").is_file():
+        pytest.skip("sample material missing: run scripts/setup.sh")
+    if not (REPO / "samples" / "mobilenet_v2" / "mobilenet_v2.onnx").is_file():
+        pytest.skip("sample model missing: run scripts/setup.sh")
+    out = tmp_path_factory.mktemp("sample_report")
+    raw = json.loads(SAMPLE_CONFIG.read_text(encoding="utf-8"))
+    raw["quantization_parameters"]["analysis_enable"] = False
+    model_parameters = raw["model_parameters"]
+    model_parameters["onnx_model"] = str(SAMPLE_CONFIG.parent / model_parameters["onnx_model"])
+    model_parameters["working_dir"] = str(out)
+    for item in raw["calibration_parameters"]["input_parametres"]:
+        item["data_list_path"] = str((SAMPLE_CONFIG.parent / item["data_list_path"]).resolve())
+    started = time.perf_counter()
+    quant = xquant.quantize_onnx_model(raw, output=out / "mobilenet_v2.q.onnx")
+    quantize_seconds = time.perf_counter() - started
+    float_model, batches = _sample_batches(raw, analysis.DEFAULT_MAX_BATCHES)
+    report = out / "mobilenet_v2.q_report.md"
+    settings = {"calibration_type": raw["calibration_parameters"]["calibration_type"],
+                "precision_level": raw["quantization_parameters"]["precision_level"],
+                "finetune_level": raw["quantization_parameters"]["finetune_level"],
+                "calibration_step": raw["calibration_parameters"]["calibration_step"], "platform": "spacemit"}
+    started = time.perf_counter()
+    lines = analysis.write_report(float_model, quant, batches, report, settings, quantize_seconds)
+    analysis_seconds = time.perf_counter() - started
+    print(f"sample: quantization {quantize_seconds:.2f} s, analysis {analysis_seconds:.2f} s "
+          f"= {analysis_seconds / quantize_seconds:.1%}")
+    print("\n".join(lines))
+    return {"report": report, "lines": lines, "quantize_seconds": quantize_seconds,
+            "analysis_seconds": analysis_seconds, "quant": quant}
+
+
+def test_sample_report_is_valid_markdown(sample_report):
+    text = sample_report["report"].read_text(encoding="utf-8")
+    blocks = table_blocks(text)
+    assert len(blocks) == 2  # settings, tensors
+    for block in blocks:
+        widths = [len(cells(line)) for line in block]
+        assert len(set(widths)) == 1, f"rows with {sorted(set(widths))} columns"
+        assert all(re.fullmatch(r":?-+:?", cell) for cell in cells(block[1]))
+    rows = rows_of(text)
+    assert len(rows) > 100  # MobileNetV2: 65 quantized ops, their inputs and outputs
+    assert {"Op", "Var", "SNR", "MSE", "Cosine", "Q min", "Q max", "F min", "F max", "F histogram"} <= set(rows[0])
+    assert all(re.fullmatch(r"`[▁▂▃▄▅▆▇█·]{10}`", row["F histogram"]) for row in rows)
+    snrs = [float(row["SNR"]) for row in rows]
+    assert snrs == sorted(snrs, reverse=True)
+    assert text.count("```") % 2 == 0
+    snippet = snippet_of(text)
+    assert snippet and all(item["precision_level"] == 3 and item["input_names"] and item["output_names"]
+                           for item in snippet)
+    names = {out for node in sample_report["quant"].graph.node for out in node.output}
+    assert all(name in names for item in snippet for name in item["input_names"] + item["output_names"])
+
+
+def test_sample_report_numbers_and_chart(sample_report):
+    import cv2
+
+    text = sample_report["report"].read_text(encoding="utf-8")
+    match = re.search(r"Model output `logits`: SNR ([0-9.e-]+), cosine ([0-9.]+)", text)
+    assert match, "no model output line"
+    assert float(match.group(1)) < 0.05 and float(match.group(2)) > 0.98  # README: SNR 0.013, cosine 0.994
+    image = cv2.imread(str(sample_report["report"].with_suffix(".png")))
+    assert image is not None and image.shape[:2] == (600, 1200)
+    fraction = sample_report["analysis_seconds"] / sample_report["quantize_seconds"]
+    assert fraction < MAX_TIME_FRACTION, (sample_report["analysis_seconds"], sample_report["quantize_seconds"])
+
+
+def test_analysis_module_imports_neither_torch_nor_ppq():
+    code = ("import sys, xquant_core.analysis; "
+            "print([m for m in ('torch', 'ppq') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
