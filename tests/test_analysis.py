@@ -410,3 +410,70 @@ def test_analysis_module_imports_neither_torch_nor_ppq():
             "print([m for m in ('torch', 'ppq') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- wiring in the pipeline
+PIPELINE_PENDING = "the pipeline calls analysis.write_report once another engineer wires it in pipeline.py"
+
+
+def _small_config(small_project: Path, analysis_enable: bool) -> dict:
+    config = json.loads((small_project / "cfg.json").read_text(encoding="utf-8"))
+    config["model_parameters"]["onnx_model"] = str(small_project / "small.onnx")
+    config["model_parameters"]["working_dir"] = str(small_project / "out")
+    config["calibration_parameters"]["input_parametres"][0]["data_list_path"] = str(small_project / "data" / "list.txt")
+    config["quantization_parameters"]["analysis_enable"] = analysis_enable
+    return config
+
+
+@pytest.mark.xfail(strict=False, reason=PIPELINE_PENDING)
+def test_pipeline_writes_the_report_next_to_the_model(small_project):
+    xquant.quantize_onnx_model(_small_config(small_project, True))
+    out = small_project / "out"
+    assert (out / "small.q.onnx").is_file()
+    assert (out / "small.q_report.md").is_file() and (out / "small.q_report.png").is_file()
+
+
+def test_pipeline_writes_no_report_when_disabled(small_project):
+    xquant.quantize_onnx_model(_small_config(small_project, False))
+    assert (small_project / "out" / "small.q.onnx").is_file()
+    assert not (small_project / "out" / "small.q_report.md").exists()
+
+
+@pytest.mark.xfail(strict=False, reason=PIPELINE_PENDING)
+def test_a_failing_analysis_keeps_the_model(small_project, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("analysis exploded")
+
+    monkeypatch.setattr(analysis, "write_report", broken)
+    xquant.quantize_onnx_model(_small_config(small_project, True))
+    assert (small_project / "out" / "small.q.onnx").is_file()
+    assert any("analysis" in record.getMessage() and record.levelname == "WARNING" for record in caplog.records)
+
+
+def test_equalization_scales_are_told_apart_from_damage():
+    """Cross-layer equalization rescales channels (compared in the equalized scale); a channel
+    that a bad constant zeroed or distorted keeps its float value, so its error shows."""
+    rng = np.random.default_rng(3)
+    f = rng.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    equalized = f * np.array([2.0, 0.5, 1.0, 1.0], np.float32).reshape(1, 4, 1, 1)
+    equalized += rng.normal(0, 1e-3, f.shape).astype(np.float32)  # weight rounding
+    scales = analysis.channel_scales(equalized, f)
+    assert scales is not None and np.allclose(scales.ravel(), [2.0, 0.5, 1.0, 1.0], atol=0.01)
+    damaged = f.copy()
+    damaged[:, 0] = 0.0
+    damaged[:, 1] = np.abs(damaged[:, 1])
+    assert analysis.channel_scales(damaged, f) is None
+    assert analysis.channel_scales(f + rng.normal(0, 1e-3, f.shape).astype(np.float32), f) is None
+    gap = rng.normal(0, 1, (1, 64, 1, 1)).astype(np.float32)  # one value per channel fits any scale
+    assert analysis.channel_scales(gap * 2, gap) is None
+
+
+def test_float_activations_reference_drops_only_activation_qdq(spiky):
+    reference, renamed = analysis.float_activations(spiky["quant"])
+    onnx.checker.check_model(reference)
+    kinds = [node.op_type for node in reference.graph.node]
+    assert "QuantizeLinear" not in kinds  # weights keep their DequantizeLinear
+    assert kinds.count("DequantizeLinear") == sum(1 for n in spiky["quant"].graph.node if n.op_type ==
+                                                  "DequantizeLinear" and n.input[0] in
+                                                  {i.name for i in spiky["quant"].graph.initializer})
+    assert renamed["clipped"] != "clipped"

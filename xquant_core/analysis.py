@@ -410,6 +410,87 @@ class _Sampler:
         return self._cache[size]
 
 
+def float_activations(quant_model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The exported graph with its activation Q/DQ pairs removed (weights as exported), and the
+    map from each removed DQ output to the tensor that replaces it."""
+    graph = _QdqGraph(quant_model, quant_model)
+    replaced: dict[str, str] = {}
+    dropped: set[int] = set()
+    for index, node in enumerate(graph.nodes):
+        if node.op_type != "QuantizeLinear" or graph.is_constant(node.input[0]):
+            continue
+        consumers = graph.consumers.get(node.output[0], [])
+        if not consumers or any(graph.nodes[c].op_type != "DequantizeLinear" for c in consumers):
+            continue
+        dropped.add(index)
+        for consumer in consumers:
+            dropped.add(consumer)
+            replaced[graph.nodes[consumer].output[0]] = node.input[0]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(quant_model)
+    del copy.graph.node[:]
+    for index, node in enumerate(graph.nodes):
+        if index in dropped:
+            continue
+        node = copy_node = onnx.NodeProto()
+        copy_node.CopyFrom(graph.nodes[index])
+        for position, name in enumerate(node.input):
+            node.input[position] = _final(replaced, name)
+        copy.graph.node.append(node)
+    for value in copy.graph.output:
+        if value.name in replaced:
+            copy.graph.node.append(onnx.helper.make_node("Identity", [_final(replaced, value.name)], [value.name]))
+    return copy, {name: _final(replaced, name) for name in replaced}
+
+
+def _final(replaced: dict[str, str], name: str) -> str:
+    for _ in range(8):
+        if name not in replaced:
+            break
+        name = replaced[name]
+    return name
+
+
+#: a channel counts as rescaled by cross-layer equalization when the float-activation reference
+#: matches scale x float this closely (relative residual power) ...
+RESCALE_FIT = 1e-2
+#: ... with a scale this far from 1 (weight rounding alone moves channel gains far less)
+RESCALE_MIN_FACTOR = 1.25
+#: ... over at least this many nonzero float values in the channel (any scale fits one value)
+RESCALE_MIN_VALUES = 16
+
+
+def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
+    """Per-channel (axis 1) factors s with reference ~= s * f where that fit is exact up to
+    weight rounding and s is far from 1; 1 elsewhere. None when no channel is rescaled.
+
+    Cross-layer equalization (finetune_level >= 1) scales the channels of the tensors
+    between the layers it balances, so the exported model's tensors are not comparable with
+    the float model's as they are. The float-activation reference (the exported graph
+    without its activation Q/DQ) tells the scales apart from damage: a channel zeroed or
+    distorted by a badly quantized constant does not fit ``s * f`` and keeps s = 1.
+    """
+    if f.ndim < 2 or f.shape != reference.shape or f.size < RESCALE_MIN_VALUES * f.shape[1]:
+        return None
+    axes = tuple(axis for axis in range(f.ndim) if axis != 1)
+    f = f.astype(np.float32, copy=False)
+    reference = reference.astype(np.float32, copy=False)
+    f_c = np.sum(f * f, axis=axes, dtype=np.float64)
+    r_c = np.sum(reference * reference, axis=axes, dtype=np.float64)
+    rf_c = np.sum(reference * f, axis=axes, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(f_c > 0, rf_c / f_c, 1.0)
+        residual = np.where(r_c > 0, (r_c - 2 * scale * rf_c + scale * scale * f_c) / r_c, 1.0)
+    support = np.count_nonzero(f, axis=axes)
+    good = ((support >= RESCALE_MIN_VALUES) & (r_c > 0) & (residual < RESCALE_FIT)
+            & ((scale > RESCALE_MIN_FACTOR) | ((scale > 0) & (scale < 1 / RESCALE_MIN_FACTOR))))
+    if np.count_nonzero(good) < 2:  # one channel alone is no evidence of equalization
+        return None
+    shape = [1] * f.ndim
+    shape[1] = f.shape[1]
+    return np.where(good, scale, 1.0).reshape(shape).astype(np.float32)
+
+
 def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
             batches: Sequence[dict[str, np.ndarray]], *, max_batches: int = DEFAULT_MAX_BATCHES,
             max_elements: int = DEFAULT_MAX_ELEMENTS, time_budget: float | None = None) -> Measurement:
@@ -431,6 +512,19 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
 
     float_session = _session(_instrumented(float_model, [p.var for p in probes]))
     quant_session = _session(_instrumented(quant_model, [p.quant for p in probes]))
+    # channel scales of cross-layer equalization, from the first batch
+    reference, renamed = float_activations(quant_model)
+    reference_session = _session(_instrumented(reference, {renamed.get(p.quant, p.quant) for p in probes}))
+    r_values = _run(reference_session, batches[0])
+    f_values = _run(float_session, batches[0])
+    scales: dict[Probe, np.ndarray] = {}
+    for probe in probes:
+        f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
+        if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
+            scale = channel_scales(r, f)
+            if scale is not None:
+                scales[probe] = scale
+    del reference_session, r_values, f_values
     planned = min(len(batches), max_batches)
     sampler = _Sampler(math.ceil(max_elements / planned))
     accumulators = {probe: _Accumulator() for probe in probes}
@@ -450,6 +544,8 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
                     or not np.issubdtype(f.dtype, np.floating) or not np.issubdtype(q.dtype, np.floating)):
                 skipped.add(probe)
                 continue
+            if probe in scales:
+                f = f * scales[probe]
             acc.add(q, f, sampler.picks(f.size))
         for name, acc in output_accumulators.items():
             f, q = f_values[name], q_values[name]
@@ -462,7 +558,12 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
             notes.append(f"stopped after {used} of {planned} batches to stay within the time budget "
                          f"({time_budget:.1f} s)")
             break
-    skipped_rows = {p for op in ops for p in op.inputs + op.outputs} & skipped
+    row_probes = {p for op in ops for p in op.inputs + op.outputs}
+    rescaled = {p.var for p in row_probes if p in scales}
+    if rescaled:
+        notes.append(f"{len(rescaled)} tensor(s) have channels rescaled by cross-layer equalization: they are "
+                     "compared with the float tensor in the equalized scale (F columns too)")
+    skipped_rows = row_probes & skipped
     if skipped_rows:
         notes.append(f"{len(skipped_rows)} tensor(s) not compared (not float, or shapes differ between the models)")
     stats = {probe: acc.result() for probe, acc in accumulators.items() if probe not in skipped and acc.count}
