@@ -81,6 +81,8 @@ def cmd_quantize(args) -> int:
     result = run(cfg, model=args.input, output=args.output, progress=_progress)
     how = (f"{result.samples} calibration samples on {result.device}" if result.samples
            else "dynamic quantization, no calibration")
+    for line in result.summary:
+        print(f"xquant: {line}")
     print(f"xquant: wrote {result.output_path} ({how}) in {result.seconds:.1f} s")
     return EXIT_OK
 

@@ -126,10 +126,11 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     first = next(iter(feeds()))
     executor.tracing_operation_meta(inputs=first)
 
-    def apply(ppq_pass) -> None:
+    def apply(ppq_pass, data: list | None = None) -> None:
+        data = list(feeds()) if data is None else data
         with _ppq_output_to_log():
-            ppq_pass.optimize(graph=graph, dataloader=list(feeds()), executor=executor,
-                              calib_steps=num_batches, collate_fn=None)
+            ppq_pass.optimize(graph=graph, dataloader=data, executor=executor,
+                              calib_steps=len(data), collate_fn=None)
 
     if plan.finetune_level >= 1:
         from ppq.quantization.optim import LayerwiseEqualizationPass
@@ -157,6 +158,8 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     apply(QuantAlignmentPass(elementwise_alignment="None", concat_alignment="Align to Output",
                              pooling_alignment="None", resize_alignment="None", force_overlap=True))
     apply(PassiveParameterQuantizePass())
+    if plan.finetune_level >= 2:
+        fine_tune_worst_layers(graph, executor, feeds, plan, apply)
     if plan.finetune_level >= 1:
         correct_bias(graph, executor, feeds, progress=progress)
     platform.finalize(graph)
@@ -246,6 +249,159 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
         level = levels[operation.name]
         if level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters):
             operation.platform = TargetPlatform.FP32
+
+
+#: finetune_level -> (layers fine-tuned, optimization steps per layer)
+FINETUNE_SCHEDULE = {2: (4, 300), 3: (12, 800)}
+LSQ_LEARNING_RATE = 1e-5
+RANKING_BATCHES = 8
+#: every n-th calibration batch is held back to validate fine-tuning
+HOLD_BACK_EVERY = 4
+COMPUTING_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> None:
+    """finetune_level 2/3: learned step size fine-tuning of the layers adding the most error.
+
+    LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020) trains the weights
+    and quantization scales of each chosen layer to match its float output, using PPQ's
+    block-wise pass. Calibration sets are small (often < 100 samples), so training can
+    overfit: one sample in four is held back, and the result is kept only if the model
+    outputs' error on those held-back samples goes down; otherwise the layers are
+    restored.
+    """
+    from ppq.quantization.optim import LearnedStepSizePass, PassiveParameterQuantizePass
+
+    layers, steps = FINETUNE_SCHEDULE[plan.finetune_level]
+    batches = list(feeds())
+    held_back = batches[::HOLD_BACK_EVERY]
+    training = [batch for index, batch in enumerate(batches) if index % HOLD_BACK_EVERY]
+    if not held_back or not training:
+        log.warning("finetune_level %d needs at least %d calibration samples; skipped", plan.finetune_level,
+                    HOLD_BACK_EVERY)
+        return
+    ranking = rank_layers_by_error(graph, executor, lambda: iter(training), RANKING_BATCHES)
+    worst = [name for name, _ in ranking[:layers]]
+    before = output_error(graph, executor, held_back)
+    saved = _snapshot(graph, worst)
+    apply(LearnedStepSizePass(interested_layers=worst, steps=steps, lr=LSQ_LEARNING_RATE, block_size=1,
+                              is_scale_trainable=True, collecting_device=plan.device), training)
+    apply(PassiveParameterQuantizePass())
+    after = output_error(graph, executor, held_back)
+    if after < before:
+        log.info("fine-tuned %d layers (%s): held-back output error %.5f -> %.5f", len(worst), ", ".join(worst),
+                 before, after)
+    else:
+        _restore(graph, saved)
+        apply(PassiveParameterQuantizePass())
+        log.info("fine-tuning did not lower the held-back output error (%.5f -> %.5f): kept the layers as "
+                 "they were", before, after)
+
+
+def _snapshot(graph, op_names) -> list:
+    """Weights and quantization parameters of the given ops, to undo fine-tuning."""
+    saved = []
+    for name in op_names:
+        operation = graph.operations[name]
+        for config, var in operation.config_with_variable:
+            value = var.value.clone() if var.is_parameter and var.value is not None else None
+            root = config.dominated_by
+            scale = root._scale.clone() if root._scale is not None else None
+            offset = root._offset.clone() if root._offset is not None else None
+            saved.append((var, value, root, scale, offset, root.state))
+    return saved
+
+
+def _restore(graph, saved) -> None:
+    for var, value, root, scale, offset, state in saved:
+        if value is not None:
+            var.value = value
+        root._scale, root._offset, root.state = scale, offset, state
+
+
+def output_error(graph, executor, batches) -> float:
+    """Noise-to-signal power of the model outputs, quantized vs float, on ``batches``."""
+    import torch
+    from ppq import QuantableOperation
+
+    quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
+    noise = signal = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            for op in quantable:
+                op.dequantize()
+            try:
+                reference = executor.forward(inputs=batch)
+            finally:
+                for op in quantable:
+                    op.restore_quantize_state()
+            quantized = executor.forward(inputs=batch)
+            for ref, out in zip(reference, quantized):
+                ref, out = ref.float(), out.float()
+                noise += float(((out - ref) ** 2).sum())
+                signal += float((ref ** 2).sum())
+    return noise / signal if signal > 0 else 0.0
+
+
+def rank_layers_by_error(graph, executor, feeds, max_batches: int) -> list[tuple[str, float]]:
+    """Computing layers sorted by how much quantization error they add, worst first.
+
+    For each layer, the noise-to-signal ratio of its output (quantized graph vs float
+    graph, cumulative) minus that of its input: the error the layer itself adds. Runs
+    the float and the quantized graph on up to ``max_batches`` batches.
+    """
+    import torch
+    from ppq import QuantableOperation
+    from ppq.executor import QuantOPRuntimeHook
+
+    layers = [op for op in graph.operations.values()
+              if isinstance(op, QuantableOperation) and op.type in COMPUTING_OPS]
+    quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
+    reference: dict[tuple[str, str], torch.Tensor] = {}
+    power = {(op.name, side): [0.0, 0.0] for op in layers for side in ("in", "out")}  # noise, signal
+    mode = {"float": True}
+
+    def record(key, value) -> None:
+        value = value.detach().float()
+        if mode["float"]:
+            reference[key] = value
+        else:
+            noise, signal = power[key]
+            power[key] = [noise + float(((value - reference[key]) ** 2).sum()),
+                          signal + float((reference[key] ** 2).sum())]
+
+    class ErrorHook(QuantOPRuntimeHook):
+        def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
+            record((self._hook_to.name, "in"), quant_inputs[0])
+            return quant_inputs
+
+        def post_forward_hook(self, outputs, quant_outputs, quant_configs):
+            record((self._hook_to.name, "out"), outputs[0])
+            return quant_outputs
+
+    hooks = {op.name: ErrorHook(op) for op in layers}
+    with torch.no_grad():
+        for index, feed in enumerate(feeds()):
+            if index >= max_batches:
+                break
+            mode["float"] = True
+            for op in quantable:
+                op.dequantize()
+            try:
+                executor.forward(inputs=feed, hooks=hooks)
+            finally:
+                for op in quantable:
+                    op.restore_quantize_state()
+            mode["float"] = False
+            executor.forward(inputs=feed, hooks=hooks)
+            reference.clear()
+
+    def snr(key) -> float:
+        noise, signal = power[key]
+        return noise / signal if signal > 0 else 0.0
+
+    growth = [(op.name, snr((op.name, "out")) - snr((op.name, "in"))) for op in layers]
+    return sorted(growth, key=lambda item: item[1], reverse=True)
 
 
 def correct_bias(graph, executor, feeds, progress=None) -> None:

@@ -35,6 +35,8 @@ class QuantizationResult:
     seconds: float
     samples: int
     device: str
+    report_path: Path | None = None
+    summary: tuple[str, ...] = ()
 
 
 def quantize_onnx_model(config_or_path: str | os.PathLike | Mapping[str, Any] | XQuantConfig,
@@ -137,7 +139,41 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
     write_model_atomically(quantized, out_path)
-    return QuantizationResult(quantized, out_path, time.perf_counter() - started, dataset.count, device)
+    seconds = time.perf_counter() - started
+    report_path, summary = None, ()
+    if cfg.quantization.analysis_enable:
+        report_path, summary = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device)
+    return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary)
+
+
+def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, seconds: float,
+            device: str) -> tuple[Path | None, tuple[str, ...]]:
+    """Write ``<prefix>_report.md`` (+ chart); a failure costs a warning, never the model."""
+    from .analysis import DEFAULT_MAX_BATCHES, write_report
+
+    report_path = out_path.with_name(f"{out_path.stem}_report.md")
+    settings = {
+        "platform": cfg.quantization.platform,
+        "calibration_type": cfg.calibration.calibration_type,
+        "calibration_step": cfg.calibration.calibration_step,
+        "calibration samples used": dataset.count,
+        "calibration_device": device,
+        "precision_level": cfg.quantization.precision_level,
+        "finetune_level": cfg.quantization.finetune_level,
+        "max_percentile": cfg.quantization.max_percentile,
+        "custom_setting": len(cfg.quantization.custom_setting),
+        "truncate_var_names": list(cfg.quantization.truncate_var_names),
+        "skip_onnxsim": cfg.model.skip_onnxsim,
+    }
+    try:
+        batches = [dataset.batch(index) for index in range(min(len(dataset), DEFAULT_MAX_BATCHES))]
+        lines = write_report(float_model, quantized, batches, report_path, settings, seconds)
+    except Exception as exc:  # the analysis is advice: never lose the quantized model over it
+        log.warning("the analysis report could not be written (%s: %s); the quantized model is fine",
+                    type(exc).__name__, exc)
+        log.debug("analysis failure", exc_info=True)
+        return None, ()
+    return report_path, tuple(lines)
 
 
 def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
