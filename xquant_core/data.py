@@ -27,8 +27,10 @@ from .errors import DataError
 
 log = logging.getLogger("xquant.data")
 
-#: cache budget for preprocessed calibration samples (bytes)
-CACHE_BUDGET_BYTES = 256 * 1024 * 1024
+#: cache budget for preprocessed calibration samples (bytes). Small on purpose: it only saves
+#: re-reading on the second and later passes, and it is the one part of the data's memory
+#: that grows with the sample count (about 106 samples of 3x224x224 float32)
+CACHE_BUDGET_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
