@@ -58,10 +58,6 @@ def peak_rss_mib(folder: Path, samples: int) -> float:
     return usage.ru_maxrss / 1024.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xquant_core/engine.py _quantize.apply() hands every PPQ pass dataloader=list(feeds()), which holds "
-    "all calibration batches in memory at once (measured here: 314 MiB for 100 samples, 833 MiB for 1000; "
-    "with a lazy re-iterable there: 314 / 322 MiB). Remove this mark when that is fixed."))
 def test_peak_rss_does_not_grow_with_calibration_samples(tmp_path):
     write_model(tmp_path / "m.onnx")
     rng = np.random.default_rng(1)

@@ -126,8 +126,8 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
     first = next(iter(feeds()))
     executor.tracing_operation_meta(inputs=first)
 
-    def apply(ppq_pass, data: list | None = None) -> None:
-        data = list(feeds()) if data is None else data
+    def apply(ppq_pass, data=None) -> None:
+        data = _Batches(feeds, num_batches) if data is None else data
         with _ppq_output_to_log():
             ppq_pass.optimize(graph=graph, dataloader=data, executor=executor,
                               calib_steps=len(data), collate_fn=None)
@@ -164,6 +164,23 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
         correct_bias(graph, executor, feeds, progress=progress)
     platform.finalize(graph)
     return platform.export(graph)
+
+
+class _Batches:
+    """A re-iterable, sized view of the calibration batches for PPQ passes.
+
+    Reads lazily on every pass (the dataset keeps a bounded cache), so memory does not
+    grow with the number of calibration samples.
+    """
+
+    def __init__(self, feeds, count: int):
+        self.feeds, self.count = feeds, count
+
+    def __iter__(self):
+        return iter(self.feeds())
+
+    def __len__(self) -> int:
+        return self.count
 
 
 @contextlib.contextmanager

@@ -98,9 +98,7 @@ def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], input
             raise ModelError(f"model input '{value.name}' has an unsupported element type {elem_type}") from None
         if cfg.dtype is not None and cfg.dtype != dtype:
             raise ModelError(f"{where}.dtype is {cfg.dtype} but model input '{value.name}' is {dtype}; "
-                             "the model's type is used: remove dtype or make it match")
-        if cfg.dtype is not None and cfg.dtype != "float32":
-            raise ModelError(f"{where}.dtype {cfg.dtype}: only float32 model inputs can be calibrated today")
+                             "the model's type is used: remove dtype")
         model_shape = _model_shape(value)
         if cfg.input_shape is not None:
             shape = tuple(cfg.input_shape)
