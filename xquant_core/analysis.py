@@ -749,7 +749,7 @@ def _explain(suggestion: Suggestion, stats: dict[Probe, TensorStats]) -> str:
 
 def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list[Suggestion],
                     settings: dict, quantize_seconds: float, analysis_seconds: float, chart_name: str,
-                    title: str) -> str:
+                    title: str, sections: Sequence[str] = ()) -> str:
     stats = measurement.stats
     flagged = sum(1 for row in rows if row.stats.flagged)
     tensors = len(stats)
@@ -780,6 +780,8 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
     lines += _table(["setting", "value"],
                     ([_cell(str(key)), _cell(json.dumps(value) if not isinstance(value, str) else value)]
                      for key, value in settings.items()))
+    if sections:
+        lines += [""] + list(sections)
     lines += ["", "## Next step", ""]
     if suggestions:
         if flagged:
@@ -919,7 +921,8 @@ def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, 
 
 
 def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
-                 report_path: Path, settings: dict, quantize_seconds: float) -> list[str]:
+                 report_path: Path, settings: dict, quantize_seconds: float,
+                 sections: Sequence[str] = ()) -> list[str]:
     """Measure the exported QDQ model against the float model; write the report and its chart.
 
     ``float_model`` is the model that was quantized (after onnxsim), ``quant_model`` the
@@ -927,7 +930,8 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     :data:`DEFAULT_MAX_BATCHES` are used). Writes ``report_path`` (Markdown) and
     ``report_path.with_suffix('.png')`` (the chart), each atomically, and returns the
     summary lines for the console. Neither model is modified. Raises on failure: the
-    caller decides (the pipeline warns and keeps the quantized model).
+    caller decides (the pipeline warns and keeps the quantized model). ``sections`` are
+    Markdown lines added after the settings (e.g. the auto-precision result).
     """
     import cv2
 
@@ -946,7 +950,7 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     _write_atomically(chart_path, png.tobytes())
     analysis_seconds = time.perf_counter() - started
     text = render_markdown(measurement, rows, suggestions, settings, quantize_seconds, analysis_seconds,
-                           chart_path.name, title)
+                           chart_path.name, title, sections)
     _write_atomically(report_path, text.encode("utf-8"))
     lines = summary_lines(measurement, rows, report_path, quantize_seconds, analysis_seconds)
     log.debug("analysis: %d ops, %d tensors, %d batches in %.2f s", len(measurement.ops),

@@ -90,12 +90,22 @@ class QuantizationConfig:
 
 
 @dataclass(frozen=True)
+class AutoPrecisionConfig:
+    """``auto_precision``: keep the fewest ops in float that meet ``target_value``."""
+
+    metric: str
+    target_value: float
+    max_float_ops: int
+
+
+@dataclass(frozen=True)
 class XQuantConfig:
     model: ModelConfig
     calibration: CalibrationConfig
     quantization: QuantizationConfig
     source: str
     base_dir: Path
+    auto_precision: AutoPrecisionConfig | None = None
 
 
 # --------------------------------------------------------------------------- loading
@@ -110,10 +120,12 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], *, check_plugins:
     else:
         path = Path(config)
         source = str(config)
+        if path.is_dir():
+            raise ConfigError([f"{path} is a folder: give the path of the JSON config file"], source=source)
         if not path.is_file():
             raise ConfigError([f"config file not found: {path}"], source=source)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # editors on Windows may write a BOM
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError([f"cannot read the config file: {exc}"], source=source) from None
         if not text.strip():
@@ -265,6 +277,9 @@ def _plugin_problems(raw: dict) -> list[tuple[str, str]]:
     quant = raw.get("quantization_parameters") if isinstance(raw.get("quantization_parameters"), dict) else {}
     checks.append(("calibration", "$.calibration_parameters.calibration_type", calib.get("calibration_type")))
     checks.append(("platform", "$.quantization_parameters.platform", quant.get("platform")))
+    auto = raw.get("auto_precision") if isinstance(raw.get("auto_precision"), dict) else {}
+    target = auto.get("target") if isinstance(auto.get("target"), dict) else {}
+    checks.append(("metric", "$.auto_precision.target.metric", target.get("metric")))
     settings = quant.get("custom_setting")
     for index, item in enumerate(settings if isinstance(settings, list) else []):
         if isinstance(item, dict):
@@ -365,4 +380,13 @@ def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
         ),
         source=source,
         base_dir=base_dir,
+        auto_precision=_auto_precision(raw.get("auto_precision")),
     )
+
+
+def _auto_precision(raw: dict | None) -> AutoPrecisionConfig | None:
+    if raw is None:
+        return None
+    props = load_schema()["properties"]["auto_precision"]["properties"]
+    return AutoPrecisionConfig(metric=raw["target"]["metric"], target_value=float(raw["target"]["value"]),
+                               max_float_ops=raw.get("max_float_ops", props["max_float_ops"]["default"]))

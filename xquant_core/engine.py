@@ -79,8 +79,11 @@ def cuda_available() -> bool:
 
 def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches: int,
                    platform: Any, plan: EnginePlan,
-                   progress: Callable[[str, int], Any] | None = None):
-    """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``."""
+                   progress: Callable[[str, int], Any] | None = None, search: "FloatOpSearch | None" = None):
+    """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``.
+
+    With ``search``, return its :class:`SearchResult` instead of exporting.
+    """
     import_ppq()
     import torch
     from ppq import TargetPlatform, TorchExecutor
@@ -89,7 +92,7 @@ def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads())
     try:
-        return _quantize(model, batches, num_batches, platform, plan, progress)
+        return _quantize(model, batches, num_batches, platform, plan, progress, search)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -109,7 +112,7 @@ def torch_threads() -> int:
     return max(1, cores // 2)
 
 
-def _quantize(model, batches, num_batches, platform, plan, progress):
+def _quantize(model, batches, num_batches, platform, plan, progress, search=None):
     import torch
     from ppq import TargetPlatform, TorchExecutor
 
@@ -162,8 +165,50 @@ def _quantize(model, batches, num_batches, platform, plan, progress):
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
     if plan.finetune_level >= 1:
         correct_bias(graph, executor, feeds, progress=progress)
+    kept_float = {name for override, ops in regions if override.precision_level == 3 for name in ops}
+    keep_float(graph, kept_float)
+    if search is not None:
+        return search.run(graph, executor, plan.device)
     platform.finalize(graph)
     return platform.export(graph)
+
+
+def keep_float(graph, names) -> Callable[[], None]:
+    """Run the named ops in float in an already quantized graph; return an undo function.
+
+    Their weights go back to float and their outputs are not quantized; their inputs stay
+    as the int8 graph quantized them. Ops outside that read a kept-float op's output keep
+    quantizing it with the parameters calibrated for it, so they still run in int8
+    (``precision_level: 3`` in ``custom_setting``, and the auto-precision search).
+    """
+    from ppq import QuantableOperation, QuantizationStates
+
+    names = set(names)
+    ops = [graph.operations[name] for name in names if isinstance(graph.operations[name], QuantableOperation)]
+    own = {id(config) for op in ops
+           for config in op.config.input_quantization_config + op.config.output_quantization_config}
+    detached = []
+    for other in graph.operations.values():
+        if not isinstance(other, QuantableOperation) or other.name in names:
+            continue
+        for config, var in other.config_with_variable:
+            root = config.dominated_by
+            if root is config or id(root) not in own or var.is_parameter or root._scale is None:
+                continue
+            detached.append((config, config._dominator, config._scale, config._offset, config.state))
+            config._dominator = config
+            config._scale, config._offset = root._scale.clone(), root._offset.clone()
+            config.state = QuantizationStates.ACTIVATED
+    for op in ops:
+        op.dequantize()
+
+    def undo() -> None:
+        for op in ops:
+            op.restore_quantize_state()
+        for config, dominator, scale, offset, state in detached:
+            config._dominator, config._scale, config._offset, config.state = dominator, scale, offset, state
+
+    return undo
 
 
 class _Batches:
@@ -264,7 +309,7 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
     for operation in graph.operations.values():
         operation.platform = table[operation.name]
         level = levels[operation.name]
-        if level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters):
+        if level < 3 and operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters:
             operation.platform = TargetPlatform.FP32
 
 
@@ -275,6 +320,8 @@ RANKING_BATCHES = 8
 #: every n-th calibration batch is held back to validate fine-tuning
 HOLD_BACK_EVERY = 4
 COMPUTING_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+#: the auto-precision search tries at most this many candidates per allowed float op
+SEARCH_CANDIDATES_PER_OP = 3
 
 
 def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> None:
@@ -360,40 +407,43 @@ def output_error(graph, executor, batches) -> float:
     return noise / signal if signal > 0 else 0.0
 
 
-def rank_layers_by_error(graph, executor, feeds, max_batches: int) -> list[tuple[str, float]]:
-    """Computing layers sorted by how much quantization error they add, worst first.
+def rank_layers_by_error(graph, executor, feeds, max_batches: int,
+                         op_types: set | None = COMPUTING_OPS) -> list[tuple[str, float]]:
+    """Quantized ops (of ``op_types``; all when None) sorted by the error they add, worst first.
 
-    For each layer, the noise-to-signal ratio of its output (quantized graph vs float
-    graph, cumulative) minus that of its input: the error the layer itself adds. Runs
-    the float and the quantized graph on up to ``max_batches`` batches.
+    For each op, the noise-to-signal ratio of its output (quantized graph vs float graph,
+    cumulative) minus the largest of its inputs': the error the op itself adds. Runs the
+    float and the quantized graph on up to ``max_batches`` batches.
     """
     import torch
     from ppq import QuantableOperation
     from ppq.executor import QuantOPRuntimeHook
 
-    layers = [op for op in graph.operations.values()
-              if isinstance(op, QuantableOperation) and op.type in COMPUTING_OPS]
     quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
-    reference: dict[tuple[str, str], torch.Tensor] = {}
-    power = {(op.name, side): [0.0, 0.0] for op in layers for side in ("in", "out")}  # noise, signal
+    layers = [op for op in quantable if op_types is None or op.type in op_types]
+    reference: dict[tuple, torch.Tensor] = {}
+    power: dict[tuple, list[float]] = {}  # key -> [noise, signal]
     mode = {"float": True}
 
     def record(key, value) -> None:
         value = value.detach().float()
         if mode["float"]:
             reference[key] = value
-        else:
-            noise, signal = power[key]
+        elif key in reference and reference[key].shape == value.shape:
+            noise, signal = power.get(key, [0.0, 0.0])
             power[key] = [noise + float(((value - reference[key]) ** 2).sum()),
                           signal + float((reference[key] ** 2).sum())]
 
     class ErrorHook(QuantOPRuntimeHook):
         def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-            record((self._hook_to.name, "in"), quant_inputs[0])
+            for index, (var, value) in enumerate(zip(self._hook_to.inputs, quant_inputs)):
+                if not var.is_parameter and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    record((self._hook_to.name, "in", index), value)
             return quant_inputs
 
         def post_forward_hook(self, outputs, quant_outputs, quant_configs):
-            record((self._hook_to.name, "out"), outputs[0])
+            if isinstance(outputs[0], torch.Tensor) and outputs[0].is_floating_point():
+                record((self._hook_to.name, "out", 0), outputs[0])
             return quant_outputs
 
     hooks = {op.name: ErrorHook(op) for op in layers}
@@ -414,11 +464,126 @@ def rank_layers_by_error(graph, executor, feeds, max_batches: int) -> list[tuple
             reference.clear()
 
     def snr(key) -> float:
-        noise, signal = power[key]
+        noise, signal = power.get(key, (0.0, 0.0))
         return noise / signal if signal > 0 else 0.0
 
-    growth = [(op.name, snr((op.name, "out")) - snr((op.name, "in"))) for op in layers]
+    growth = []
+    for op in layers:
+        inputs = [snr(key) for key in power if key[0] == op.name and key[1] == "in"]
+        growth.append((op.name, snr((op.name, "out", 0)) - max(inputs, default=0.0)))
     return sorted(growth, key=lambda item: item[1], reverse=True)
+
+
+@dataclass(frozen=True)
+class FloatOp:
+    """An op the auto-precision search keeps in float."""
+
+    name: str
+    type: str
+    sensitivity: float
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    chosen: tuple[FloatOp, ...]
+    before: float
+    estimate: float
+    met: bool
+    candidates_tried: int
+
+
+class FloatOpSearch:
+    """Automatic mixed precision: the fewest ops in float that meet a metric target.
+
+    Ops are ranked by the error they add (:func:`rank_layers_by_error` over all
+    quantized ops: one float and one quantized pass). Greedily, in that order, an op is
+    switched to float and the metric is measured on the held-back feeds (one quantized
+    pass over them per candidate, far cheaper than a quantization per candidate); it
+    stays float only if the metric improves, until the target is met or
+    ``max_float_ops`` ops are float.
+    """
+
+    def __init__(self, metric, target: float, max_float_ops: int, held_back: list[dict[str, np.ndarray]]):
+        self.metric, self.target, self.max_float_ops = metric, target, max_float_ops
+        self.held_back = held_back
+
+    def run(self, graph, executor, device: str) -> SearchResult:
+        import torch
+        from ppq import QuantableOperation
+
+        quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
+        output_names = list(graph.outputs)
+
+        def to_torch(feed):
+            return {name: torch.from_numpy(np.ascontiguousarray(array)).to(device) for name, array in feed.items()}
+
+        def run_current(feed) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                values = executor.forward(inputs=to_torch(feed), output_names=output_names)
+            return {name: value.detach().cpu().float().numpy() for name, value in zip(output_names, values)}
+
+        float_cache: dict[int, dict[str, np.ndarray]] = {}
+
+        def run_float(feed) -> dict[str, np.ndarray]:
+            if id(feed) in float_cache:
+                return float_cache[id(feed)]
+            switched = [op for op in quantable if not op._dequantized]
+            for op in switched:
+                op.dequantize()
+            try:
+                result = run_current(feed)
+            finally:
+                for op in switched:
+                    op.restore_quantize_state()
+            return result
+
+        for feed in self.held_back:
+            float_cache[id(feed)] = run_float(feed)
+
+        def measure() -> float:
+            return float(self.metric.measure(run_current, run_float, self.held_back))
+
+        before = best = measure()
+        feeds = lambda: iter(to_torch(feed) for feed in self.held_back)  # noqa: E731
+        ranking = rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
+        chosen: list[FloatOp] = []
+        kept: set[str] = set()
+        tried = 0
+        growth = dict(ranking)
+        for name, _ in ranking[: SEARCH_CANDIDATES_PER_OP * self.max_float_ops]:
+            if len(kept) >= self.max_float_ops or self.metric.meets(best, self.target):
+                break
+            if name in kept:
+                continue
+            # the op alone, and with its quantized neighbours: a float chain needs no int8 in between
+            operation = graph.operations[name]
+            neighbours = {op.name for op in graph.get_upstream_operations(operation)
+                          + graph.get_downstream_operations(operation) if op.name in growth}
+            best_set, best_value = None, best
+            for candidate in ({name}, {name} | neighbours):
+                candidate = candidate - kept
+                if not candidate or len(kept | candidate) > self.max_float_ops:
+                    continue
+                undo = keep_float(graph, kept | candidate)
+                value = measure()
+                undo()
+                tried += 1
+                if self.metric.better(value, best_value):
+                    best_set, best_value = candidate, value
+            if best_set is None:
+                continue
+            kept |= best_set
+            best = best_value
+            for member in sorted(best_set, key=lambda op_name: -growth[op_name]):
+                op = graph.operations[member]
+                chosen.append(FloatOp(member, op.type, growth[member],
+                                      tuple(var.name for var in op.inputs if not var.is_parameter),
+                                      tuple(var.name for var in op.outputs)))
+            log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
+        keep_float(graph, kept)
+        return SearchResult(tuple(chosen), before, best, self.metric.meets(best, self.target), tried)
 
 
 def correct_bias(graph, executor, feeds, progress=None) -> None:

@@ -26,6 +26,7 @@ The component interfaces are documented in:
 - readers: :class:`xquant_core.data.Reader`
 - preprocessors: :class:`xquant_core.data.Preprocessor`
 - platforms: :class:`xquant_core.platform.Platform`
+- auto_precision metrics: :class:`xquant_core.metrics.Metric`
 """
 
 from __future__ import annotations
@@ -84,4 +85,15 @@ def xquant_register_platforms(register: Register) -> None:
     Called once, when a config is validated or a model is quantized. ``component`` must
     implement :class:`xquant_core.platform.Platform`. The registered name is what
     users write in ``quantization_parameters.platform`` (default ``spacemit``).
+    """
+
+
+@hookspec
+def xquant_register_metrics(register: Register) -> None:
+    """Register metrics for automatic mixed precision.
+
+    Called once, when a config is validated or a model is quantized. ``component`` must
+    implement :class:`xquant_core.metrics.Metric`. The registered name is what users write
+    in ``auto_precision.target.metric`` (built-ins: ``snr``, ``cosine``); a metric may
+    evaluate task accuracy on the plugin's own labelled data.
     """

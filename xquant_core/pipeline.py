@@ -6,6 +6,8 @@ engine (PPQ) with the platform plugin -> atomic write of ``<working_dir>/<prefix
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -20,7 +22,7 @@ from . import model as model_io
 from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
-from .errors import ModelError, QuantizationError, XQuantError
+from .errors import DataError, ModelError, QuantizationError, XQuantError
 from .plugins import registry
 
 log = logging.getLogger("xquant")
@@ -129,25 +131,133 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     )
     cut = cfg.quantization.truncate_var_names
     upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
+    search = None
     try:
+        if cfg.auto_precision is not None:
+            plan, search = search_precision(cfg, upper, dataset, platform, plan, progress)
         quantized = quantize_graph(upper, dataset, len(dataset), platform, plan, progress)
     except XQuantError:
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
         raise QuantizationError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
 
+    sections: tuple[str, ...] = ()
+    summary: tuple[str, ...] = ()
+    snippet = None
+    if search is not None:
+        sections, summary, snippet = finish_search(cfg, search, upper, quantized, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
     write_model_atomically(quantized, out_path)
+    if snippet is not None:
+        write_bytes_atomically(*snippet)
     seconds = time.perf_counter() - started
-    report_path, summary = None, ()
+    report_path = None
     if cfg.quantization.analysis_enable:
-        report_path, summary = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device)
+        report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
+        summary += lines
     return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary)
 
 
+@dataclass(frozen=True)
+class _Search:
+    """What the auto-precision search found, and the held-back feeds it measured on."""
+
+    result: Any
+    metric: Any
+    held_back: list
+
+
+class _Subset:
+    """Some batches of a dataset, re-iterable and sized."""
+
+    def __init__(self, dataset: CalibrationDataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __iter__(self):
+        return (self.dataset.batch(index) for index in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: CalibrationDataset, platform, plan,
+                     progress):
+    """auto_precision: find the ops to keep in float, return the plan that keeps them float."""
+    from .engine import HOLD_BACK_EVERY, FloatOpSearch, SubgraphOverride, quantize_graph
+
+    auto = cfg.auto_precision
+    metric = registry("metric").get(auto.metric)
+    indices = list(range(len(dataset)))
+    held_back = [dataset.batch(index) for index in indices if index % HOLD_BACK_EVERY == 0]
+    training = _Subset(dataset, [index for index in indices if index % HOLD_BACK_EVERY])
+    if not len(training):
+        raise DataError(f"auto_precision needs at least 2 calibration samples (one is held back); "
+                        f"{dataset.count} found")
+    log.info("auto_precision: calibrating on %d samples, measuring %s on %d held back", len(training),
+             auto.metric, len(held_back))
+    found = quantize_graph(model, training, len(training), platform, plan, progress,
+                           search=FloatOpSearch(metric, auto.target_value, auto.max_float_ops, held_back))
+    first = len(cfg.quantization.custom_setting)
+    extra = tuple(SubgraphOverride(index=first + offset, input_names=op.input_names, output_names=op.output_names,
+                                   precision_level=3)
+                  for offset, op in enumerate(found.chosen))
+    return dataclasses.replace(plan, overrides=plan.overrides + extra), _Search(found, metric, held_back)
+
+
+def onnx_runner(model: onnx.ModelProto):
+    """Run an ONNX model on one feed with onnxruntime: ``{input: array} -> {output: array}``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+
+    def run(feed):
+        return dict(zip(names, session.run(names, feed)))
+
+    return run
+
+
+def finish_search(cfg: XQuantConfig, search: _Search, float_model, quantized, out_path: Path):
+    """Measure the final model, warn when the target is missed, write the reproducible custom_setting."""
+    auto, found = cfg.auto_precision, search.result
+    final = float(search.metric.measure(onnx_runner(quantized), onnx_runner(float_model), search.held_back))
+    met = found.met  # judged where the held-back samples were really held back: in the search
+    settings = [dataclasses.asdict(item) for item in cfg.quantization.custom_setting]
+    settings = [{key: (list(value) if isinstance(value, tuple) else value) for key, value in item.items()
+                 if value is not None} for item in settings]
+    settings += [{"input_names": list(op.input_names), "output_names": list(op.output_names), "precision_level": 3}
+                 for op in found.chosen]
+    snippet = json.dumps({"custom_setting": settings}, indent=2)
+    snippet_path = out_path.with_name(f"{out_path.stem}_custom_setting.json")
+    achieved = f"{auto.metric} {found.estimate:.6g} on held-back samples (target {auto.target_value:g})"
+    if not met:
+        log.warning("auto_precision: the target was not met within max_float_ops=%d: %s with %d op(s) in float; "
+                    "writing the best model found", auto.max_float_ops, achieved, len(found.chosen))
+    summary = (f"auto_precision: {len(found.chosen)} op(s) in float, {achieved}; all-INT8 {found.before:.6g}; "
+               f"{found.candidates_tried} candidate(s) tried; final model {final:.6g}",
+               f"auto_precision: to reproduce without the search, use the custom_setting in {snippet_path}")
+    lines = ["## Automatic mixed precision", "",
+             f"Target: `{auto.metric}` {'>=' if search.metric.higher_is_better else '<='} {auto.target_value:g} at "
+             f"the model outputs on {len(search.held_back)} held-back calibration batch(es); at most "
+             f"{auto.max_float_ops} op(s) in float. {'Met' if met else '**Not met**'}.", "",
+             f"- all-INT8 (search, calibrated without the held-back samples): {found.before:.6g}",
+             f"- search estimate with the ops below in float: {found.estimate:.6g}",
+             f"- final model, recalibrated on all samples (so the held-back ones are no longer held back), "
+             f"measured with onnxruntime: {final:.6g}",
+             f"- candidates tried: {found.candidates_tried}", ""]
+    lines += ["| op | type | sensitivity (SNR added) | inputs | outputs |", "|---|---|---|---|---|"]
+    lines += [f"| `{op.name}` | {op.type} | {op.sensitivity:.4g} | {', '.join(op.input_names)} | "
+              f"{', '.join(op.output_names)} |" for op in found.chosen]
+    lines += ["", "The same model without the search: put this in `quantization_parameters` (it is also in "
+              f"`{snippet_path.name}`) and remove `auto_precision`:", "", "```json", snippet, "```"]
+    return tuple(lines), summary, (snippet_path, (snippet + "\n").encode("utf-8"))
+
+
 def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, seconds: float,
-            device: str) -> tuple[Path | None, tuple[str, ...]]:
+            device: str, sections: tuple[str, ...] = ()) -> tuple[Path | None, tuple[str, ...]]:
     """Write ``<prefix>_report.md`` (+ chart); a failure costs a warning, never the model."""
     from .analysis import DEFAULT_MAX_BATCHES, write_report
 
@@ -167,7 +277,7 @@ def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, 
     }
     try:
         batches = [dataset.batch(index) for index in range(min(len(dataset), DEFAULT_MAX_BATCHES))]
-        lines = write_report(float_model, quantized, batches, report_path, settings, seconds)
+        lines = write_report(float_model, quantized, batches, report_path, settings, seconds, sections)
     except Exception as exc:  # the analysis is advice: never lose the quantized model over it
         log.warning("the analysis report could not be written (%s: %s); the quantized model is fine",
                     type(exc).__name__, exc)
@@ -178,11 +288,15 @@ def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, 
 
 def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
     """Write ``model`` to ``path`` via a temporary file + rename: never a partial file."""
+    write_bytes_atomically(path, model.SerializeToString())
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + rename: never a partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create the output folder {path.parent}: {exc.strerror}") from None
-    data = model.SerializeToString()
     try:
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:

@@ -31,6 +31,7 @@ KINDS = {
     "reader": ("xquant_register_readers", "file_type"),
     "preprocessor": ("xquant_register_preprocessors", "preprocess_file"),
     "platform": ("xquant_register_platforms", "platform"),
+    "metric": ("xquant_register_metrics", "auto_precision.target.metric"),
 }
 
 #: what else a name of that kind may be, told after the installed names

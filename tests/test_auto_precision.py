@@ -1,0 +1,145 @@
+"""Automatic mixed precision: the search meets reachable targets with few float ops, ends
+with a warning on unreachable ones, and its custom_setting reproduces the model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import xquant
+from xquant_core.metrics import Metric
+
+
+def _model(path: Path) -> Path:
+    """A CNN whose middle conv output has one channel with rare, huge values: int8 cannot
+    hold both that channel's outliers and the other channels' fine detail."""
+    rng = np.random.default_rng(0)
+    scale = np.ones((8, 1, 1), np.float32)
+    scale[3] = 300.0
+    inits = {
+        "w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "b1": np.zeros(8, np.float32),
+        "s": scale,
+        "w2": rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), "b2": np.zeros(8, np.float32),
+        "w3": rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), "b3": np.zeros(8, np.float32),
+        "wf": rng.normal(0, 0.3, (5, 8)).astype(np.float32), "bf": np.zeros(5, np.float32),
+    }
+    inits["w3"][:, 3] *= 1 / 300.0  # the next conv undoes the scale: the outliers matter downstream
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Mul", ["r1", "s"], ["m"], name="spike"),
+        helper.make_node("Conv", ["m", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Conv", ["m", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], name="conv3"),
+        helper.make_node("Add", ["c2", "c3"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "spiky", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+                              [numpy_helper.from_array(value, name) for name, value in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path) -> dict:
+    _model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(7)
+    for index in range(16):
+        np.save(tmp_path / f"x{index}.npy", rng.normal(0, 1, (3, 10, 10)).astype(np.float32))
+    (tmp_path / "list.txt").write_text("\n".join(f"x{index}.npy" for index in range(16)))
+    return {
+        "model_parameters": {"onnx_model": str(tmp_path / "m.onnx"), "working_dir": str(tmp_path / "out"),
+                             "skip_onnxsim": True},
+        "calibration_parameters": {"calibration_step": 16, "calibration_device": "cpu", "calibration_type": "minmax",
+                                   "input_parametres": [{"file_type": "npy",
+                                                         "data_list_path": str(tmp_path / "list.txt")}]},
+        "quantization_parameters": {"analysis_enable": True, "finetune_level": 0},
+    }
+
+
+def _auto(config: dict, value: float, max_float_ops: int = 6, metric: str = "snr") -> dict:
+    config = copy.deepcopy(config)
+    config["auto_precision"] = {"target": {"metric": metric, "value": value}, "max_float_ops": max_float_ops}
+    return config
+
+
+def _all_int8_snr(config: dict, caplog) -> float:
+    """The search's all-INT8 figure, from a run whose target is already met."""
+    with caplog.at_level(logging.INFO, logger="xquant"):
+        xquant.quantize_onnx_model(_auto(config, 1e9))
+    report = (Path(config["model_parameters"]["working_dir"]) / "m.q_report.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("- all-INT8"))
+    return float(line.rsplit(":", 1)[1])
+
+
+def test_a_stricter_target_is_met_with_few_float_ops(config, caplog):
+    baseline = _all_int8_snr(config, caplog)
+    target = baseline / 4
+    xquant.quantize_onnx_model(_auto(config, target))
+    out = Path(config["model_parameters"]["working_dir"])
+    report = (out / "m.q_report.md").read_text()
+    assert "## Automatic mixed precision" in report and "Met." in report
+    snippet = json.loads((out / "m.q_custom_setting.json").read_text())["custom_setting"]
+    assert 1 <= len(snippet) <= 6
+    estimate = float(next(line for line in report.splitlines()
+                          if line.startswith("- search estimate")).rsplit(":", 1)[1])
+    assert estimate <= target < baseline
+
+
+def test_the_emitted_custom_setting_reproduces_the_model(config):
+    searched = xquant.quantize_onnx_model(_auto(config, 1e-6, max_float_ops=3))
+    out = Path(config["model_parameters"]["working_dir"])
+    plain = copy.deepcopy(config)
+    plain["quantization_parameters"].update(json.loads((out / "m.q_custom_setting.json").read_text()))
+    plain["model_parameters"]["output_prefix"] = "reproduced"
+    reproduced = xquant.quantize_onnx_model(plain)
+    assert plain["quantization_parameters"]["custom_setting"]
+    assert searched.SerializeToString() == reproduced.SerializeToString()
+
+
+def test_an_unreachable_target_warns_and_writes_the_best_model(config, tmp_path, run_xquant):
+    (tmp_path / "cfg.json").write_text(json.dumps(_auto(config, 1e-12, max_float_ops=2)))
+    result = run_xquant("-c", str(tmp_path / "cfg.json"))
+    assert result.returncode == 0, result.stderr
+    assert "the target was not met within max_float_ops=2" in result.stderr
+    assert "auto_precision: 2 op(s) in float" in result.stdout or "auto_precision: 1 op(s) in float" in result.stdout
+    assert (tmp_path / "out" / "m.q.onnx").is_file()
+
+
+def test_a_third_party_metric_drives_the_search(config, monkeypatch):
+    from xquant_core import hookimpl
+    from xquant_core.plugins import get_host
+
+    calls = []
+
+    class LargestOutputError(Metric):
+        """A task-style metric: the worst absolute error of any output (lower is better)."""
+
+        def measure(self, quantized, reference, feeds) -> float:
+            calls.append(len(feeds))
+            return max(float(np.abs(quantized(feed)["y"] - reference(feed)["y"]).max()) for feed in feeds)
+
+    class Plugin:
+        @hookimpl
+        def xquant_register_metrics(self, register):
+            register("max_abs_error", LargestOutputError())
+
+    host = get_host()
+    host.register(Plugin(), "test-metric-plugin")
+    try:
+        xquant.quantize_onnx_model(_auto(config, 1e-6, max_float_ops=2, metric="max_abs_error"))
+    finally:
+        host.unregister("test-metric-plugin")
+    assert calls and all(count == 4 for count in calls)  # 16 samples, every 4th held back
