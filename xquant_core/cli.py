@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if not args.verbose:
+        # OpenCV logs its decoder's complaints (with a timestamp) on stderr before our own
+        # message names the unreadable file; show them with -v only
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     try:
         if args.command == "plugins":
             return cmd_plugins()

@@ -27,6 +27,8 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     else:
         path = Path(source)
         where = str(path)
+        if path.is_dir():
+            raise ModelError(f"onnx_model {path} is a folder: give the path of the .onnx file")
         if not path.is_file():
             raise ModelError(f"onnx_model {path} does not exist")
         try:

@@ -1,0 +1,264 @@
+"""Reliability: every bad input gets a clear error, nothing is lost, runs are reproducible.
+
+The golden corpus of bad model/data/environment inputs lives in
+``tests/data/inputs/invalid/<case>/``: ``case.json`` says how to build the case's files in a
+temporary folder (the model kind, the data files, the config, extra CLI arguments and
+environment), ``expected.txt`` is the CLI's exact stderr with the case folder written as
+``<CASE>``, and ``exit_code`` the expected exit status. The config-only cases are the
+other corpus, ``tests/data/configs/invalid/`` (see test_config.py).
+
+``case.json`` fields:
+
+- ``about``: one line, what the user did wrong;
+- ``files``: ``{relative path: {"make": kind, ...}}``, built by :func:`build_file` (a
+  ``{i}`` in the path with ``"count": n`` makes n files);
+- ``config``: written to ``cfg.json`` in the case folder (``config_text`` writes raw text);
+- ``config_path``: what ``-c`` names, relative to the case folder (default ``cfg.json``);
+- ``args``: extra CLI arguments (run from the case folder); ``env``: extra environment,
+  ``<CASE>`` replaced by the case folder;
+- ``xfail``: a reason, when the case shows a known bug whose fix lives in a module this
+  test does not own (the test is ``xfail(strict=True)`` so it flips when fixed).
+
+To add a case: write its ``case.json``, run
+``XQUANT_UPDATE_GOLDEN=1 pytest tests/test_reliability.py -k <case>`` once, read the
+written ``expected.txt`` and make sure a user can act on it, then commit it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+INPUTS = Path(__file__).resolve().parent / "data" / "inputs" / "invalid"
+CONFIG_CASES = Path(__file__).resolve().parent / "data" / "configs" / "invalid"
+INPUT_CASES = sorted(p for p in INPUTS.iterdir() if p.is_dir())
+UPDATE_GOLDEN = os.environ.get("XQUANT_UPDATE_GOLDEN") == "1"
+SAMPLE_SHAPE = (3, 16, 16)
+
+
+# --------------------------------------------------------------------------- models built in code
+def _finish(graph: onnx.GraphProto, opset: int = 13) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_model(input_dims=(1, 3, 16, 16), extra_op: str | None = None) -> onnx.ModelProto:
+    """Conv-Relu-GlobalAveragePool-Flatten-Gemm; ``extra_op`` (a unary op) goes after the Relu."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (10, 8)).astype(np.float32), "wf"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (10,)).astype(np.float32), "bf")]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    last = "r1"
+    if extra_op:
+        nodes.append(helper.make_node(extra_op, ["r1"], ["odd"], name=f"my_{extra_op.lower()}"))
+        last = "odd"
+    nodes += [helper.make_node("GlobalAveragePool", [last], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], axis=1, name="flatten"),
+              helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "small_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_dims))],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    return _finish(graph)
+
+
+def two_input_model() -> onnx.ModelProto:
+    """``Conv(left + right)``."""
+    weight = numpy_helper.from_array(np.random.default_rng(3).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["left", "right"], ["sum"], name="add"),
+         helper.make_node("Conv", ["sum", "w"], ["out"], pads=[1, 1, 1, 1], name="conv")],
+        "two_inputs",
+        [helper.make_tensor_value_info("left", TensorProto.FLOAT, [1, 3, 16, 16]),
+         helper.make_tensor_value_info("right", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])], [weight])
+    return _finish(graph)
+
+
+def qdq_model() -> onnx.ModelProto:
+    """An already quantized model: QuantizeLinear/DequantizeLinear around a Conv with int8 weights."""
+    weight = np.random.default_rng(4).integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
+             numpy_helper.from_array(weight, "w_q"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "w_zero")]
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zero"], ["x_q"], name="quant_in"),
+         helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"], name="dequant_in"),
+         helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], name="dequant_w"),
+         helper.make_node("Conv", ["x_dq", "w"], ["out"], pads=[1, 1, 1, 1], name="conv")],
+        "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    return _finish(graph)
+
+
+def int_input_model() -> onnx.ModelProto:
+    """Token ids (int64 [1, 8]) -> embedding Gather -> MatMul: an input calibration data must match exactly."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (16, 4)).astype(np.float32), "embedding"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 4)).astype(np.float32), "w")]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embedding", "ids"], ["emb"], axis=0, name="embed"),
+         helper.make_node("MatMul", ["emb", "w"], ["out"], name="proj")],
+        "int_input", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 4])], inits)
+    return _finish(graph)
+
+
+MODELS = {
+    "conv": lambda spec: conv_model(),
+    "symbolic": lambda spec: conv_model(input_dims=spec["dims"]),
+    "two_inputs": lambda spec: two_input_model(),
+    "qdq": lambda spec: qdq_model(),
+    "extra_op": lambda spec: conv_model(extra_op=spec["op"]),
+    "int_input": lambda spec: int_input_model(),
+}
+
+
+def model_bytes(spec: dict) -> bytes:
+    return MODELS[spec.get("model", "conv")](spec).SerializeToString()
+
+
+# --------------------------------------------------------------------------- case files
+def png_bytes(height: int, width: int, seed: int) -> bytes:
+    import cv2
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3)).astype(np.uint8)
+    ok, encoded = cv2.imencode(".png", pixels)
+    assert ok
+    return encoded.tobytes()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    stream = io.BytesIO()
+    np.save(stream, array, allow_pickle=False)
+    return stream.getvalue()
+
+
+def build_file(path: Path, spec: dict, index: int) -> None:
+    """Write one case file; ``spec["make"]`` says what kind."""
+    make = spec["make"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seed = spec.get("seed", 0) + index
+    if make == "model":
+        data = model_bytes(spec)
+    elif make == "truncated_model":
+        full = model_bytes(spec)
+        data = full[: int(len(full) * spec.get("keep", 0.5))]
+    elif make == "npy":
+        shape = tuple(spec.get("shape", SAMPLE_SHAPE))
+        dtype = spec.get("dtype", "float32")
+        if dtype.startswith("<U"):
+            data = npy_bytes(np.full(shape, "pixel", dtype=dtype))
+        else:
+            data = npy_bytes(np.random.default_rng(seed).normal(0, 1, shape).astype(dtype))
+    elif make == "raw":
+        data = np.random.default_rng(seed).normal(0, 1, spec["floats"]).astype(np.float32).tobytes()
+    elif make == "png":
+        data = png_bytes(spec.get("height", 20), spec.get("width", 24), seed)
+    elif make == "text":
+        data = spec["text"].encode("utf-8")
+    elif make == "hex":
+        data = bytes.fromhex(spec["hex"])
+    elif make == "folder":
+        path.mkdir(exist_ok=True)
+        return
+    else:
+        raise AssertionError(f"unknown make {make!r} for {path}")
+    path.write_bytes(data)
+
+
+def build_case(case: Path, work: Path) -> dict:
+    """Create the files of ``case`` in ``work``; return the case description."""
+    desc = json.loads((case / "case.json").read_text(encoding="utf-8"))
+    work.mkdir(parents=True)
+    for name, spec in desc.get("files", {}).items():
+        for index in range(spec.get("count", 1)):
+            build_file(work / name.format(i=index), spec, index)
+    if "config_text" in desc:
+        (work / "cfg.json").write_text(desc["config_text"], encoding="utf-8")
+    elif "config" in desc:
+        (work / "cfg.json").write_text(json.dumps(desc["config"], indent=2), encoding="utf-8")
+    return desc
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file (and folder) under ``folder`` with the sha256 of its bytes."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        rel = str(path.relative_to(folder))
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
+    return out
+
+
+def normalize(text: str, work: Path) -> str:
+    for form in sorted({str(work.resolve()), str(work)}, key=len, reverse=True):
+        text = text.replace(form, "<CASE>")
+    return text
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+
+
+# --------------------------------------------------------------------------- the input corpus
+def test_corpora_hold_at_least_40_cases():
+    config_cases = [p for p in CONFIG_CASES.iterdir() if p.is_dir()]
+    assert len(config_cases) + len(INPUT_CASES) >= 40
+    for case in INPUT_CASES:
+        desc = json.loads((case / "case.json").read_text(encoding="utf-8"))
+        assert desc.get("about"), f"{case.name}: say what the user did wrong"
+        assert (case / "expected.txt").is_file() or UPDATE_GOLDEN, case
+        assert (case / "exit_code").read_text().strip().isdigit() or UPDATE_GOLDEN, case
+
+
+def _case_param(case: Path):
+    desc = json.loads((case / "case.json").read_text(encoding="utf-8"))
+    marks = [pytest.mark.xfail(strict=True, reason=desc["xfail"])] if desc.get("xfail") else []
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_case_param(c) for c in INPUT_CASES])
+def test_golden_bad_input(case, tmp_path, run_xquant):
+    work = tmp_path / case.name
+    desc = build_case(case, work)
+    before = snapshot(work)
+    env = {key: value.replace("<CASE>", str(work)) for key, value in desc.get("env", {}).items()}
+    env.setdefault("XQUANT_DISABLE_PLUGIN_AUTOLOAD", "0")
+    args = ["-c", str(work / desc.get("config_path", "cfg.json")), *desc.get("args", [])]
+    result = run_xquant(*args, cwd=work, env=env, timeout=300)
+    stderr = normalize(result.stderr, work)
+
+    if UPDATE_GOLDEN and not desc.get("xfail"):
+        (case / "expected.txt").write_text(stderr, encoding="utf-8")
+        (case / "exit_code").write_text(f"{result.returncode}\n")
+    assert_no_traceback(result)
+    assert result.stdout == ""
+    assert stderr == (case / "expected.txt").read_text(encoding="utf-8")
+    assert result.returncode == int((case / "exit_code").read_text())
+    assert result.returncode in (1, 2)
+    # nothing was written or changed: no output, no report, no temporary file, inputs intact
+    assert snapshot(work) == before
