@@ -153,18 +153,49 @@ def logits(path: Path, inputs: List[np.ndarray]) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x})[0].reshape(1, -1) for x in inputs]).astype(np.float64)
 
 
-def latency_ms(path: Path, x: np.ndarray, runs: int, warmup: int = 10) -> float:
-    """Median single-thread, batch-1 onnxruntime latency."""
-    sess = session(path)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
+def latencies_ms(paths: List[Path], x: np.ndarray, runs: int, warmup: int = 10) -> List[float]:
+    """Median single-thread, batch-1 onnxruntime latency of each model.
+
+    The models take turns, one inference each per round, so that a burst of load from other
+    processes on the machine hits all of them alike instead of whichever was being timed.
+    """
+    sessions = [session(p) for p in paths]
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for sess, feed in zip(sessions, feeds):
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: List[List[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return 1000.0 * statistics.median(times)
+        for k, (sess, feed) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times[k].append(time.perf_counter() - t)
+    return [1000.0 * statistics.median(t) for t in times]
+
+
+def int8_convs(path: Path, workdir: Path) -> str:
+    """How many convolutions onnxruntime's CPU graph optimizer turns into QLinearConv."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(workdir / "ort_optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    convs = sum(op in ("Conv", "FusedConv", "QLinearConv", "NchwcConv") for op in ops)
+    return f"{ops.count('QLinearConv')}/{convs}"
+
+
+def activation_scales(path: Path) -> Dict[str, float]:
+    """Scale of every activation QuantizeLinear (tensor name -> scale)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: float(init[n.input[1]]) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in init and init[n.input[1]].size == 1}
 
 
 def eval_inputs(model: Model):
@@ -324,7 +355,8 @@ def write_report(results: List[Dict], meta: Dict, path: Path) -> str:
         "(x-127)/128, same PT_IMAGENET crop, RGB). Logits SNR is sum((q-f)^2)/sum(f^2) per image, "
         "averaged (lower is better); cosine likewise averaged.",
         f"Latency: onnxruntime CPUExecutionProvider, 1 intra-op thread, batch 1, median of "
-        f"{meta['latency_runs']} runs after 10 warm-up runs, this CPU (x86, not the SpacemiT chip).",
+        f"{meta['latency_runs']} runs after 10 warm-up runs, the FP32 and INT8 models of one network "
+        "taking turns run by run; this CPU (x86), not the SpacemiT chip.",
         "Quantize s: wall time inside the quantizer process from reading the photos to the written "
         "model; process s: the whole subprocess, interpreter start and imports included; peak RSS: "
         "that subprocess's `ru_maxrss` (`os.wait4`). torch runs 1 thread in the xquant and PPQ "
@@ -401,8 +433,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for model in models:
         labels, inputs = eval_inputs(model)
         fp32 = logits(model.onnx, inputs)
-        fp32_ms = latency_ms(model.onnx, inputs[0], args.latency_runs)
+        done = [r for r in results if r["model"] == model.key and "error" not in r]
+        fp32_ms, *int8_ms = latencies_ms([model.onnx] + [Path(r["output"]) for r in done], inputs[0],
+                                         args.latency_runs)
         notes.append(f"- {model.title} FP32: {fp32_ms:.2f} ms per image (onnxruntime, 1 thread).")
+        for rec, ms in zip(done, int8_ms):
+            rec["int8_ms"] = ms
         for rec in (r for r in results if r["model"] == model.key):
             rec["fp32_ms"] = fp32_ms
             if "error" in rec:
@@ -410,7 +446,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             q = logits(Path(rec["output"]), inputs)
             rec.update(quantizers.load_evaluator().compare_logits(fp32, q, labels))
-            rec["int8_ms"] = latency_ms(Path(rec["output"]), inputs[0], args.latency_runs)
+            rec["int8_convs"] = int8_convs(Path(rec["output"]), workdir)
+        notes.append(f"- {model.title}: convolutions onnxruntime runs as QLinearConv after its graph "
+                     "optimizations (the rest run in float between Q/DQ): " + ", ".join(
+                         f"{METHOD_TITLES[r['method']]} {r['int8_convs']}" for r in done) + ".")
+        by_method = {r["method"]: r for r in done}
+        if "ort-minmax" in by_method and "ort-entropy" in by_method:
+            a = activation_scales(Path(by_method["ort-minmax"]["output"]))
+            b = activation_scales(Path(by_method["ort-entropy"]["output"]))
+            if a and a == b:
+                notes.append(f"- {model.title}: onnxruntime's Entropy calibration chose exactly the "
+                             f"same activation scales as its MinMax ({len(a)} tensors), so those two "
+                             "rows differ only in timing and memory.")
     for rec in results:
         if rec["method"].startswith("xquant") and "error" not in rec:
             sample_warn = [w for w in rec["warnings"] if "calibration_step" in w]
