@@ -383,7 +383,7 @@ def _verify_content(source: Source, rel: str, path: Path) -> None:
             raise FetchError(f"{rel}: sha256 {digest} is not the expected {WEIGHTS_SHA256}")
     elif rel.startswith("calib/"):
         check_photo(path)
-    elif rel.startswith("eval/") or rel.startswith("detector/eval/"):
+    elif rel.startswith(("eval/", "detector/eval/")):
         image_header(path)  # raises when it is not a readable JPEG/PNG
     elif rel == "detector/common_det.onnx":
         digest = sha256_of(path)

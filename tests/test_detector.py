@@ -35,8 +35,7 @@ def _load(path: Path, name: str) -> ModuleType:
 def evaluate() -> ModuleType:
     pytest.importorskip("cv2")
     pytest.importorskip("onnxruntime")
-    missing = [str(p.relative_to(REPO)) for p in (MODEL, MATERIAL / "calib" / "list.txt", *EVAL_FOLDERS)
-               if not p.exists()]
+    missing = [str(p) for p in (MODEL, MATERIAL / "calib" / "list.txt", *EVAL_FOLDERS) if not p.exists()]
     if missing:
         pytest.skip(f"detector material missing ({', '.join(missing)}): run `python3 samples/fetch_material.py`")
     return _load(SAMPLE / "evaluate.py", "xquant_sample_detector_evaluate")

@@ -249,11 +249,12 @@ def evaluate(fp32_model, int8_models: Dict[str, object], images: Sequence[PathLi
 
 def format_table(result: Dict[str, object]) -> str:
     names = list(result["models"])
-    lines = [f"score > {result['score_threshold']}, NMS IoU {NMS_IOU}, match IoU >= {MATCH_IOU}, "
-             f"preprocess {result['preprocess']}, "
-             f"{'boxes decoded in the graph' if result['decoded'] else 'raw head, decoded in numpy'}",
-             "| photo | FP32 boxes | " + " | ".join(f"{n}: matched / INT8 boxes, mean IoU, mean |dscore|, "
-                                                   f"SNR box / score" for n in names) + " |",
+    header = (f"score > {result['score_threshold']}, NMS IoU {NMS_IOU}, match IoU >= {MATCH_IOU}, "
+              f"preprocess {result['preprocess']}, "
+              f"{'boxes decoded in the graph' if result['decoded'] else 'raw head, decoded in numpy'}")
+    lines = [header,
+             "| photo | FP32 boxes | " + " | ".join(f"{n}: matched / INT8 boxes, mean IoU, mean abs score diff, "
+                                                   "SNR box / score" for n in names) + " |",
              "|---|---|" + "---|" * len(names)]
 
     def cells(row) -> str:
