@@ -165,8 +165,6 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
     if plan.finetune_level >= 1:
         correct_bias(graph, executor, feeds, progress=progress)
-    kept_float = {name for override, ops in regions if override.precision_level == 3 for name in ops}
-    keep_float(graph, kept_float)
     if search is not None:
         return search.run(graph, executor, plan.device)
     platform.finalize(graph)
@@ -176,10 +174,11 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
 def keep_float(graph, names) -> Callable[[], None]:
     """Run the named ops in float in an already quantized graph; return an undo function.
 
-    Their weights go back to float and their outputs are not quantized; their inputs stay
-    as the int8 graph quantized them. Ops outside that read a kept-float op's output keep
-    quantizing it with the parameters calibrated for it, so they still run in int8
-    (``precision_level: 3`` in ``custom_setting``, and the auto-precision search).
+    The auto-precision search's cheap estimate of ``precision_level: 3`` for those ops:
+    their weights go back to float and their outputs are not quantized; their inputs stay
+    as the int8 graph quantized them; ops outside that read their outputs keep quantizing
+    them with the parameters calibrated so far. (The final model is quantized again with
+    the ops dispatched to float from the start, so calibration sees the float subgraph.)
     """
     from ppq import QuantableOperation, QuantizationStates
 
@@ -309,7 +308,7 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
     for operation in graph.operations.values():
         operation.platform = table[operation.name]
         level = levels[operation.name]
-        if level < 3 and operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters:
+        if level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters):
             operation.platform = TargetPlatform.FP32
 
 

@@ -224,7 +224,7 @@ def finish_search(cfg: XQuantConfig, search: _Search, float_model, quantized, ou
     """Measure the final model, warn when the target is missed, write the reproducible custom_setting."""
     auto, found = cfg.auto_precision, search.result
     final = float(search.metric.measure(onnx_runner(quantized), onnx_runner(float_model), search.held_back))
-    met = found.met  # judged where the held-back samples were really held back: in the search
+    met = search.metric.meets(final, auto.target_value)
     settings = [dataclasses.asdict(item) for item in cfg.quantization.custom_setting]
     settings = [{key: (list(value) if isinstance(value, tuple) else value) for key, value in item.items()
                  if value is not None} for item in settings]
@@ -232,12 +232,12 @@ def finish_search(cfg: XQuantConfig, search: _Search, float_model, quantized, ou
                  for op in found.chosen]
     snippet = json.dumps({"custom_setting": settings}, indent=2)
     snippet_path = out_path.with_name(f"{out_path.stem}_custom_setting.json")
-    achieved = f"{auto.metric} {found.estimate:.6g} on held-back samples (target {auto.target_value:g})"
+    achieved = f"{auto.metric} {final:.6g} (target {auto.target_value:g})"
     if not met:
         log.warning("auto_precision: the target was not met within max_float_ops=%d: %s with %d op(s) in float; "
                     "writing the best model found", auto.max_float_ops, achieved, len(found.chosen))
-    summary = (f"auto_precision: {len(found.chosen)} op(s) in float, {achieved}; all-INT8 {found.before:.6g}; "
-               f"{found.candidates_tried} candidate(s) tried; final model {final:.6g}",
+    summary = (f"auto_precision: {len(found.chosen)} op(s) in float, {achieved}; search: all-INT8 "
+               f"{found.before:.6g}, estimate {found.estimate:.6g}, {found.candidates_tried} candidate(s) tried",
                f"auto_precision: to reproduce without the search, use the custom_setting in {snippet_path}")
     lines = ["## Automatic mixed precision", "",
              f"Target: `{auto.metric}` {'>=' if search.metric.higher_is_better else '<='} {auto.target_value:g} at "
