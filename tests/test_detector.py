@@ -3,7 +3,8 @@
 
 Needs the fetched material (``python3 samples/fetch_material.py``: ddddocr's ``common_det.onnx``,
 the 40 calibration photos, the 11 scene-text and 20 ImageNet evaluation photos); skips without it.
-One quantization (about 30-45 s on 2 cores) shared by the tests of this module.
+One quantization shared by the tests of this module: about 50 s of CPU in all (60-90 s wall on the
+shared 2-core machine at load 4; the analysis report the config asks for is part of it).
 """
 from __future__ import annotations
 
