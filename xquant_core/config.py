@@ -23,6 +23,7 @@ SCHEMA_FILE = "xquant_config.schema.json"
 VENDOR_INPUTS_KEY = "input_parametres"
 INPUTS_KEYS = (VENDOR_INPUTS_KEY, "input_parameters")
 PREPROCESS_NONE = "none"
+TOO_DEEP = "the config nests arrays or objects too deeply to be read: it is not an xquant config"
 
 
 # --------------------------------------------------------------------------- schema
@@ -76,6 +77,7 @@ class CustomSetting:
     precision_level: int | None = None
     max_percentile: float | None = None
     calibration_type: str | None = None
+    float_after_calibration: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], *, check_plugins:
     """
     if isinstance(config, Mapping):
         raw, source, base_dir = copy.deepcopy(dict(config)), "config", Path.cwd()
+    elif not isinstance(config, (str, os.PathLike)):  # a list, None...: validate() says what is wrong
+        raw, source, base_dir = copy.deepcopy(config), "config", Path.cwd()
     else:
         path = Path(config)
         source = str(config)
@@ -136,9 +140,14 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], *, check_plugins:
         except json.JSONDecodeError as exc:
             raise ConfigError([f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
                                f"{_json_hint(text, exc.pos)}"], source=source) from None
+        except RecursionError:
+            raise ConfigError([TOO_DEEP], source=source) from None
         base_dir = path.resolve().parent
 
-    problems = validate(raw, check_plugins=check_plugins)
+    try:
+        problems = validate(raw, check_plugins=check_plugins)
+    except RecursionError:
+        problems = [TOO_DEEP]
     if problems:
         raise ConfigError([f"{source}::{problem}" for problem in problems], source=source)
     return _build(raw, source, base_dir)
@@ -326,6 +335,11 @@ def _resolve_preprocess(base_dir: Path, spec: str | None) -> str:
     return spec
 
 
+def _int(value: Any) -> Any:
+    """JSON Schema's "integer" accepts 12.0: hand the pipeline a real int (it slices and reshapes)."""
+    return int(value) if isinstance(value, float) else value
+
+
 def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
     model = {**_defaults("model_parameters"), **raw.get("model_parameters", {})}
     calib = {**_defaults("calibration_parameters"), **raw.get("calibration_parameters", {})}
@@ -338,7 +352,7 @@ def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
             index=index,
             data_list_path=_resolve(base_dir, item["data_list_path"]),
             input_name=item.get("input_name"),
-            input_shape=tuple(item["input_shape"]) if item.get("input_shape") else None,
+            input_shape=tuple(_int(dim) for dim in item["input_shape"]) if item.get("input_shape") else None,
             dtype=item.get("dtype"),
             file_type=item["file_type"],
             color_format=item["color_format"],
@@ -355,24 +369,25 @@ def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
             skip_onnxsim=model["skip_onnxsim"],
         ),
         calibration=CalibrationConfig(
-            calibration_step=calib["calibration_step"],
+            calibration_step=_int(calib["calibration_step"]),
             calibration_device=calib.get("calibration_device"),
             calibration_type=calib["calibration_type"],
             inputs=tuple(inputs),
         ),
         quantization=QuantizationConfig(
             analysis_enable=quant["analysis_enable"],
-            precision_level=quant["precision_level"],
-            finetune_level=quant["finetune_level"],
+            precision_level=_int(quant["precision_level"]),
+            finetune_level=_int(quant["finetune_level"]),
             max_percentile=float(quant["max_percentile"]),
             platform=quant["platform"],
             custom_setting=tuple(
                 CustomSetting(
                     input_names=tuple(item.get("input_names", ())),
                     output_names=tuple(item.get("output_names", ())),
-                    precision_level=item.get("precision_level"),
+                    precision_level=_int(item.get("precision_level")),
                     max_percentile=item.get("max_percentile"),
                     calibration_type=item.get("calibration_type"),
+                    float_after_calibration=item.get("float_after_calibration", False),
                 )
                 for item in quant["custom_setting"]
             ),
@@ -389,4 +404,4 @@ def _auto_precision(raw: dict | None) -> AutoPrecisionConfig | None:
         return None
     props = load_schema()["properties"]["auto_precision"]["properties"]
     return AutoPrecisionConfig(metric=raw["target"]["metric"], target_value=float(raw["target"]["value"]),
-                               max_float_ops=raw.get("max_float_ops", props["max_float_ops"]["default"]))
+                               max_float_ops=_int(raw.get("max_float_ops", props["max_float_ops"]["default"])))

@@ -57,6 +57,7 @@ class SubgraphOverride:
     precision_level: int | None = None
     algorithm: CalibrationAlgorithm | None = None
     max_percentile: float | None = None
+    float_after_calibration: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
     if plan.finetune_level >= 1:
         correct_bias(graph, executor, feeds, progress=progress)
+    keep_float(graph, {name for override, ops in regions
+                       if override.precision_level == 3 and override.float_after_calibration for name in ops})
     if search is not None:
         return search.run(graph, executor, plan.device)
     platform.finalize(graph)
@@ -174,11 +177,10 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
 def keep_float(graph, names) -> Callable[[], None]:
     """Run the named ops in float in an already quantized graph; return an undo function.
 
-    The auto-precision search's cheap estimate of ``precision_level: 3`` for those ops:
-    their weights go back to float and their outputs are not quantized; their inputs stay
-    as the int8 graph quantized them; ops outside that read their outputs keep quantizing
-    them with the parameters calibrated so far. (The final model is quantized again with
-    the ops dispatched to float from the start, so calibration sees the float subgraph.)
+    ``precision_level: 3`` with ``float_after_calibration`` (what the auto-precision search
+    measures and emits): their weights go back to float and their outputs are not
+    quantized; their inputs stay as the int8 graph quantized them; ops outside that read
+    their outputs keep quantizing them with the parameters calibrated so far.
     """
     from ppq import QuantableOperation, QuantizationStates
 
@@ -302,6 +304,8 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
                                 fp32_platform=TargetPlatform.FP32, SOI_platform=TargetPlatform.SOI)
     levels = {name: plan.precision_level for name in graph.operations}
     for override, ops in regions:
+        if override.precision_level == 3 and override.float_after_calibration:
+            continue  # quantized now, put back to float after calibration (keep_float)
         if override.precision_level is not None:
             for name in ops:
                 levels[name] = override.precision_level

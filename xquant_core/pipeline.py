@@ -126,7 +126,8 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
             SubgraphOverride(
                 index=index, input_names=item.input_names, output_names=item.output_names,
                 precision_level=item.precision_level, max_percentile=item.max_percentile,
-                algorithm=registry("calibration").get(item.calibration_type) if item.calibration_type else None)
+                algorithm=registry("calibration").get(item.calibration_type) if item.calibration_type else None,
+                float_after_calibration=item.float_after_calibration)
             for index, item in enumerate(cfg.quantization.custom_setting)),
     )
     cut = cfg.quantization.truncate_var_names
@@ -200,7 +201,7 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
                            search=FloatOpSearch(metric, auto.target_value, auto.max_float_ops, held_back))
     first = len(cfg.quantization.custom_setting)
     extra = tuple(SubgraphOverride(index=first + offset, input_names=op.input_names, output_names=op.output_names,
-                                   precision_level=3)
+                                   precision_level=3, float_after_calibration=True)
                   for offset, op in enumerate(found.chosen))
     return dataclasses.replace(plan, overrides=plan.overrides + extra), _Search(found, metric, held_back)
 
@@ -227,9 +228,10 @@ def finish_search(cfg: XQuantConfig, search: _Search, float_model, quantized, ou
     met = search.metric.meets(final, auto.target_value)
     settings = [dataclasses.asdict(item) for item in cfg.quantization.custom_setting]
     settings = [{key: (list(value) if isinstance(value, tuple) else value) for key, value in item.items()
-                 if value is not None} for item in settings]
-    settings += [{"input_names": list(op.input_names), "output_names": list(op.output_names), "precision_level": 3}
-                 for op in found.chosen]
+                 if value is not None and not (key == "float_after_calibration" and not value)}
+                for item in settings]
+    settings += [{"input_names": list(op.input_names), "output_names": list(op.output_names), "precision_level": 3,
+                  "float_after_calibration": True} for op in found.chosen]
     snippet = json.dumps({"custom_setting": settings}, indent=2)
     snippet_path = out_path.with_name(f"{out_path.stem}_custom_setting.json")
     achieved = f"{auto.metric} {final:.6g} (target {auto.target_value:g})"
