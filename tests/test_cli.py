@@ -20,6 +20,7 @@ import xquant_core
 
 BUILTIN_PLUGINS = {
     "calibration": ("calibration", ["default", "kl", "minmax", "mse", "percentile"]),
+    "metrics": ("metric", ["snr", "cosine"]),
     "preprocessors": ("preprocessor", ["none", "PT_IMAGENET", "IMAGENET"]),
     "readers": ("reader", ["img", "npy", "raw"]),
     "spacemit": ("platform", ["spacemit"]),

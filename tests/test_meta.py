@@ -214,6 +214,7 @@ def test_builtins_are_declared_as_entry_points():
     declared = {ep.name: ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
     assert declared == {
         "calibration": "xquant_plugins.calibration",
+        "metrics": "xquant_plugins.metrics",
         "preprocessors": "xquant_plugins.preprocessors",
         "readers": "xquant_plugins.readers",
         "spacemit": "xquant_plugins.spacemit",
@@ -225,7 +226,7 @@ def test_builtins_are_declared_as_entry_points():
 def test_host_loaded_the_builtins_from_entry_points():
     host = get_host()
     builtins = {name: info for name, info in host.infos.items() if info.builtin}
-    assert sorted(builtins) == ["calibration", "preprocessors", "readers", "spacemit"]
+    assert sorted(builtins) == ["calibration", "metrics", "preprocessors", "readers", "spacemit"]
     for info in builtins.values():
         assert info.distribution == DISTRIBUTION
         assert info.version == xquant_core.__version__

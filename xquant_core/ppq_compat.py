@@ -14,7 +14,7 @@ users run it breaks at import time in two places, and it is noisy:
    ``onnx.helper.tensor_dtype_to_np_dtype``.
 3. ``import ppq`` prints a banner, raises the recursion limit and reports warnings
    with ``print``. We swallow the banner, restore the recursion limit and route
-   PPQ's ``ppq_warning``/``ppq_info`` to :mod:`logging`.
+   PPQ's ``ppq_warning``/``ppq_info`` to :mod:`logging` (INFO/DEBUG of ``xquant.ppq``).
 
 Call :func:`import_ppq` instead of ``import ppq``.
 """
@@ -99,8 +99,8 @@ def _install_onnx_mapping() -> None:
 def _route_ppq_messages() -> None:
     """Replace PPQ's print-based warning helpers with logging calls."""
 
-    def ppq_warning(info: str) -> None:
-        log.warning("%s", info)
+    def ppq_warning(info: str) -> None:  # PPQ's warnings are about its internals: not for the console
+        log.info("%s", info)
 
     def ppq_info(info: str) -> None:
         log.debug("%s", info)
