@@ -235,6 +235,38 @@ def test_corpora_hold_at_least_40_cases():
         assert (case / "exit_code").read_text().strip().isdigit() or UPDATE_GOLDEN, case
 
 
+#: how each JSON Schema keyword's violation reads in the golden texts
+SCHEMA_KEYWORD_MESSAGES = {
+    "type": "is not of type", "enum": "is not one of", "minimum": "is less than the minimum of",
+    "maximum": "is greater than the maximum of", "exclusiveMinimum": "is less than or equal to the minimum of",
+    "minLength": "should be non-empty", "minItems": "must not be empty", "pattern": "is not a file name",
+    "required": "is a required property", "additionalProperties": "unknown key", "not": "give either",
+}
+
+
+def test_every_schema_violation_kind_has_a_golden_case():
+    from xquant_core.config import load_schema
+
+    used = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            used.update(key for key in node if key in SCHEMA_KEYWORD_MESSAGES or key in (
+                "maxLength", "maxItems", "exclusiveMaximum", "uniqueItems", "const", "oneOf", "anyOf"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(load_schema())
+    assert used <= set(SCHEMA_KEYWORD_MESSAGES), f"add a golden case for {used - set(SCHEMA_KEYWORD_MESSAGES)}"
+    goldens = "".join(path.read_text(encoding="utf-8")
+                      for path in list(CONFIG_CASES.glob("*/expected.txt")) + list(INPUTS.glob("*/expected.txt")))
+    for keyword in sorted(used):
+        assert SCHEMA_KEYWORD_MESSAGES[keyword] in goldens, f"no golden case violates '{keyword}'"
+
+
 def _case_param(case: Path):
     desc = json.loads((case / "case.json").read_text(encoding="utf-8"))
     marks = [pytest.mark.xfail(strict=True, reason=desc["xfail"])] if desc.get("xfail") else []
