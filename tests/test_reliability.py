@@ -475,11 +475,6 @@ def test_repeated_runs_are_byte_identical_and_leave_inputs_untouched(tmp_path, r
     assert inputs_snapshot(project) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xquant_core/pipeline.py run(): the model is written before analyse(), and analyse() only catches "
-    "Exception, so Ctrl-C during the report leaves out/model.q.onnx while the CLI says 'no output was "
-    "written'; run analyse() before write_model_atomically() (it needs out_path only to name the report) "
-    "or let the interrupt carry what was written"))
 def test_interrupt_during_analysis_tells_the_truth_about_the_output(tmp_path, monkeypatch, capsys):
     """Ctrl-C after the model was written (during the report): the message must not say 'no output'."""
     from xquant_core import analysis, cli

@@ -102,6 +102,9 @@ class Preprocessor(Protocol):
 def read_list(spec_config: InputConfig, name: str) -> list[Path]:
     """Sample paths of a list file: one per line, relative to the list's folder."""
     list_path = spec_config.data_list_path
+    if list_path.is_dir():
+        raise DataError(f"Calibration input {name}: data_list_path {list_path} is a folder: give the path of the "
+                        "list file (one sample path per line)")
     if not list_path.is_file():
         raise DataError(f"Calibration input {name}: data_list_path {list_path} does not exist.")
     try:
@@ -166,7 +169,9 @@ def conform(array: np.ndarray, spec: InputSpec, count: int, origin: str) -> np.n
     expected = (count,) + spec.sample_shape
     array = np.asarray(array)
     if array.shape != expected and array.size == math.prod(expected):
-        if array.shape[1:] == spec.sample_shape or array.shape == spec.sample_shape or count == 1:
+        # only a flat array, or a missing/extra batch dimension: never reorder axes silently
+        squeezed = tuple(dim for dim in array.shape if dim != 1)
+        if array.ndim == 1 or squeezed == tuple(dim for dim in expected if dim != 1):
             array = array.reshape(expected)
     if array.shape != expected:
         raise DataError(f"Calibration input {spec.name}: {origin} gives shape {list(array.shape)}, "
@@ -184,10 +189,10 @@ def cast_to_input_dtype(array: np.ndarray, spec: InputSpec, origin: str) -> np.n
     target = np.dtype(spec.dtype)
     if array.dtype == target:
         return array
+    if array.dtype.kind not in "iubf":
+        raise DataError(f"Calibration input {spec.name}: {origin} holds {array.dtype} data, "
+                        f"the model input is {target}")
     if target.kind in "iub" and array.size:
-        if array.dtype.kind not in "iubf":
-            raise DataError(f"Calibration input {spec.name}: {origin} holds {array.dtype} data, "
-                            f"the model input is {target}")
         if target.kind == "b":
             low, high = 0, 1
         else:

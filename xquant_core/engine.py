@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from .errors import ModelError
+from .errors import ModelError, QuantizationError
 from .ppq_compat import import_ppq
 
 log = logging.getLogger("xquant.engine")
@@ -118,6 +119,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     from ppq import TargetPlatform, TorchExecutor
 
     graph = _load_graph(model)
+    _check_executable(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
     _dispatch(graph, quantizer.quant_operation_types, plan, regions)
@@ -240,6 +242,21 @@ def _ppq_output_to_log():
         text = captured.getvalue().strip()
         if text:
             log.debug("%s", text)
+
+
+def _check_executable(graph) -> None:
+    """Calibration runs the graph in PPQ: name the first op it cannot run, and the way around it."""
+    from ppq import TargetPlatform
+    from ppq.executor.base import OPERATION_FORWARD_TABLE
+
+    known = OPERATION_FORWARD_TABLE[TargetPlatform.FP32]
+    for operation in graph.topological_sort():
+        if operation.type not in known:
+            inputs = [var.name for var in operation.inputs if not var.is_parameter]
+            raise QuantizationError(
+                f"op {operation.name} ({operation.type}) cannot be executed by PPQ. Cut the graph above it with "
+                f"quantization_parameters.truncate_var_names (e.g. {json.dumps(inputs)}): the part below the cut "
+                "is re-attached in float")
 
 
 def _load_graph(model):

@@ -149,14 +149,14 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         sections, summary, snippet = finish_search(cfg, search, upper, quantized, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
+    seconds = time.perf_counter() - started
+    report_path = None
+    if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model
+        report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
+        summary += lines
     write_model_atomically(quantized, out_path)
     if snippet is not None:
         write_bytes_atomically(*snippet)
-    seconds = time.perf_counter() - started
-    report_path = None
-    if cfg.quantization.analysis_enable:
-        report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
-        summary += lines
     return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary)
 
 

@@ -40,6 +40,11 @@ class NpyReader:
     is_image = False
 
     def read(self, path: Path, spec: InputSpec) -> np.ndarray:
+        with open(path, "rb") as stream:
+            magic = stream.read(6)
+        if magic != b"\x93NUMPY":
+            raise DataError(f"Calibration input {spec.name}: {path} is not a .npy file (it does not start with "
+                            "the NumPy header; write samples with numpy.save)")
         try:
             array = np.load(str(path), allow_pickle=False)
         except Exception as exc:
