@@ -141,7 +141,9 @@ SOURCES: Tuple[Source, ...] = (
     ),
     Source(
         name="ddddocr", kind="pypi", specs=("ddddocr==1.6.1",),
-        files={"ddddocr/common_det.onnx": "detector/common_det.onnx"},
+        files={"ddddocr/common_det.onnx": "detector/common_det.onnx",
+               # an already-quantized model: a bad-input case of the reliability tests
+               "ddddocr/common_old.onnx": "bad_inputs/common_old.onnx"},
     ),
     Source(
         name="scene-text", kind="apt", specs=("opencv-doc",),

@@ -344,17 +344,24 @@ def ddddocr_wheel() -> Path | None:
     return wheels[0] if wheels else None
 
 
+FETCHED_COMMON_OLD = Path(__file__).resolve().parent.parent / "samples" / "material" / "bad_inputs" / "common_old.onnx"
+
+
 def test_real_already_quantized_model_ddddocr_common_old(tmp_path, run_xquant):
     """``ddddocr/common_old.onnx`` (PyPI ddddocr==1.6.1) is dynamically quantized (ConvInteger ...).
 
-    Needs the wheel in ``$XQUANT_TEST_CACHE`` (``pip download --no-deps ddddocr==1.6.1 -d $XQUANT_TEST_CACHE``);
-    the QDQ case of the corpus (``model_already_quantized``) covers the same path without it.
+    ``samples/fetch_material.py`` extracts it; else the wheel in ``$XQUANT_TEST_CACHE`` is used. The QDQ
+    case of the corpus (``model_already_quantized``) covers the same path without it.
     """
-    wheel = ddddocr_wheel()
-    if wheel is None:
-        pytest.skip("set XQUANT_TEST_CACHE to a folder holding ddddocr-1.6.1-py3-none-any.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        (tmp_path / "common_old.onnx").write_bytes(archive.read("ddddocr/common_old.onnx"))
+    if FETCHED_COMMON_OLD.is_file():
+        (tmp_path / "common_old.onnx").write_bytes(FETCHED_COMMON_OLD.read_bytes())
+    else:
+        wheel = ddddocr_wheel()
+        if wheel is None:
+            pytest.skip("run samples/fetch_material.py (or set XQUANT_TEST_CACHE to a folder holding "
+                        "ddddocr-1.6.1-py3-none-any.whl)")
+        with zipfile.ZipFile(wheel) as archive:
+            (tmp_path / "common_old.onnx").write_bytes(archive.read("ddddocr/common_old.onnx"))
     project = make_project(tmp_path / "p")
     before = snapshot(tmp_path)
     result = run_xquant("-c", str(project / "cfg.json"), "-i", str(tmp_path / "common_old.onnx"), cwd=tmp_path)
