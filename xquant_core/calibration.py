@@ -37,10 +37,6 @@ class TensorStatistics:
     consumers: tuple[str, ...] = ()
     is_graph_output: bool = False
 
-    @property
-    def bin_width(self) -> float:
-        return (self.max - self.min) / len(self.histogram)
-
     def bin_edges(self) -> np.ndarray:
         return np.linspace(self.min, self.max, len(self.histogram) + 1)
 

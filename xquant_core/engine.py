@@ -510,7 +510,6 @@ class SearchResult:
     chosen: tuple[FloatOp, ...]
     before: float
     estimate: float
-    met: bool
     candidates_tried: int
 
 
@@ -603,7 +602,7 @@ class FloatOpSearch:
                                       tuple(var.name for var in op.outputs)))
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
         keep_float(graph, kept)
-        return SearchResult(tuple(chosen), before, best, self.metric.meets(best, self.target), tried)
+        return SearchResult(tuple(chosen), before, best, tried)
 
 
 def correct_bias(graph, executor, feeds, progress=None) -> None:
