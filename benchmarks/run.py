@@ -323,7 +323,7 @@ def target_checks(results: List[Dict]) -> List[str]:
                 f"- {model.title}: xquant default vs {label} -- agreement "
                 f"{100 * xq['top1_agreement']:.1f} % vs {100 * best_agree['top1_agreement']:.1f} % "
                 f"({METHOD_TITLES[best_agree['method']]}): "
-                + (f"**ahead or level**" if a_ok else f"**BEHIND by {gap:.1f} points**")
+                + ("**ahead or level**" if a_ok else f"**BEHIND by {gap:.1f} points**")
                 + f"; SNR {xq['logits_snr']:.4f} vs {best_snr['logits_snr']:.4f} "
                 f"({METHOD_TITLES[best_snr['method']]}): **{'ahead' if s_ok else 'BEHIND'}** "
                 f"({rel:+.0f} % relative)")

@@ -88,7 +88,6 @@ def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches:
     """
     import_ppq()
     import torch
-    from ppq import TargetPlatform, TorchExecutor
 
     torch.manual_seed(0)
     previous_threads = torch.get_num_threads()
