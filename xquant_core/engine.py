@@ -275,7 +275,8 @@ def _load_graph(model):
 
 
 def resolve_overrides(graph, overrides) -> list[tuple[SubgraphOverride, set[str]]]:
-    """The ops of each ``custom_setting`` subgraph: downstream of its inputs, upstream of its outputs."""
+    """The ops of each ``custom_setting`` subgraph: the ops on the way up from its outputs that do not
+    cross its inputs, and are downstream of them."""
     regions = []
     for override in overrides:
         where = f"$.quantization_parameters.custom_setting[{override.index}]"
@@ -288,9 +289,11 @@ def resolve_overrides(graph, overrides) -> list[tuple[SubgraphOverride, set[str]
                                      "model after onnxsim; set skip_onnxsim to keep every original name.)")
         downstream = _reachable({op for name in override.input_names for op in graph.variables[name].dest_ops},
                                 lambda op: [d for out in op.outputs for d in out.dest_ops])
+        boundary = set(override.input_names)  # walking up from the outputs stops at the inputs
         upstream = _reachable({graph.variables[name].source_op for name in override.output_names
-                               if graph.variables[name].source_op is not None},
-                              lambda op: [v.source_op for v in op.inputs if v.source_op is not None])
+                               if graph.variables[name].source_op is not None and name not in boundary},
+                              lambda op: [v.source_op for v in op.inputs
+                                          if v.source_op is not None and v.name not in boundary])
         ops = {op.name for op in downstream & upstream}
         if not ops:
             raise ModelError(f"{where}: no op lies between input_names {list(override.input_names)} and "

@@ -41,6 +41,21 @@ def _exportable(TQC, bounded_var) -> bool:
 
 
 class SpacemitExporter(ONNXRUNTIMExporter):
+    def remove_activation_ops(self, graph):
+        """Remove Relu/Clip only where their int8 output range does the clipping.
+
+        PPQ decides by the calibrated range alone; a Relu/Clip that runs in float (kept
+        float after calibration, or a model output) must stay, whatever its stale range says.
+        """
+        from ppq import QuantableOperation, QuantizationStates
+
+        for operation in graph.operations.values():
+            if isinstance(operation, QuantableOperation) and operation.type in {"Relu", "Clip"}:
+                for config in operation.config.output_quantization_config:
+                    if config.state == QuantizationStates.FP32:
+                        config._scale = None  # PPQ skips configs without a scale
+        return super().remove_activation_ops(graph)
+
     def infer_qtype(self, config):
         if config.num_of_bits > 8:
             return torch.int32, torch.int32
