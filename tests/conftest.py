@@ -28,6 +28,29 @@ def repo_root() -> Path:
     return REPO
 
 
+_SAMPLE_MODULES: dict[str, object] = {}
+
+
+def _load_sample_module(relative: str):
+    """Import a script under samples/ by its path (samples/ is not a package); cached."""
+    import importlib.util
+
+    if relative not in _SAMPLE_MODULES:
+        name = "xquant_sample_" + relative.replace("/", "_").removesuffix(".py")
+        spec = importlib.util.spec_from_file_location(name, SAMPLES / relative)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _SAMPLE_MODULES[relative] = module
+    return _SAMPLE_MODULES[relative]
+
+
+@pytest.fixture(scope="session")
+def sample_module():
+    """``sample_module("mobilenet_v2/evaluate.py")``: a sample script imported by path."""
+    return _load_sample_module
+
+
 @pytest.fixture
 def run_xquant():
     """Run the CLI in a subprocess: ``run_xquant(*args, cwd=None, env=None, module=False)``."""

@@ -7,10 +7,8 @@ No PPQ here: everything runs on the data layer alone (fast).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
-from types import ModuleType
 
 import cv2
 import numpy as np
@@ -367,14 +365,6 @@ def test_sample_custom_preprocess_letterboxes(material, tmp_path):
 
 # --------------------------------------------------------------------------- reference preprocessing
 
-def evaluator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("xquant_sample_evaluate_data",
-                                                  REPO / "samples" / "mobilenet_v2" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def photos(material: Path) -> list[Path]:
     return read_list(make_spec(material / "calib" / "list.txt").config, "input") + \
         sorted((material / "eval").glob("imagenet_*.jpg"))
@@ -382,8 +372,8 @@ def photos(material: Path) -> list[Path]:
 
 @pytest.mark.parametrize("name, reference", [("PT_IMAGENET", "reference_pt_imagenet"),
                                              ("IMAGENET", "reference_imagenet_cv")])
-def test_imagenet_preprocessors_match_the_independent_reference(material, tmp_path, name, reference):
-    reference = getattr(evaluator(), reference)
+def test_imagenet_preprocessors_match_the_independent_reference(material, tmp_path, name, reference, sample_module):
+    reference = getattr(sample_module("mobilenet_v2/evaluate.py"), reference)
     paths = photos(material)
     assert len(paths) == 60
     spec = make_spec(material / "calib" / "list.txt", shape=(1, 3, 224, 224), color_format="rgb",
@@ -400,8 +390,8 @@ def test_imagenet_preprocessors_match_the_independent_reference(material, tmp_pa
 
 @pytest.mark.parametrize("name, reference", [("PT_IMAGENET", "reference_pt_imagenet"),
                                              ("IMAGENET", "reference_imagenet_cv")])
-def test_imagenet_preprocessors_bgr_non_square(material, name, reference):
-    reference = getattr(evaluator(), reference)
+def test_imagenet_preprocessors_bgr_non_square(material, name, reference, sample_module):
+    reference = getattr(sample_module("mobilenet_v2/evaluate.py"), reference)
     spec = make_spec(material / "calib" / "list.txt", shape=(1, 3, 192, 160), color_format="bgr",
                      preprocess_file=name, mean_value=(0.0, 0.0, 0.0), std_value=(1.0, 1.0, 1.0))
     img, pre = reader("img"), preprocessor(name)

@@ -8,9 +8,7 @@ shared 2-core machine at load 4; the analysis report the config asks for is part
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -23,23 +21,14 @@ MODEL = MATERIAL / "detector" / "common_det.onnx"
 EVAL_FOLDERS = (MATERIAL / "detector" / "eval", MATERIAL / "eval")
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def evaluate() -> ModuleType:
+def evaluate(sample_module) -> ModuleType:
     pytest.importorskip("cv2")
     pytest.importorskip("onnxruntime")
     missing = [str(p) for p in (MODEL, MATERIAL / "calib" / "list.txt", *EVAL_FOLDERS) if not p.exists()]
     if missing:
         pytest.skip(f"detector material missing ({', '.join(missing)}): run `python3 samples/fetch_material.py`")
-    return _load(SAMPLE / "evaluate.py", "xquant_sample_detector_evaluate")
+    return sample_module("detector/evaluate.py")
 
 
 @pytest.fixture(scope="module")

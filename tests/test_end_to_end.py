@@ -6,7 +6,6 @@ ImageNet photos that calibration never sees.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,14 +25,6 @@ MIN_COSINE = 0.99
 MAX_SNR = 0.02
 
 
-def _evaluator():
-    spec = importlib.util.spec_from_file_location("xquant_sample_evaluate",
-                                                  REPO / "samples" / "mobilenet_v2" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def quantized_sample(tmp_path_factory):
     if not (REPO / "samples" / "material" / "calib" / "list.txt").is_file():
@@ -46,9 +37,9 @@ def quantized_sample(tmp_path_factory):
     return model, out, returned
 
 
-def test_sample_int8_agrees_with_fp32_on_held_out_photos(quantized_sample):
+def test_sample_int8_agrees_with_fp32_on_held_out_photos(quantized_sample, sample_module):
     model, out, _ = quantized_sample
-    evaluator = _evaluator()
+    evaluator = sample_module("mobilenet_v2/evaluate.py")
     result = evaluator.evaluate(model, out)
     print(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=1))
     assert result["images"] == 20

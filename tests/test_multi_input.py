@@ -11,7 +11,6 @@ Raw-fed CNN, 12 samples, 8 fresh inputs: worst cosine 0.99999; the test allows 0
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,14 +29,6 @@ BERT_MAX_ABS = 0.15
 RAW_MIN_COSINE = 0.999
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("xquant_sample_multi_input_build",
-                                                  SAMPLES / "multi_input" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -50,10 +41,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def bert_project(tmp_path_factory):
+def bert_project(tmp_path_factory, sample_module):
     """The multi-input sample built into a temporary folder with its own config.json."""
     folder = tmp_path_factory.mktemp("bert")
-    builder = load_builder()
+    builder = sample_module("multi_input/build.py")
     onnx.save(builder.build_model(), str(folder / "bert_block.onnx"))
     builder.write_samples(folder / "data", 32)
     config = json.loads((SAMPLES / "multi_input" / "config.json").read_text())

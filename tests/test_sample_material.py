@@ -8,8 +8,6 @@ The material tests skip when ``samples/material`` has not been fetched
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,21 +22,11 @@ MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    """Import a sample script by file path (samples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def evaluate() -> ModuleType:
+def evaluate(sample_module) -> ModuleType:
     pytest.importorskip("cv2")
     pytest.importorskip("numpy")
-    return _load(SAMPLE / "evaluate.py", "xquant_sample_mbv2_evaluate")
+    return sample_module("mobilenet_v2/evaluate.py")
 
 
 def _need_material() -> None:
@@ -162,13 +150,13 @@ def test_eval_labels_parse(evaluate):
     assert dict((p.name, lab) for p, lab in items)["imagenet_00_243.jpg"] == 243
 
 
-def test_weights_load_strictly():
+def test_weights_load_strictly(sample_module):
     _need_material()
     if not WEIGHTS.is_file():
         pytest.skip("weights not fetched")
     pytest.importorskip("torch")
     assert _sha256(WEIGHTS).startswith("b0353104")
-    model_mod = _load(SAMPLE / "model.py", "xquant_sample_mbv2_model")
+    model_mod = sample_module("mobilenet_v2/model.py")
     model = model_mod.load_mobilenet_v2(WEIGHTS)  # load_state_dict(strict=True) inside
     assert sum(p.numel() for p in model.parameters()) == 3_504_872
 
