@@ -138,3 +138,22 @@ def test_matmul_constant_weight_is_per_channel_over_outputs(tmp_path):
     assert axis == 1 and scale.shape == (6,)
     x = np.load(tmp_path / "x0.npy")[None]
     assert np.abs(_run(tmp_path / "m.onnx", x) - _run(tmp_path / "m.q.onnx", x)).max() < 0.1
+
+
+def test_concat_as_model_output_keeps_its_inputs_quantized(tmp_path):
+    """A Concat that is the model output stays float; its inputs keep their own int8 parameters
+    (PPQ's alignment tied them to the float output and bias correction then crashed)."""
+    rng = np.random.default_rng(2)
+    inits = {"wa": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "ba": np.zeros(4, np.float32),
+             "wb": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "bb": np.zeros(4, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["sa"]),
+             helper.make_node("Conv", ["x", "wb", "bb"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["sa", "b"], ["y"], axis=1)]
+    config = _project(tmp_path, _model(nodes, inits, [1, 3, 8, 8], [1, 8, 8, 8]), (1, 3, 8, 8), finetune_level=1)
+    model = xquant.quantize_onnx_model(str(config))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    concat = next(node for node in model.graph.node if node.op_type == "Concat")
+    assert all(producer[name].op_type == "DequantizeLinear" for name in concat.input)
+    x = np.load(tmp_path / "x0.npy")[None]
+    assert np.abs(_run(tmp_path / "m.onnx", x) - _run(tmp_path / "m.q.onnx", x)).max() < 0.1

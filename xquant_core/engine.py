@@ -152,7 +152,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     executor.load_graph(graph)
 
     from ppq.quantization.optim import (ParameterQuantizePass, PassiveParameterQuantizePass,
-                                        QuantAlignmentPass, QuantizeFusionPass, QuantizeSimplifyPass)
+                                        QuantizeFusionPass, QuantizeSimplifyPass)
 
     apply(QuantizeFusionPass(activation_type=quantizer.activation_fusion_types, fuse_activation=True,
                              fuse_passive_op=False))
@@ -160,8 +160,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     platform.share_quantization(graph)
     apply(ParameterQuantizePass())
     ActivationCalibration(plan, regions).run(graph, executor, feeds, num_batches, progress)
-    apply(QuantAlignmentPass(elementwise_alignment="None", concat_alignment="Align to Output",
-                             pooling_alignment="None", resize_alignment="None", force_overlap=True))
+    align_concat_inputs_to_output(graph)
     apply(PassiveParameterQuantizePass())
     if plan.finetune_level >= 2:
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
@@ -241,6 +240,32 @@ def _ppq_output_to_log():
         text = captured.getvalue().strip()
         if text:
             log.debug("%s", text)
+
+
+def align_concat_inputs_to_output(graph) -> None:
+    """Concat inputs share the output's quantization (the runtime concatenates int8 as is).
+
+    PPQ's alignment pass does the same but also ties inputs to an output that is not
+    quantized (a model output stays float), leaving them without parameters: those
+    inputs keep their own quantization here.
+    """
+    from ppq import QuantableOperation, QuantizationStates
+
+    for operation in graph.operations.values():
+        if not isinstance(operation, QuantableOperation) or operation.type != "Concat":
+            continue
+        master = operation.config.output_quantization_config[0]
+        if master.dominated_by.scale is None:
+            continue
+        for config in operation.config.input_quantization_config:
+            if config.state not in {QuantizationStates.FP32, QuantizationStates.SOI}:
+                config.master_by = master
+        # the producers write their outputs with the concat's parameters: no requantization
+        for producer in graph.get_upstream_operations(operation):
+            if isinstance(producer, QuantableOperation):
+                for config, var in producer.config_with_variable:
+                    if operation in var.dest_ops:
+                        config.dominated_by = master
 
 
 def _check_executable(graph) -> None:
