@@ -402,6 +402,6 @@ def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
 def _auto_precision(raw: dict | None) -> AutoPrecisionConfig | None:
     if raw is None:
         return None
-    props = load_schema()["properties"]["auto_precision"]["properties"]
+    raw = {**_defaults("auto_precision"), **raw}
     return AutoPrecisionConfig(metric=raw["target"]["metric"], target_value=float(raw["target"]["value"]),
-                               max_float_ops=_int(raw.get("max_float_ops", props["max_float_ops"]["default"])))
+                               max_float_ops=_int(raw["max_float_ops"]))

@@ -212,6 +212,21 @@ def keep_float(graph, names) -> Callable[[], None]:
     return undo
 
 
+@contextlib.contextmanager
+def _float_graph(graph):
+    """Run the graph in float for the ``with`` block; ops already kept float stay float after."""
+    from ppq import QuantableOperation
+
+    switched = [op for op in graph.operations.values() if isinstance(op, QuantableOperation) and not op._dequantized]
+    for op in switched:
+        op.dequantize()
+    try:
+        yield
+    finally:
+        for op in switched:
+            op.restore_quantize_state()
+
+
 class _Batches:
     """A re-iterable, sized view of the calibration batches for PPQ passes.
 
@@ -433,19 +448,12 @@ def _restore(graph, saved) -> None:
 def output_error(graph, executor, batches) -> float:
     """Noise-to-signal power of the model outputs, quantized vs float, on ``batches``."""
     import torch
-    from ppq import QuantableOperation
 
-    quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
     noise = signal = 0.0
     with torch.no_grad():
         for batch in batches:
-            for op in quantable:
-                op.dequantize()
-            try:
+            with _float_graph(graph):
                 reference = executor.forward(inputs=batch)
-            finally:
-                for op in quantable:
-                    op.restore_quantize_state()
             quantized = executor.forward(inputs=batch)
             for ref, out in zip(reference, quantized):
                 ref, out = ref.float(), out.float()
@@ -499,13 +507,8 @@ def rank_layers_by_error(graph, executor, feeds, max_batches: int,
             if index >= max_batches:
                 break
             mode["float"] = True
-            for op in quantable:
-                op.dequantize()
-            try:
+            with _float_graph(graph):
                 executor.forward(inputs=feed, hooks=hooks)
-            finally:
-                for op in quantable:
-                    op.restore_quantize_state()
             mode["float"] = False
             executor.forward(inputs=feed, hooks=hooks)
             reference.clear()
@@ -557,9 +560,7 @@ class FloatOpSearch:
 
     def run(self, graph, executor, device: str) -> SearchResult:
         import torch
-        from ppq import QuantableOperation
 
-        quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
         output_names = list(graph.outputs)
 
         def to_torch(feed):
@@ -575,15 +576,8 @@ class FloatOpSearch:
         def run_float(feed) -> dict[str, np.ndarray]:
             if id(feed) in float_cache:
                 return float_cache[id(feed)]
-            switched = [op for op in quantable if not op._dequantized]
-            for op in switched:
-                op.dequantize()
-            try:
-                result = run_current(feed)
-            finally:
-                for op in switched:
-                    op.restore_quantize_state()
-            return result
+            with _float_graph(graph):
+                return run_current(feed)
 
         for feed in self.held_back:
             float_cache[id(feed)] = run_float(feed)
