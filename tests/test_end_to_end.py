@@ -85,3 +85,38 @@ def test_sample_follows_spacemit_policy(quantized_sample):
                               if node.op_type == "QuantizeLinear"]
     assert activation_zero_points and all(z.dtype == np.int8 and z.size == 1 for z in activation_zero_points)
     assert any(int(z) != 0 for z in activation_zero_points)  # asymmetric: real zero points are used
+
+
+#: measured on this sample (2026-11-27): the target snr 0.011 (all-INT8 0.0128 on the held-back
+#: samples) is met with 16 ops in float (0.0096); on the 20 held-out photos logits SNR
+#: 0.0130 -> 0.0079, cosine 0.9937 -> 0.9962, agreement stays 100 %
+AUTO_CONFIG = REPO / "samples" / "mobilenet_v2" / "config_auto_precision.json"
+
+
+def test_sample_auto_precision_meets_a_stricter_target_and_improves_held_out_photos(
+        quantized_sample, sample_module, tmp_path):
+    model, plain, _ = quantized_sample
+    auto = json.loads(AUTO_CONFIG.read_text())
+    target = auto["auto_precision"]["target"]["value"]
+    auto["model_parameters"]["working_dir"] = str(tmp_path)
+    auto["model_parameters"]["onnx_model"] = str(model)
+    auto["calibration_parameters"]["input_parametres"][0]["data_list_path"] = str(
+        REPO / "samples" / "material" / "calib" / "list.txt")
+    xquant.quantize_onnx_model(auto)
+    report = (tmp_path / "mobilenet_v2.auto.q_report.md").read_text()
+    section = report.split("## Automatic mixed precision", 1)[1]
+    rows = {cells[0].strip(): cells for cells in
+            (line.strip("|").split("|") for line in section.splitlines() if line.startswith("| "))}
+    all_int8, final = float(rows["all-INT8"][3]), float(rows["final model"][3])
+    float_ops = int(rows["final model"][2])
+    assert final <= target < all_int8, rows  # stricter than plain INT8, and met
+    assert 1 <= float_ops <= auto["auto_precision"]["max_float_ops"]
+
+    evaluator = sample_module("mobilenet_v2/evaluate.py")
+    before = evaluator.evaluate(model, plain)
+    after = evaluator.evaluate(model, tmp_path / "mobilenet_v2.auto.q.onnx")
+    print(json.dumps({"float_ops": float_ops, "held_back": [all_int8, final],
+                      "before": {k: v for k, v in before.items() if k != "per_image"},
+                      "after": {k: v for k, v in after.items() if k != "per_image"}}, indent=1))
+    assert after["top1_agreement"] >= before["top1_agreement"]
+    assert after["logits_snr"] < before["logits_snr"] and after["logits_cosine"] > before["logits_cosine"]

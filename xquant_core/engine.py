@@ -84,7 +84,7 @@ def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches:
                    progress: Callable[[str, int], Any] | None = None, search: "FloatOpSearch | None" = None):
     """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``.
 
-    With ``search``, return its :class:`SearchResult` instead of exporting.
+    With ``search``, return its :class:`SearchResult` (which holds the exported model).
     """
     import_ppq()
     import torch
@@ -168,9 +168,9 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         correct_bias(graph, executor, feeds, progress=progress)
     keep_float(graph, {name for override, ops in regions
                        if override.precision_level == 3 and override.float_after_calibration for name in ops})
-    if search is not None:
-        return search.run(graph, executor, plan.device)
     platform.finalize(graph)
+    if search is not None:
+        return search.run(graph, executor, plan.device, export=lambda: platform.export(graph))
     return platform.export(graph)
 
 
@@ -185,7 +185,9 @@ def keep_float(graph, names) -> Callable[[], None]:
     from ppq import QuantableOperation, QuantizationStates
 
     names = set(names)
-    ops = [graph.operations[name] for name in names if isinstance(graph.operations[name], QuantableOperation)]
+    # ops already float stay out: undo must not quantize what an earlier call kept float
+    ops = [graph.operations[name] for name in names
+           if isinstance(graph.operations[name], QuantableOperation) and not graph.operations[name]._dequantized]
     own = {id(config) for op in ops
            for config in op.config.input_quantization_config + op.config.output_quantization_config}
     detached = []
@@ -537,60 +539,51 @@ class FloatOp:
 
 @dataclass(frozen=True)
 class SearchResult:
-    chosen: tuple[FloatOp, ...]
-    before: float
-    estimate: float
+    chosen: tuple[FloatOp, ...]  #: ops this search switched to float (not those it started with)
+    before: float  #: the metric before this search switched any op
+    estimate: float  #: the metric of ``model``
     candidates_tried: int
+    model: Any  #: the exported graph with the chosen ops in float
 
 
 class FloatOpSearch:
     """Automatic mixed precision: the fewest ops in float that meet a metric target.
 
     Ops are ranked by the error they add (:func:`rank_layers_by_error` over all
-    quantized ops: one float and one quantized pass). Greedily, in that order, an op is
-    switched to float and the metric is measured on the held-back feeds (one quantized
-    pass over them per candidate, far cheaper than a quantization per candidate); it
+    quantized ops: one float and one quantized pass over the held-back feeds).
+    Greedily, in that order, an op (alone, then with its quantized neighbours) is
+    switched to float, the graph is exported and the metric is measured with
+    onnxruntime on the held-back feeds, the way the final model will be measured; it
     stays float only if the metric improves, until the target is met or
-    ``max_float_ops`` ops are float.
+    ``max_float_ops`` ops are float. A candidate costs one export and one onnxruntime
+    pass over the held-back feeds (about 1 s for MobileNetV2), not a quantization.
+
+    ``measure(model)`` scores an exported ``onnx.ModelProto`` against the float model;
+    ``already_float`` are ops the plan keeps float already (they count against the budget).
     """
 
-    def __init__(self, metric, target: float, max_float_ops: int, held_back: list[dict[str, np.ndarray]]):
-        self.metric, self.target, self.max_float_ops = metric, target, max_float_ops
-        self.held_back = held_back
+    def __init__(self, measure: Callable[[Any], float], metric, target: float, max_float_ops: int,
+                 held_back: list[dict[str, np.ndarray]], already_float: Iterable[str] = ()):
+        self.measure_model, self.metric = measure, metric
+        self.target, self.max_float_ops = target, max_float_ops
+        self.held_back, self.already_float = held_back, set(already_float)
 
-    def run(self, graph, executor, device: str) -> SearchResult:
+    def run(self, graph, executor, device: str, export: Callable[[], Any]) -> SearchResult:
         import torch
 
-        output_names = list(graph.outputs)
-
-        def to_torch(feed):
-            return {name: torch.from_numpy(np.ascontiguousarray(array)).to(device) for name, array in feed.items()}
-
-        def run_current(feed) -> dict[str, np.ndarray]:
-            with torch.no_grad():
-                values = executor.forward(inputs=to_torch(feed), output_names=output_names)
-            return {name: value.detach().cpu().float().numpy() for name, value in zip(output_names, values)}
-
-        float_cache: dict[int, dict[str, np.ndarray]] = {}
-
-        def run_float(feed) -> dict[str, np.ndarray]:
-            if id(feed) in float_cache:
-                return float_cache[id(feed)]
-            with _float_graph(graph):
-                return run_current(feed)
-
-        for feed in self.held_back:
-            float_cache[id(feed)] = run_float(feed)
-
         def measure() -> float:
-            return float(self.metric.measure(run_current, run_float, self.held_back))
+            return float(self.measure_model(export()))
 
         before = best = measure()
-        feeds = lambda: iter(to_torch(feed) for feed in self.held_back)  # noqa: E731
-        ranking = rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
         chosen: list[FloatOp] = []
-        kept: set[str] = set()
+        kept: set[str] = set(self.already_float)
         tried = 0
+        if self.metric.meets(best, self.target) or len(kept) >= self.max_float_ops:
+            return SearchResult((), before, best, tried, export())
+        feeds = lambda: iter({name: torch.from_numpy(np.ascontiguousarray(array)).to(device)  # noqa: E731
+                              for name, array in feed.items()} for feed in self.held_back)
+        ranking = [item for item in rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
+                   if item[0] not in kept]
         growth = dict(ranking)
         for name, _ in ranking[: SEARCH_CANDIDATES_PER_OP * self.max_float_ops]:
             if len(kept) >= self.max_float_ops or self.metric.meets(best, self.target):
@@ -622,8 +615,8 @@ class FloatOpSearch:
                                       tuple(var.name for var in op.inputs if not var.is_parameter),
                                       tuple(var.name for var in op.outputs)))
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
-        keep_float(graph, kept)
-        return SearchResult(tuple(chosen), before, best, tried)
+        keep_float(graph, kept - self.already_float)
+        return SearchResult(tuple(chosen), before, best, tried, export())
 
 
 def correct_bias(graph, executor, feeds, progress=None) -> None:
