@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -544,6 +545,7 @@ class SearchResult:
     estimate: float  #: the metric of ``model``
     candidates_tried: int
     model: Any  #: the exported graph with the chosen ops in float
+    seconds: float  #: time spent in the search (ranking and candidates)
 
 
 class FloatOpSearch:
@@ -574,12 +576,13 @@ class FloatOpSearch:
         def measure() -> float:
             return float(self.measure_model(export()))
 
+        started = time.perf_counter()
         before = best = measure()
         chosen: list[FloatOp] = []
         kept: set[str] = set(self.already_float)
         tried = 0
         if self.metric.meets(best, self.target) or len(kept) >= self.max_float_ops:
-            return SearchResult((), before, best, tried, export())
+            return SearchResult((), before, best, tried, export(), time.perf_counter() - started)
         feeds = lambda: iter({name: torch.from_numpy(np.ascontiguousarray(array)).to(device)  # noqa: E731
                               for name, array in feed.items()} for feed in self.held_back)
         ranking = [item for item in rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
@@ -616,7 +619,7 @@ class FloatOpSearch:
                                       tuple(var.name for var in op.outputs)))
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
         keep_float(graph, kept - self.already_float)
-        return SearchResult(tuple(chosen), before, best, tried, export())
+        return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started)
 
 
 def correct_bias(graph, executor, feeds, progress=None) -> None:

@@ -172,6 +172,7 @@ class _Search:
     final: float  #: the exported final model (calibrated on all samples)
     topped_up: int  #: ops added in the second stage
     candidates_tried: int
+    seconds: float  #: both searches (ranking, candidates), not the two quantizations
     metric: Any
     held_back: int  #: how many samples were held back: every ``every``-th
     every: int
@@ -237,7 +238,8 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
                             search=FloatOpSearch(measure, metric, auto.target_value, auto.max_float_ops, held_back,
                                                  already_float=[op.name for op in first.chosen]))
     search = _Search(first.chosen + second.chosen, first.before, first.estimate, second.before, second.estimate,
-                     len(second.chosen), first.candidates_tried + second.candidates_tried, metric, len(held_back),
+                     len(second.chosen), first.candidates_tried + second.candidates_tried,
+                     first.seconds + second.seconds, metric, len(held_back),
                      HOLD_BACK_EVERY)
     return second.model, search
 
@@ -275,7 +277,7 @@ def finish_search(cfg: XQuantConfig, search: _Search, out_path: Path):
         log.warning("auto_precision: the target was not met within max_float_ops=%d: %s with %d op(s) in float; "
                     "writing the best model found", auto.max_float_ops, achieved, count)
     summary = (f"auto_precision: {count} op(s) in float, {achieved}; all-INT8 {search.before:.6g}; "
-               f"{search.candidates_tried} candidate(s) tried",
+               f"{search.candidates_tried} candidate(s) tried in {search.seconds:.1f} s",
                f"auto_precision: to reproduce without the search, use the custom_setting in {snippet_path}")
     relation = ">=" if search.metric.higher_is_better else "<="
     lines = ["## Automatic mixed precision", "",
@@ -288,7 +290,9 @@ def finish_search(cfg: XQuantConfig, search: _Search, out_path: Path):
              f"| search | all but the held-back samples | {count - search.topped_up} | {search.estimate:.6g} |",
              f"| recalibrated | all samples | {count - search.topped_up} | {search.recalibrated:.6g} |",
              f"| final model | all samples | {count} | {final:.6g} |", "",
-             f"Candidates tried: {search.candidates_tried}"
+             f"Candidates tried: {search.candidates_tried}, search time {search.seconds:.1f} s (ranking: one float "
+             "and one quantized pass; each candidate: one export and one onnxruntime pass over the held-back "
+             "samples)"
              + (f"; {search.topped_up} op(s) added after recalibration on all samples" if search.topped_up else "")
              + ".", ""]
     lines += ["| op | type | sensitivity (SNR added) | inputs | outputs |", "|---|---|---|---|---|"]
