@@ -102,6 +102,12 @@ DARKNET_PHOTOS = ("dog.jpg", "eagle.jpg", "giraffe.jpg", "horses.jpg", "kite.jpg
 # scene-text photos for the character detector (left out: scenetext_word*/char* crops, too small)
 SCENE_TEXT_PHOTOS = tuple([f"scenetext0{i}.jpg" for i in range(1, 7)]
                           + [f"scenetext_segmented_word0{i}.jpg" for i in range(1, 6)])
+# text photos to calibrate the character detector on (never evaluated on): word/character
+# crops and OpenCV's text-deblurring and text-detection examples
+DETECTOR_CALIB_TEXT = tuple([f"{OPENCV_TEXT}/scenetext_word0{i}.jpg" for i in range(1, 5)]
+                            + [f"{OPENCV_TEXT}/scenetext_char0{i}.jpg" for i in range(1, 4)]
+                            + [f"{OPENCV_DATA}/{n}" for n in ("text_defocus.jpg", "text_motion.jpg",
+                                                              "imageTextN.png", "imageTextR.png")])
 SKIMAGE_PHOTOS = (
     "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
     "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg",
@@ -147,7 +153,8 @@ SOURCES: Tuple[Source, ...] = (
     ),
     Source(
         name="scene-text", kind="apt", specs=("opencv-doc",),
-        files={f"{OPENCV_TEXT}/{n}": f"detector/eval/opencv_{n}" for n in SCENE_TEXT_PHOTOS},
+        files={**{f"{OPENCV_TEXT}/{n}": f"detector/eval/opencv_{n}" for n in SCENE_TEXT_PHOTOS},
+               **{path: f"detector/calib/opencv_{path.rsplit('/', 1)[1]}" for path in DETECTOR_CALIB_TEXT}},
     ),
 )
 
@@ -438,14 +445,17 @@ def fetch_source(source: Source, dest_root: Path, manifest: Dict[str, dict],
 
 
 def write_lists(dest_root: Path) -> Dict[str, List[str]]:
-    """Write calib/list.txt and eval/list.txt (sorted file names) and return them."""
+    """Write calib/list.txt, eval/list.txt and detector/calib/list.txt (sorted file names;
+    the detector calibrates on its text photos and the general calibration photos)."""
     lists = {}
-    for sub in ("calib", "eval"):
+    for sub in ("calib", "eval", "detector/calib"):
         folder = dest_root / sub
         names: List[str] = []
         if folder.is_dir():
             names = sorted(p.name for p in folder.iterdir()
                            if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            if sub == "detector/calib":
+                names += [f"../../calib/{n}" for n in lists["calib"]]
             (folder / "list.txt").write_text("".join(n + "\n" for n in names))
         lists[sub] = names
     return lists
@@ -458,7 +468,8 @@ def check_disjoint(dest_root: Path) -> None:
         if not folder.is_dir():
             return {}
         return {sha256_of(p): p.name for p in folder.iterdir() if p.name != "list.txt"}
-    common = set(hashes("calib")) & (set(hashes("eval")) | set(hashes("detector/eval")))
+    common = ((set(hashes("calib")) | set(hashes("detector/calib")))
+              & (set(hashes("eval")) | set(hashes("detector/eval"))))
     if common:
         raise FetchError(f"calibration and evaluation photos overlap: {sorted(common)}")
 

@@ -195,3 +195,65 @@ def test_control_errors_exit_2_without_traceback(project, tmp_path, run_xquant):
     result = run_xquant("-c", str(tmp_path / "cfg.json"))
     assert result.returncode == 2
     assert "truncate graph failed." in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_offers_the_percentile_window_and_the_histogram_search_with_the_same_rules():
+    from xquant_core.calibration import CalibrationContext, TensorStatistics
+    from xquant_plugins.calibration import Default, _WindowSearch
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 1, 200_000), [40.0]])  # one far outlier
+    histogram, _ = np.histogram(values, bins=4096, range=(values.min(), values.max()))
+    context = CalibrationContext(max_percentile=0.9999)
+
+    def stats(consumers=("Conv",), output=False):
+        return TensorStatistics("t", float(values.min()), float(values.max()), histogram.astype(np.float64),
+                                consumers, output)
+
+    percentile, search = Default().candidate_ranges(stats(), context)
+    assert 3.0 < percentile[1] < 6.0  # the outlier is clipped
+    assert search == _WindowSearch().compute_range(stats(), context)
+    assert Default().compute_range(stats(), context) == percentile
+    assert Default().candidate_ranges(stats(output=True), context) == [(values.min(), values.max())]
+    wide = TensorStatistics("t", -30.0, 30.0, np.ones(4096), ("Sigmoid",), False)
+    assert all(low >= -10.0 and high <= 10.0 for low, high in Default().candidate_ranges(wide, context))
+
+
+@pytest.mark.parametrize("good", [0, 1])
+def test_the_engine_keeps_the_strategy_whose_output_is_closest_to_float(project, good, caplog):
+    """An algorithm offering a sensible range and one 50x too wide: whichever position the
+    sensible one has, the exported model uses it."""
+    import logging
+
+    from xquant_core import hookimpl
+    from xquant_core.calibration import CalibrationAlgorithm
+    from xquant_core.plugins import get_host
+
+    class TwoStrategies(CalibrationAlgorithm):
+        needs_histogram = False
+        strategies = ("first", "second")
+
+        def compute_range(self, stats, ctx):
+            return self.candidate_ranges(stats, ctx)[0]
+
+        def candidate_ranges(self, stats, ctx):
+            sensible, wide = (stats.min, stats.max), (stats.min * 50, stats.max * 50)
+            return [sensible, wide] if good == 0 else [wide, sensible]
+
+    class Plugin:
+        @hookimpl
+        def xquant_register_calibration_algorithms(self, register):
+            register("two_strategies", TwoStrategies())
+
+    host = get_host()
+    host.register(Plugin(), "test-two-strategies")
+    try:
+        with caplog.at_level(logging.INFO, logger="xquant"):
+            chosen = xquant.quantize_onnx_model({**project, "calibration_parameters": {
+                **project["calibration_parameters"], "calibration_type": "two_strategies"}})
+        minmax = xquant.quantize_onnx_model({**project, "calibration_parameters": {
+            **project["calibration_parameters"], "calibration_type": "minmax"}})
+    finally:
+        host.unregister("test-two-strategies")
+    assert f"keeping {('first', 'second')[good]}" in caplog.text
+    assert chosen.SerializeToString() == minmax.SerializeToString()

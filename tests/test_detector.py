@@ -25,7 +25,7 @@ EVAL_FOLDERS = (MATERIAL / "detector" / "eval", MATERIAL / "eval")
 def evaluate(sample_module) -> ModuleType:
     pytest.importorskip("cv2")
     pytest.importorskip("onnxruntime")
-    missing = [str(p) for p in (MODEL, MATERIAL / "calib" / "list.txt", *EVAL_FOLDERS) if not p.exists()]
+    missing = [str(p) for p in (MODEL, MATERIAL / "detector" / "calib" / "list.txt", *EVAL_FOLDERS) if not p.exists()]
     if missing:
         pytest.skip(f"detector material missing ({', '.join(missing)}): run `python3 samples/fetch_material.py`")
     return sample_module("detector/evaluate.py")
@@ -92,15 +92,19 @@ def test_boxes_agree_with_fp32(quantized, evaluate):
     result = evaluate.evaluate(MODEL, {"int8": out}, EVAL_FOLDERS, score_threshold=0.3)
     overall = result["models"]["int8"]["overall"]
     assert overall["photos"] == 31 and overall["fp32_boxes"] == 38
-    # Measured 2026-11-27 (default calibration, finetune_level 1, deterministic across runs):
-    # 25 of 38 FP32 boxes matched (65.8 %), 26 INT8 boxes (precision 96.2 %), mean IoU 0.941,
-    # mean |score diff| 0.105, raw output SNR 0.0124 (boxes) / 0.0059 (scores). The misses are
-    # boxes whose score drops below 0.3: the default calibration clips the rare large head
-    # activations that carry the detections and lowers objectness by ~0.15 (calibration_type
-    # minmax: 84 % matched). Thresholds sit just under the measurement: a regression guard.
-    assert overall["matched"] >= 24
-    assert overall["precision"] >= 0.9
-    assert overall["mean_iou"] >= 0.92
-    assert overall["mean_score_diff"] <= 0.12
-    assert overall["snr_box"] <= 0.02 and overall["snr_score"] <= 0.01
+    # Measured 2026-11-27 (config.json: default calibration on the detector's text photos plus the
+    # general ones, finetune_level 1; deterministic across runs): 32 of 38 FP32 boxes matched at
+    # score 0.3 (84.2 %), 33 INT8 boxes (precision 97.0 %), mean IoU 0.962, mean |score diff|
+    # 0.038, AP50 against the FP32 boxes 0.978, every FP32 box found at some score, median
+    # INT8/FP32 score ratio 0.964, raw output SNR 0.0082 (boxes) / 0.0054 (scores). The default
+    # keeps the wider percentile windows here (lowest output error of its three strategies);
+    # the plain percentile windows clip the rare large activations that carry the detections
+    # (25 of 38, score ratio 0.78). Thresholds sit just under the measurement: a regression guard.
+    assert overall["matched"] >= 31
+    assert overall["precision"] >= 0.95
+    assert overall["mean_iou"] >= 0.95
+    assert overall["mean_score_diff"] <= 0.05
+    assert overall["ap50"] >= 0.96 and overall["found_any_score"] == 1.0
+    assert overall["score_ratio_median"] >= 0.94
+    assert overall["snr_box"] <= 0.012 and overall["snr_score"] <= 0.008
     assert overall["cos_box"] >= 0.99 and overall["cos_score"] >= 0.99

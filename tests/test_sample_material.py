@@ -141,6 +141,16 @@ def test_eval_and_calib_sets_are_disjoint_and_listed():
     overlap = set(sets["calib"]) & set(sets["eval"])
     assert not overlap, f"calibration photos also used for evaluation: {overlap}"
 
+    # the detector calibrates on its own text photos plus the general ones, and is evaluated on scene text
+    text_calib = MATERIAL / "detector" / "calib"
+    text_names = sorted(p.name for p in text_calib.iterdir() if p.name != "list.txt")
+    listed = (text_calib / "list.txt").read_text().split()
+    assert listed == text_names + [f"../../calib/{name}" for name in sorted(sets["calib"].values())]
+    text_eval = MATERIAL / "detector" / "eval"
+    evaluated = {_sha256(path) for path in text_eval.iterdir()} | set(sets["eval"])
+    calibrated = {_sha256(text_calib / name) for name in text_names} | set(sets["calib"])
+    assert len(text_names) >= 10 and not calibrated & evaluated
+
 
 def test_eval_labels_parse(evaluate):
     _need_material()

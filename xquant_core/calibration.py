@@ -56,9 +56,22 @@ class CalibrationAlgorithm(ABC):
     #: whether :meth:`compute_range` needs ``stats.histogram`` (costs a second pass)
     needs_histogram: bool = True
 
+    #: names of the strategies :meth:`candidate_ranges` returns, in order (for the log)
+    strategies: tuple[str, ...] = ()
+
     @abstractmethod
     def compute_range(self, stats: TensorStatistics, ctx: CalibrationContext) -> tuple[float, float]:
         """Return the clip range ``(low, high)`` for the tensor."""
+
+    def candidate_ranges(self, stats: TensorStatistics, ctx: CalibrationContext) -> list[tuple[float, float]]:
+        """Clip ranges from several strategies, the first being :meth:`compute_range`'s.
+
+        With more than one, the engine quantizes the whole model with the first range of
+        every tensor, then with the second, and so on, and keeps the strategy whose
+        model output is closest to the float model's on calibration batches (one
+        quantized pass over a few batches per strategy).
+        """
+        return [self.compute_range(stats, ctx)]
 
 
 def percentile_range(stats: TensorStatistics, percentile: float) -> tuple[float, float]:

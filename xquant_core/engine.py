@@ -719,11 +719,19 @@ class _TensorObserver:
             histogram[0] = 1.0
         return TensorStatistics(self.name, self.low, self.high, histogram, self.consumers, self.is_output)
 
-    def render(self) -> None:
+    def compute(self) -> int:
+        """Work out the candidate ranges; return how many there are."""
+        candidates = getattr(self.algorithm, "candidate_ranges", None)  # plugins may only duck-type
+        self.ranges = (candidates(self.statistics(), self.context) if candidates is not None
+                       else [self.algorithm.compute_range(self.statistics(), self.context)])
+        return len(self.ranges)
+
+    def render(self, strategy: int = 0) -> None:
+        """Write the range of ``strategy`` (the last one when there are fewer) into the configs."""
         import torch
         from ppq import QuantizationProperty, QuantizationStates
 
-        low, high = self.algorithm.compute_range(self.statistics(), self.context)
+        low, high = self.ranges[min(strategy, len(self.ranges) - 1)]
         for config in self.configs:
             scale, offset = range_to_scale_offset(
                 low, high, config.quant_min, config.quant_max,
@@ -816,8 +824,45 @@ class ActivationCalibration:
                 observer.phase = phase if (phase == "minmax" or observer.algorithm.needs_histogram) else "done"
             self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress,
                               f"calibration ({phase})")
+        strategies = max(observer.compute() for observer in observers.values())
         for observer in observers.values():
             observer.render()
+        if strategies > 1:
+            self._choose_strategy(graph, executor, feeds, observers, strategies)
+
+    def _choose_strategy(self, graph, executor, feeds, observers, strategies: int) -> None:
+        """Keep the strategy whose quantized model output is closest to the float one.
+
+        Measured on every ``HOLD_BACK_EVERY``-th calibration batch (at most
+        ``RANKING_BATCHES``), biases still float: one quantized pass over those batches
+        per strategy.
+        """
+        import torch
+
+        batches = list(itertools.islice(itertools.islice(feeds(), 0, None, HOLD_BACK_EVERY), RANKING_BATCHES))
+        outputs = list(graph.outputs)
+        with torch.no_grad():
+            with _float_graph(graph):
+                expected = [[value.float() for value in executor.forward(inputs=feed, output_names=outputs)]
+                            for feed in batches]
+            errors = []
+            for strategy in range(strategies):
+                for observer in observers.values():
+                    observer.render(strategy)
+                noise = signal = 0.0
+                for feed, reference in zip(batches, expected):
+                    for value, ref in zip(executor.forward(inputs=feed, output_names=outputs), reference):
+                        noise += float(((value.float() - ref) ** 2).sum())
+                        signal += float((ref ** 2).sum())
+                errors.append(noise / signal if signal > 0 else 0.0)
+        best = int(np.argmin(errors))
+        names = next((tuple(getattr(observer.algorithm, "strategies", ())) for observer in observers.values()
+                      if len(getattr(observer.algorithm, "strategies", ())) == strategies), ())
+        label = lambda index: names[index] if index < len(names) else f"strategy {index}"  # noqa: E731
+        log.info("calibration: output SNR on %d calibration batch(es): %s; keeping %s", len(batches),
+                 ", ".join(f"{label(index)} {error:.5g}" for index, error in enumerate(errors)), label(best))
+        for observer in observers.values():
+            observer.render(best)
 
     @staticmethod
     def _forward_all(executor, feeds, hooks, observers, steps, num_batches, progress, label) -> None:

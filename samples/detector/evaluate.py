@@ -18,7 +18,9 @@ lives outside the graph, in ddddocr's ``demo_postprocess``; :func:`decode` re-im
 Then boxes above ``--score`` go through greedy NMS (IoU 0.45, ddddocr's value) and the INT8
 boxes are matched to the FP32 boxes one-to-one, greedily by IoU (best pair first). Per photo
 and overall it reports: FP32 boxes, INT8 boxes, FP32 boxes matched at IoU >= 0.5, the mean IoU
-and mean |score difference| of the matches, and the raw output's SNR
+and mean |score difference| of the matches; threshold-free, the AP50 of the INT8 detections
+(down to score 0.05) with the FP32 boxes as ground truth, the share of FP32 boxes the INT8 model
+finds at any score and the median INT8/FP32 score ratio; and the raw output's SNR
 ``sum((q - f)^2) / sum(f^2)`` (lower is better, not dB) and cosine, for the box columns
 (0-3) and the score columns (4-5) apart.
 
@@ -47,6 +49,7 @@ SIZE = 416
 STRIDES = (8, 16, 32)
 NMS_IOU = 0.45  # ddddocr's nms_thr
 MATCH_IOU = 0.5
+AP_MIN_SCORE = 0.05  # INT8 detections ranked for the AP against the FP32 boxes
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # ------------------------------------------------------------------------------------------
@@ -184,7 +187,14 @@ def compare_outputs(fp: np.ndarray, q: np.ndarray, score_threshold: float,
     fp2, q2 = fp.reshape(-1, 6), q.reshape(-1, 6)
     snr_box, cos_box = snr_cosine(fp2[:, :4], q2[:, :4])
     snr_score, cos_score = snr_cosine(fp2[:, 4:], q2[:, 4:])
+    # threshold-free agreement: every INT8 detection down to AP_MIN_SCORE, ranked by score
+    all_boxes, all_scores = detect(q, AP_MIN_SCORE, decoded)
+    found = match(fp_boxes, all_boxes)
+    ranked = {j: i for i, j, _ in found}
+    ratios = [float(all_scores[j] / fp_scores[i]) for i, j, _ in found]
     return {
+        "ap_detections": [(float(all_scores[j]), j in ranked) for j in range(len(all_boxes))],
+        "score_ratios": ratios + [0.0] * (len(fp_boxes) - len(found)),
         "fp32_boxes": len(fp_boxes), "int8_boxes": len(q_boxes), "matched": len(pairs),
         "iou_sum": sum(p[2] for p in pairs),
         "score_diff_sum": float(sum(abs(fp_scores[i] - q_scores[j]) for i, j, _ in pairs)),
@@ -206,7 +216,25 @@ def summarize(rows: Sequence[Dict[str, float]]) -> Dict[str, float]:
            "mean_score_diff": total["score_diff_sum"] / matched if total["matched"] else float("nan")}
     for key in ("snr_box", "cos_box", "snr_score", "cos_score"):
         out[key] = float(np.mean([row[key] for row in rows])) if rows else float("nan")
+    ratios = np.array([ratio for row in rows for ratio in row["score_ratios"]])
+    out["found_any_score"] = float(np.mean(ratios > 0)) if len(ratios) else 1.0
+    out["score_ratio_median"] = float(np.median(ratios)) if len(ratios) else float("nan")
+    out["ap50"] = average_precision([d for row in rows for d in row["ap_detections"]], int(total["fp32_boxes"]))
     return out
+
+
+def average_precision(detections: Sequence[Tuple[float, bool]], positives: int) -> float:
+    """AP (all-point interpolation, as in PASCAL VOC 2010+) of detections ``(score, is a match)``
+    against ``positives`` ground-truth boxes: here the FP32 boxes are the ground truth."""
+    if not positives:
+        return float("nan")
+    order = sorted(detections, key=lambda d: -d[0])
+    hits = np.cumsum([hit for _, hit in order], dtype=np.float64)
+    precision = hits / np.arange(1, len(order) + 1)
+    recall = hits / positives
+    envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(order) else precision
+    previous = np.concatenate([[0.0], recall[:-1]])
+    return float(np.sum((recall - previous) * envelope))
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,13 +296,15 @@ def format_table(result: Dict[str, object]) -> str:
         lines.append(f"| {Path(photo).name} | {rows[0]['fp32_boxes']} | " + " | ".join(cells(r) for r in rows) + " |")
     lines.append("")
     lines.append("| model | photos | FP32 boxes | INT8 boxes | matched (recall) | precision | mean IoU | "
-                 "mean abs score diff | SNR box | cos box | SNR score | cos score |")
-    lines.append("|---" * 12 + "|")
+                 "mean abs score diff | AP50 vs FP32 | found at any score | median score ratio | "
+                 "SNR box | cos box | SNR score | cos score |")
+    lines.append("|---" * 15 + "|")
     for n in names:
         o = result["models"][n]["overall"]
         lines.append(f"| {n} | {o['photos']} | {o['fp32_boxes']} | {o['int8_boxes']} | {o['matched']} "
                      f"({o['recall']:.1%}) | {o['precision']:.1%} | {o['mean_iou']:.3f} | "
-                     f"{o['mean_score_diff']:.4f} | {o['snr_box']:.4f} | {o['cos_box']:.4f} | "
+                     f"{o['mean_score_diff']:.4f} | {o['ap50']:.3f} | {o['found_any_score']:.1%} | "
+                     f"{o['score_ratio_median']:.3f} | {o['snr_box']:.4f} | {o['cos_box']:.4f} | "
                      f"{o['snr_score']:.4f} | {o['cos_score']:.4f} |")
     return "\n".join(lines)
 
