@@ -198,7 +198,7 @@ def test_control_errors_exit_2_without_traceback(project, tmp_path, run_xquant):
 
 
 def test_default_offers_the_percentile_window_and_the_histogram_search_with_the_same_rules():
-    from xquant_core.calibration import CalibrationContext, TensorStatistics
+    from xquant_core.calibration import CalibrationContext, TensorStatistics, percentile_range
     from xquant_plugins.calibration import Default, _WindowSearch
 
     rng = np.random.default_rng(3)
@@ -210,8 +210,9 @@ def test_default_offers_the_percentile_window_and_the_histogram_search_with_the_
         return TensorStatistics("t", float(values.min()), float(values.max()), histogram.astype(np.float64),
                                 consumers, output)
 
-    percentile, search = Default().candidate_ranges(stats(), context)
-    assert 3.0 < percentile[1] < 6.0  # the outlier is clipped
+    percentile, wider, search = Default().candidate_ranges(stats(), context)
+    assert 3.0 < percentile[1] < wider[1] < 40.0  # the outlier is clipped, less so by the wider window
+    assert wider == percentile_range(stats(), 0.99999)
     assert search == _WindowSearch().compute_range(stats(), context)
     assert Default().compute_range(stats(), context) == percentile
     assert Default().candidate_ranges(stats(output=True), context) == [(values.min(), values.max())]

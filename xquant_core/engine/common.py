@@ -1,0 +1,83 @@
+"""Helpers the engine's modules share: switching ops to float, batch views, constants."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+#: batches used to rank layers by the error they add, and to choose a calibration strategy
+RANKING_BATCHES = 8
+#: every n-th calibration batch is held back to validate fine-tuning and the auto-precision search
+HOLD_BACK_EVERY = 4
+
+
+def keep_float(graph, names) -> Callable[[], None]:
+    """Run the named ops in float in an already quantized graph; return an undo function.
+
+    ``precision_level: 3`` with ``float_after_calibration`` (what the auto-precision search
+    measures and emits): their weights go back to float and their outputs are not
+    quantized; their inputs stay as the int8 graph quantized them; ops outside that read
+    their outputs keep quantizing them with the parameters calibrated so far.
+    """
+    from ppq import QuantableOperation, QuantizationStates
+
+    names = set(names)
+    # ops already float stay out: undo must not quantize what an earlier call kept float
+    ops = [graph.operations[name] for name in names
+           if isinstance(graph.operations[name], QuantableOperation) and not graph.operations[name]._dequantized]
+    own = {id(config) for op in ops
+           for config in op.config.input_quantization_config + op.config.output_quantization_config}
+    detached = []
+    for other in graph.operations.values():
+        if not isinstance(other, QuantableOperation) or other.name in names:
+            continue
+        for config, var in other.config_with_variable:
+            root = config.dominated_by
+            if root is config or id(root) not in own or var.is_parameter or root._scale is None:
+                continue
+            detached.append((config, config._dominator, config._scale, config._offset, config.state))
+            config._dominator = config
+            config._scale, config._offset = root._scale.clone(), root._offset.clone()
+            config.state = QuantizationStates.ACTIVATED
+    for op in ops:
+        op.dequantize()
+
+    def undo() -> None:
+        for op in ops:
+            op.restore_quantize_state()
+        for config, dominator, scale, offset, state in detached:
+            config._dominator, config._scale, config._offset, config.state = dominator, scale, offset, state
+
+    return undo
+
+
+@contextlib.contextmanager
+def float_graph(graph):
+    """Run the graph in float for the ``with`` block; ops already kept float stay float after."""
+    from ppq import QuantableOperation
+
+    switched = [op for op in graph.operations.values() if isinstance(op, QuantableOperation) and not op._dequantized]
+    for op in switched:
+        op.dequantize()
+    try:
+        yield
+    finally:
+        for op in switched:
+            op.restore_quantize_state()
+
+
+class Batches:
+    """A re-iterable, sized view of the calibration batches for PPQ passes.
+
+    Reads lazily on every pass (the dataset keeps a bounded cache), so memory does not
+    grow with the number of calibration samples.
+    """
+
+    def __init__(self, feeds, count: int):
+        self.feeds, self.count = feeds, count
+
+    def __iter__(self):
+        return iter(self.feeds())
+
+    def __len__(self) -> int:
+        return self.count

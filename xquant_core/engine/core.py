@@ -1,0 +1,310 @@
+"""Quantize one graph: parse, dispatch, calibrate, fine-tune, export.
+
+``quantize_graph`` takes a float ONNX model, calibration batches and a platform and
+returns the quantized ``onnx.ModelProto``. The steps:
+
+1. parse the model into PPQ's IR and format it (constants folded into parameters,
+   BatchNorm merged into Conv);
+2. dispatch: ops the platform quantizes go to INT8, the rest (and what
+   ``precision_level`` keeps in float) to FP32;
+3. optional cross-layer equalization (``finetune_level`` >= 1);
+4. the platform's quantizer creates the tensor quantization configs; the platform
+   ties the configs of shape ops to their inputs;
+5. weights by min/max, activations by the configured calibration algorithm
+   (:mod:`.calibrate`), passive parameters (bias);
+6. optional fine-tuning and bias correction (:mod:`.finetune`);
+7. ops kept float after calibration, platform policy fixes, then export (or the
+   auto-precision search of :mod:`.search`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+
+from ..calibration import CalibrationAlgorithm, CalibrationContext
+from ..errors import ModelError, QuantizationError
+from ..ppq_compat import import_ppq
+from .calibrate import ActivationCalibration
+from .common import Batches, keep_float
+from .finetune import correct_bias, fine_tune_worst_layers
+
+if TYPE_CHECKING:
+    from .search import FloatOpSearch
+
+log = logging.getLogger("xquant.engine")
+
+#: parameter-free ops (both operands are activations) kept in float, by precision_level.
+#: Level 1 keeps the products (gates such as SiLU's Sigmoid x Mul, attention products) in
+#: float: rounding errors of both operands multiply there. Residual Add/Sub stay int8.
+#: Level 2 also keeps Add/Sub in float. Level 3 keeps every op in float.
+FLOAT_OPS_BY_LEVEL = {
+    0: frozenset(),
+    1: frozenset({"Mul", "Div", "Sigmoid", "Softmax"}),
+    2: frozenset({"Add", "Sub", "Mul", "Div", "Sigmoid", "Softmax"}),
+}
+
+
+@dataclass(frozen=True)
+class SubgraphOverride:
+    """One ``custom_setting`` entry, its names resolved to plugin objects."""
+
+    index: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    precision_level: int | None = None
+    algorithm: CalibrationAlgorithm | None = None
+    max_percentile: float | None = None
+    float_after_calibration: bool = False
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything the engine needs to know, resolved from the config."""
+
+    algorithm: CalibrationAlgorithm
+    context: CalibrationContext
+    precision_level: int
+    finetune_level: int
+    device: str
+    overrides: tuple[SubgraphOverride, ...] = ()
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches: int,
+                   platform: Any, plan: EnginePlan,
+                   progress: Callable[[str, int], Any] | None = None, search: "FloatOpSearch | None" = None):
+    """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``.
+
+    With ``search``, return its :class:`SearchResult` (which holds the exported model).
+    """
+    import_ppq()
+    import torch
+
+    torch.manual_seed(0)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads())
+    try:
+        return _quantize(model, batches, num_batches, platform, plan, progress, search)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def torch_threads() -> int:
+    """Threads for torch during calibration: ``XQUANT_NUM_THREADS``, else half the cores.
+
+    torch's OpenMP kernels slow down by 10x or more when their threads compete with
+    other processes for every core (measured here on a 2-core machine: a 1x1 conv took
+    30 ms with 2 threads beside one busy process, 0.2 ms with 1 thread), so by default
+    we leave half of the cores free.
+    """
+    configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // 2)
+
+
+def _quantize(model, batches, num_batches, platform, plan, progress, search=None):
+    import torch
+    from ppq import TargetPlatform, TorchExecutor
+
+    graph = _load_graph(model)
+    _check_executable(graph)
+    quantizer = platform.create_quantizer(graph)
+    regions = resolve_overrides(graph, plan.overrides)
+    _dispatch(graph, quantizer.quant_operation_types, plan, regions)
+
+    def feeds() -> Iterable[dict[str, Any]]:
+        for batch in batches:
+            yield {name: torch.from_numpy(array).to(plan.device) for name, array in batch.items()}
+
+    executor = TorchExecutor(graph=graph, device=plan.device)
+    first = next(iter(feeds()))
+    executor.tracing_operation_meta(inputs=first)
+
+    def apply(ppq_pass, data=None) -> None:
+        data = Batches(feeds, num_batches) if data is None else data
+        with _ppq_output_to_log():
+            ppq_pass.optimize(graph=graph, dataloader=data, executor=executor,
+                              calib_steps=len(data), collate_fn=None)
+
+    if plan.finetune_level >= 1:
+        from ppq.quantization.optim import LayerwiseEqualizationPass
+
+        apply(LayerwiseEqualizationPass(iterations=10, weight_threshold=0.5, including_bias=False,
+                                        including_act=False, optimize_level=2))
+
+    for name, operation in list(graph.operations.items()):
+        if operation.platform == TargetPlatform.UNSPECIFIED:
+            operation.platform = (quantizer.target_platform if operation.type in quantizer.quant_operation_types
+                                  else TargetPlatform.FP32)
+        if operation.platform not in {TargetPlatform.FP32, TargetPlatform.SOI}:
+            quantizer.quantize_operation(name)
+    executor.load_graph(graph)
+
+    from ppq.quantization.optim import (ParameterQuantizePass, PassiveParameterQuantizePass,
+                                        QuantizeFusionPass, QuantizeSimplifyPass)
+
+    apply(QuantizeFusionPass(activation_type=quantizer.activation_fusion_types, fuse_activation=True,
+                             fuse_passive_op=False))
+    apply(QuantizeSimplifyPass())
+    platform.share_quantization(graph)
+    apply(ParameterQuantizePass())
+    ActivationCalibration(plan, regions).run(graph, executor, feeds, num_batches, progress)
+    align_concat_inputs_to_output(graph)
+    apply(PassiveParameterQuantizePass())
+    if plan.finetune_level >= 2:
+        fine_tune_worst_layers(graph, executor, feeds, plan, apply)
+    if plan.finetune_level >= 1:
+        correct_bias(graph, executor, feeds, progress=progress)
+    keep_float(graph, {name for override, ops in regions
+                       if override.precision_level == 3 and override.float_after_calibration for name in ops})
+    platform.finalize(graph)
+    if search is not None:
+        return search.run(graph, executor, plan.device, export=lambda: platform.export(graph))
+    return platform.export(graph)
+
+
+@contextlib.contextmanager
+def _ppq_output_to_log():
+    """PPQ passes report with print(): keep that out of the user's terminal (debug log)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        text = captured.getvalue().strip()
+        if text:
+            log.debug("%s", text)
+
+
+def align_concat_inputs_to_output(graph) -> None:
+    """Concat inputs share the output's quantization (the runtime concatenates int8 as is).
+
+    PPQ's alignment pass does the same but also ties inputs to an output that is not
+    quantized (a model output stays float), leaving them without parameters: those
+    inputs keep their own quantization here.
+    """
+    from ppq import QuantableOperation, QuantizationStates
+
+    for operation in graph.operations.values():
+        if not isinstance(operation, QuantableOperation) or operation.type != "Concat":
+            continue
+        master = operation.config.output_quantization_config[0]
+        if master.dominated_by.scale is None:
+            continue
+        for config in operation.config.input_quantization_config:
+            if config.state not in {QuantizationStates.FP32, QuantizationStates.SOI}:
+                config.master_by = master
+        # the producers write their outputs with the concat's parameters: no requantization
+        for producer in graph.get_upstream_operations(operation):
+            if isinstance(producer, QuantableOperation):
+                for config, var in producer.config_with_variable:
+                    if operation in var.dest_ops:
+                        config.dominated_by = master
+
+
+def _check_executable(graph) -> None:
+    """Calibration runs the graph in PPQ: name the first op it cannot run, and the way around it."""
+    from ppq import TargetPlatform
+    from ppq.executor.base import OPERATION_FORWARD_TABLE
+
+    known = OPERATION_FORWARD_TABLE[TargetPlatform.FP32]
+    for operation in graph.topological_sort():
+        if operation.type not in known:
+            inputs = [var.name for var in operation.inputs if not var.is_parameter]
+            raise QuantizationError(
+                f"op {operation.name} ({operation.type}) cannot be executed by PPQ. Cut the graph above it with "
+                f"quantization_parameters.truncate_var_names (e.g. {json.dumps(inputs)}): the part below the cut "
+                "is re-attached in float")
+
+
+def _load_graph(model):
+    """Parse an ``onnx.ModelProto`` into PPQ's IR and format it."""
+    import onnx
+    from ppq.api.interface import format_graph
+    from ppq.parser.onnx_parser import OnnxParser
+
+    handle, path = tempfile.mkstemp(suffix=".onnx", prefix="xquant-")
+    os.close(handle)
+    try:
+        onnx.save(model, path)
+        graph = OnnxParser().build(path)
+    finally:
+        os.unlink(path)
+    return format_graph(graph)
+
+
+def resolve_overrides(graph, overrides) -> list[tuple[SubgraphOverride, set[str]]]:
+    """The ops of each ``custom_setting`` subgraph: the ops on the way up from its outputs that do not
+    cross its inputs, and are downstream of them."""
+    regions = []
+    for override in overrides:
+        where = f"$.quantization_parameters.custom_setting[{override.index}]"
+        if not override.input_names or not override.output_names:
+            raise ModelError(f"{where}: input_names and output_names should be set.")
+        for field, names in (("input_names", override.input_names), ("output_names", override.output_names)):
+            for name in names:
+                if name not in graph.variables:
+                    raise ModelError(f"{where}.{field}: var name {name} not in the graph. (Names are those of the "
+                                     "model after onnxsim; set skip_onnxsim to keep every original name.)")
+        downstream = _reachable({op for name in override.input_names for op in graph.variables[name].dest_ops},
+                                lambda op: [d for out in op.outputs for d in out.dest_ops])
+        boundary = set(override.input_names)  # walking up from the outputs stops at the inputs
+        upstream = _reachable({graph.variables[name].source_op for name in override.output_names
+                               if graph.variables[name].source_op is not None and name not in boundary},
+                              lambda op: [v.source_op for v in op.inputs
+                                          if v.source_op is not None and v.name not in boundary])
+        ops = {op.name for op in downstream & upstream}
+        if not ops:
+            raise ModelError(f"{where}: no op lies between input_names {list(override.input_names)} and "
+                             f"output_names {list(override.output_names)}")
+        regions.append((override, ops))
+    return regions
+
+
+def _reachable(start: set, neighbours) -> set:
+    seen, stack = set(start), list(start)
+    while stack:
+        for nxt in neighbours(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
+    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels."""
+    from ppq import TargetPlatform
+    from ppq.scheduler import DISPATCHER_TABLE
+
+    dispatcher = DISPATCHER_TABLE["conservative"](graph)
+    table = dispatcher.dispatch(graph=graph, quant_types=quant_types,
+                                quant_platform=TargetPlatform.UNSPECIFIED,
+                                fp32_platform=TargetPlatform.FP32, SOI_platform=TargetPlatform.SOI)
+    levels = {name: plan.precision_level for name in graph.operations}
+    for override, ops in regions:
+        if override.precision_level == 3 and override.float_after_calibration:
+            continue  # quantized now, put back to float after calibration (keep_float)
+        if override.precision_level is not None:
+            for name in ops:
+                levels[name] = override.precision_level
+    for operation in graph.operations.values():
+        operation.platform = table[operation.name]
+        level = levels[operation.name]
+        if level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters):
+            operation.platform = TargetPlatform.FP32
