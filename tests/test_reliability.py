@@ -379,24 +379,28 @@ def test_unexpected_exception_is_a_bug_with_the_log_path(tmp_path, monkeypatch, 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero in a place nobody expected")
 
-    log_file = tmp_path / "logs" / "xquant-last-error.log"
-    log_file.parent.mkdir()
-    monkeypatch.setattr(cli, "LOG_FILE", log_file)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(cli, "LOG_DIR", logs)
     monkeypatch.setattr(pipeline, "run", broken)
     project = make_project(tmp_path / "p")
 
     assert cli.main(["-c", str(project / "cfg.json")]) == 3
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == (f"xquant: internal error (this is a bug in xquant, please report it); "
-                   f"the traceback is in {log_file}\n")
+    prefix = "xquant: internal error (this is a bug in xquant, please report it); the traceback is in "
+    assert err.startswith(prefix) and err.endswith(".log\n") and err.count("\n") == 1
+    log_file = Path(err[len(prefix):].strip())
+    assert log_file.parent == logs and log_file.name.startswith("xquant-error-")
     logged = log_file.read_text()
     assert logged.startswith("Traceback") and "ZeroDivisionError: division by zero in a place" in logged
 
     assert cli.main(["-c", str(project / "cfg.json"), "--verbose"]) == 3
     out, err = capsys.readouterr()
     assert "Traceback" in err and "ZeroDivisionError" in err
-    assert err.rstrip().endswith(f"the traceback is in {log_file}")
+    second = Path(err.rstrip().rsplit("the traceback is in ", 1)[1])
+    assert second != log_file and log_file.read_text() == logged  # a second failure keeps the first log
+    assert sorted(logs.iterdir()) == sorted([log_file, second])
 
 
 def test_unexpected_exception_in_the_installed_command_exits_3(tmp_path, run_xquant):
@@ -414,9 +418,9 @@ def test_unexpected_exception_in_the_installed_command_exits_3(tmp_path, run_xqu
     before = inputs_snapshot(project)
     env = {"PYTHONPATH": str(site), "TMPDIR": str(temp)}
     result = run_xquant("-c", "cfg.json", cwd=project, env=env)
-    log_file = temp / "xquant-last-error.log"
     assert result.returncode == 3, result.stderr
     assert_no_traceback(result)
+    (log_file,) = temp.glob("xquant-error-*.log")
     assert result.stderr == (f"xquant: internal error (this is a bug in xquant, please report it); "
                              f"the traceback is in {log_file}\n")
     assert "KeyError: 'a key the code forgot'" in log_file.read_text()

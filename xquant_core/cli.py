@@ -18,7 +18,17 @@ from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, XQuantError
 
 log = logging.getLogger("xquant")
-LOG_FILE = Path(tempfile.gettempdir()) / "xquant-last-error.log"
+#: where internal-error tracebacks go (one new file per failure); None: the temp folder
+LOG_DIR: Path | None = None
+
+
+def write_error_log(details: str) -> Path:
+    """Write a traceback to a new ``xquant-error-*.log``: concurrent failures keep their own logs."""
+    handle, name = tempfile.mkstemp(prefix="xquant-error-", suffix=".log",
+                                    dir=str(LOG_DIR) if LOG_DIR is not None else None)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(details)
+    return Path(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         details = traceback.format_exc()
         try:
-            LOG_FILE.write_text(details, encoding="utf-8")
-            where = f"the traceback is in {LOG_FILE}"
+            where = f"the traceback is in {write_error_log(details)}"
         except OSError:
             where = "run again with --verbose for the traceback"
         if args.verbose:
