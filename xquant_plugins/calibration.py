@@ -151,15 +151,17 @@ class Default(CalibrationAlgorithm):
     strategies = ("percentile windows", "wider percentile windows", "KL+MSE histogram search")
 
     def compute_range(self, stats: TensorStatistics, ctx: CalibrationContext) -> tuple[float, float]:
-        return self.candidate_ranges(stats, ctx)[0]
+        """The first strategy alone: the ``max_percentile`` window with the rules."""
+        if stats.is_graph_output:
+            return stats.min, stats.max
+        return self._rules(stats, percentile_range(stats, ctx.max_percentile))
 
     def candidate_ranges(self, stats: TensorStatistics, ctx: CalibrationContext) -> list[tuple[float, float]]:
         if stats.is_graph_output:
             return [(stats.min, stats.max)]
         wider = 1.0 - (1.0 - ctx.max_percentile) / WIDER_PERCENTILE_FACTOR
-        return [self._rules(stats, window) for window in
-                (percentile_range(stats, ctx.max_percentile), percentile_range(stats, wider),
-                 _KLMSE.compute_range(stats, ctx))]
+        return [self.compute_range(stats, ctx), self._rules(stats, percentile_range(stats, wider)),
+                self._rules(stats, _KLMSE.compute_range(stats, ctx))]
 
     @staticmethod
     def _rules(stats: TensorStatistics, window: tuple[float, float]) -> tuple[float, float]:
