@@ -132,7 +132,9 @@ def test_keep_float_leaves_earlier_float_ops_float(config):
     from xquant_core.plugins import registry
 
     class Probe:
-        def run(self, graph, executor, device, export):
+        already_float = ()
+
+        def run(self, graph, executor, device, export, plain=None):
             undo_first = keep_float(graph, {"conv2"})
             undo = keep_float(graph, {"conv2", "conv3"})
             both = {name: graph.operations[name]._dequantized for name in ("conv2", "conv3")}

@@ -110,6 +110,7 @@ def test_sample_auto_precision_meets_a_stricter_target_and_improves_held_out_pho
     all_int8, final = float(rows["all-INT8"][3]), float(rows["final model"][3])
     float_ops = int(rows["final model"][2])
     assert final <= target < all_int8, rows  # stricter than plain INT8, and met
+    assert final < float(rows["all-INT8, recalibrated"][3])  # same calibration, same samples: better
     assert 1 <= float_ops <= auto["auto_precision"]["max_float_ops"]
 
     evaluator = sample_module("mobilenet_v2/evaluate.py")

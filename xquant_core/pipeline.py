@@ -168,6 +168,7 @@ class _Search:
     chosen: tuple  #: FloatOps, in the order they were chosen
     before: float  #: all-INT8, calibrated without the held-back samples
     estimate: float  #: with the first stage's ops in float, same calibration
+    plain: float | None  #: all-INT8, calibrated on all samples (None: the first stage kept nothing float)
     recalibrated: float  #: the first stage's ops in float, calibrated on all samples
     final: float  #: the exported final model (calibrated on all samples)
     topped_up: int  #: ops added in the second stage
@@ -237,7 +238,8 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     second = quantize_graph(model, dataset, len(dataset), platform, keeping_float(first.chosen), progress,
                             search=FloatOpSearch(measure, metric, auto.target_value, auto.max_float_ops, held_back,
                                                  already_float=[op.name for op in first.chosen]))
-    search = _Search(first.chosen + second.chosen, first.before, first.estimate, second.before, second.estimate,
+    search = _Search(first.chosen + second.chosen, first.before, first.estimate, second.plain, second.before,
+                     second.estimate,
                      len(second.chosen), first.candidates_tried + second.candidates_tried,
                      first.seconds + second.seconds, metric, len(held_back),
                      HOLD_BACK_EVERY)
@@ -288,7 +290,9 @@ def finish_search(cfg: XQuantConfig, search: _Search, out_path: Path):
              "| stage | calibrated on | ops in float | metric |", "|---|---|---|---|",
              f"| all-INT8 | all but the held-back samples | 0 | {search.before:.6g} |",
              f"| search | all but the held-back samples | {count - search.topped_up} | {search.estimate:.6g} |",
-             f"| recalibrated | all samples | {count - search.topped_up} | {search.recalibrated:.6g} |",
+             *([f"| all-INT8, recalibrated | all samples | 0 | {search.plain:.6g} |"]
+               if search.plain is not None else []),
+             f"| search, recalibrated | all samples | {count - search.topped_up} | {search.recalibrated:.6g} |",
              f"| final model | all samples | {count} | {final:.6g} |", "",
              f"Candidates tried: {search.candidates_tried}, search time {search.seconds:.1f} s (ranking: one float "
              "and one quantized pass; each candidate: one export and one onnxruntime pass over the held-back "

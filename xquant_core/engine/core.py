@@ -171,11 +171,13 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
     if plan.finetune_level >= 1:
         correct_bias(graph, executor, feeds, progress=progress)
+    platform.finalize(graph)
+    # the all-INT8 model, for a search that starts with ops already in float to compare against
+    plain = platform.export(graph) if search is not None and search.already_float else None
     keep_float(graph, {name for override, ops in regions
                        if override.precision_level == 3 and override.float_after_calibration for name in ops})
-    platform.finalize(graph)
     if search is not None:
-        return search.run(graph, executor, plan.device, export=lambda: platform.export(graph))
+        return search.run(graph, executor, plan.device, export=lambda: platform.export(graph), plain=plain)
     return platform.export(graph)
 
 

@@ -37,6 +37,7 @@ class SearchResult:
     candidates_tried: int
     model: Any  #: the exported graph with the chosen ops in float
     seconds: float  #: time spent in the search (ranking and candidates)
+    plain: float | None = None  #: the metric of the all-INT8 model, when the search started with float ops
 
 
 class FloatOpSearch:
@@ -61,19 +62,21 @@ class FloatOpSearch:
         self.target, self.max_float_ops = target, max_float_ops
         self.held_back, self.already_float = held_back, set(already_float)
 
-    def run(self, graph, executor, device: str, export: Callable[[], Any]) -> SearchResult:
+    def run(self, graph, executor, device: str, export: Callable[[], Any], plain: Any = None) -> SearchResult:
+        """Search; ``plain``: the exported all-INT8 model, measured for comparison only."""
         import torch
 
         def measure() -> float:
             return float(self.measure_model(export()))
 
         started = time.perf_counter()
+        plain_value = float(self.measure_model(plain)) if plain is not None else None
         before = best = measure()
         chosen: list[FloatOp] = []
         kept: set[str] = set(self.already_float)
         tried = 0
         if self.metric.meets(best, self.target) or len(kept) >= self.max_float_ops:
-            return SearchResult((), before, best, tried, export(), time.perf_counter() - started)
+            return SearchResult((), before, best, tried, export(), time.perf_counter() - started, plain_value)
         feeds = lambda: iter({name: torch.from_numpy(np.ascontiguousarray(array)).to(device)  # noqa: E731
                               for name, array in feed.items()} for feed in self.held_back)
         ranking = [item for item in rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
@@ -110,4 +113,5 @@ class FloatOpSearch:
                                       tuple(var.name for var in op.outputs)))
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
         keep_float(graph, kept - self.already_float)
-        return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started)
+        return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started,
+                            plain_value)
