@@ -200,3 +200,15 @@ def test_a_third_party_metric_drives_the_search(config, monkeypatch):
     finally:
         host.unregister("test-metric-plugin")
     assert calls and all(count == 4 for count in calls)  # 16 samples, every 4th held back
+
+
+def test_the_search_is_explained_even_without_analysis(config):
+    config = _auto(config, 1e-6, max_float_ops=2)
+    config["quantization_parameters"]["analysis_enable"] = False
+    xquant.quantize_onnx_model(config)
+    out = Path(config["model_parameters"]["working_dir"])
+    report = (out / "m.q_report.md").read_text()
+    assert "analysis_enable is false" in report and "Per-op SNR" not in report
+    stages = _stages(report)
+    assert stages["final model"][0] == len(json.loads((out / "m.q_custom_setting.json").read_text())["custom_setting"])
+    assert not list(out.glob("*.png"))

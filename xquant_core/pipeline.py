@@ -155,6 +155,12 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model
         report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
         summary += lines
+    elif sections:  # no analysis asked for: the report holds what auto_precision found, and nothing else
+        report_path = out_path.with_name(f"{out_path.stem}_report.md")
+        write_bytes_atomically(report_path, "\n".join((f"# Quantization report: {out_path.stem}", "",
+                                                        "(analysis_enable is false: no per-tensor analysis)", "",
+                                                        *sections, "")).encode("utf-8"))
+        summary += (f"report: {report_path}",)
     write_model_atomically(quantized, out_path)
     if snippet is not None:
         write_bytes_atomically(*snippet)
