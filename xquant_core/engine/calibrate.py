@@ -160,10 +160,11 @@ class ActivationCalibration:
             self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress,
                               f"calibration ({phase})")
         strategies = max(observer.compute() for observer in observers.values())
-        for observer in observers.values():
-            observer.render()
         if strategies > 1:
             self._choose_strategy(graph, executor, feeds, observers, strategies)
+        else:
+            for observer in observers.values():
+                observer.render()
 
     def _choose_strategy(self, graph, executor, feeds, observers, strategies: int) -> None:
         """Keep the strategy whose quantized model output is closest to the float one.
@@ -183,8 +184,8 @@ class ActivationCalibration:
                 observer.render(strategy)
             errors.append(output_error(graph, executor, batches, references))
         best = int(np.argmin(errors))
-        names = next((tuple(getattr(observer.algorithm, "strategies", ())) for observer in observers.values()
-                      if len(getattr(observer.algorithm, "strategies", ())) == strategies), ())
+        named = (tuple(getattr(observer.algorithm, "strategies", ())) for observer in observers.values())
+        names = next((names for names in named if len(names) == strategies), ())
         label = lambda index: names[index] if index < len(names) else f"strategy {index}"  # noqa: E731
         log.info("calibration: output SNR on %d calibration batch(es): %s; keeping %s", len(batches),
                  ", ".join(f"{label(index)} {error:.5g}" for index, error in enumerate(errors)), label(best))

@@ -50,7 +50,7 @@ class FloatOpSearch:
     onnxruntime on the held-back feeds, the way the final model will be measured; it
     stays float only if the metric improves, until the target is met or
     ``max_float_ops`` ops are float. A candidate costs one export and one onnxruntime
-    pass over the held-back feeds (about 1 s for MobileNetV2), not a quantization.
+    pass over the held-back feeds (about 0.3 s for MobileNetV2), not a quantization.
 
     ``measure(model)`` scores an exported ``onnx.ModelProto`` against the float model;
     ``already_float`` are ops the plan keeps float already (they count against the budget).
