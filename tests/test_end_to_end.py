@@ -113,6 +113,16 @@ def test_sample_auto_precision_meets_a_stricter_target_and_improves_held_out_pho
     assert final < float(rows["all-INT8, recalibrated"][3])  # same calibration, same samples: better
     assert 1 <= float_ops <= auto["auto_precision"]["max_float_ops"]
 
+    # the emitted custom_setting, without auto_precision, gives the same bytes
+    reproduce = json.loads(json.dumps(auto))
+    del reproduce["auto_precision"]
+    reproduce["quantization_parameters"].update(
+        json.loads((tmp_path / "mobilenet_v2.auto.q_custom_setting.json").read_text()))
+    reproduce["quantization_parameters"]["analysis_enable"] = False
+    reproduce["model_parameters"]["output_prefix"] = "reproduced"
+    reproduced = xquant.quantize_onnx_model(reproduce)
+    assert reproduced.SerializeToString() == (tmp_path / "mobilenet_v2.auto.q.onnx").read_bytes()
+
     evaluator = sample_module("mobilenet_v2/evaluate.py")
     before = evaluator.evaluate(model, plain)
     after = evaluator.evaluate(model, tmp_path / "mobilenet_v2.auto.q.onnx")

@@ -17,7 +17,9 @@ from xquant_core.ppq_compat import import_ppq
 
 import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/onnx
 
+import itertools
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 
@@ -30,6 +32,7 @@ from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter
 import xquant_core
 
 MIN_OPSET = 13
+GENERATED_NAME = re.compile(r"PPQ_Variable_\d+")
 
 
 def _exportable(TQC, bounded_var) -> bool:
@@ -89,6 +92,7 @@ def export_qdq(graph) -> onnx.ModelProto:
     finally:
         os.unlink(path)
 
+    _name_generated_tensors(model)
     _order_tensors(model)
     opsets = {}
     for opset in model.opset_import:
@@ -103,6 +107,27 @@ def export_qdq(graph) -> onnx.ModelProto:
     onnx.helper.set_model_props(model, {"xquant_version": xquant_core.__version__,
                                         "xquant_platform": "spacemit"})
     return model
+
+
+def _name_generated_tensors(model: onnx.ModelProto) -> None:
+    """Number the tensors PPQ generates (``PPQ_Variable_<n>``) in node order.
+
+    PPQ numbers them by creation, which depends on the order ops were switched to float
+    before export: the auto-precision search (ops switched one by one) and the
+    custom_setting it emits (all at once) gave the same graph under different names.
+    """
+    interface = {value.name for value in list(model.graph.input) + list(model.graph.output)}  # kept as is
+    names = [name for node in model.graph.node for name in list(node.input) + list(node.output)]
+    names += [item.name for field in (model.graph.initializer, model.graph.value_info) for item in field]
+    generated = [name for name in dict.fromkeys(names) if GENERATED_NAME.fullmatch(name) and name not in interface]
+    fresh = (f"PPQ_Variable_{index}" for index in itertools.count())
+    order = {name: next(new for new in fresh if new not in interface) for name in generated}
+    for node in model.graph.node:
+        node.input[:] = [order.get(name, name) for name in node.input]
+        node.output[:] = [order.get(name, name) for name in node.output]
+    for field in (model.graph.initializer, model.graph.value_info):
+        for item in field:
+            item.name = order.get(item.name, item.name)
 
 
 def _order_tensors(model: onnx.ModelProto) -> None:
