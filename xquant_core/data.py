@@ -43,9 +43,23 @@ class InputSpec:
     config: InputConfig
 
     @property
+    def batched(self) -> bool:
+        """Whether the input has a leading batch dimension of 1 (most inputs; not an RNN state
+        ``[directions, batch, hidden]``, a rank-1 or a scalar input)."""
+        return len(self.shape) >= 1 and self.shape[0] == 1
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
-        """The shape of one sample: ``shape`` without the batch dimension."""
-        return tuple(self.shape[1:])
+        """The shape of one sample: ``shape`` without the batch dimension, or the whole shape when unbatched."""
+        return tuple(self.shape[1:]) if self.batched else tuple(self.shape)
+
+    def batch_shape(self, count: int) -> tuple[int, ...]:
+        """The shape of a batch of ``count`` samples (an unbatched input takes one sample at a time)."""
+        return (count,) + self.sample_shape if self.batched else self.sample_shape
+
+    def accepted_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes a file may hold for one sample: the model's shape, and without its batch dim of 1."""
+        return [self.sample_shape, self.shape] if self.batched else [self.shape]
 
     @property
     def height_width(self) -> tuple[int, int]:
@@ -166,7 +180,7 @@ class PathFunctionPreprocessor:
 
 def conform(array: np.ndarray, spec: InputSpec, count: int, origin: str) -> np.ndarray:
     """Check and cast a batch of ``count`` samples to the input's shape and dtype."""
-    expected = (count,) + spec.sample_shape
+    expected = spec.batch_shape(count)
     array = np.asarray(array)
     if array.shape != expected and array.size == math.prod(expected):
         # only a flat array, or a missing/extra batch dimension: never reorder axes silently
@@ -222,6 +236,10 @@ class CalibrationDataset:
     def __init__(self, specs: Sequence[InputSpec], readers: dict[str, Reader],
                  preprocessors: dict[str, Any], samples: int, batch_size: int = 1):
         self.specs = list(specs)
+        unbatched = [spec.name for spec in self.specs if not spec.batched]
+        if batch_size > 1 and unbatched:
+            raise DataError(f"input(s) {', '.join(unbatched)} have no leading batch dimension of 1: "
+                            "calibrate them one sample at a time")
         self.readers = readers
         self.preprocessors = preprocessors
         self.batch_size = batch_size
@@ -283,8 +301,8 @@ class CalibrationDataset:
             except Exception as exc:
                 raise DataError(f"Calibration input {spec.name}: preprocessing {path} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
-            samples.append(conform(sample, spec, 1, str(path))[0])
-        return np.stack(samples)
+            samples.append(conform(sample, spec, 1, str(path)))
+        return np.concatenate(samples) if spec.batched else samples[0]
 
 
 def resolve_preprocessor(spec_config: InputConfig, registry) -> Any:

@@ -11,6 +11,7 @@ import onnx
 
 from .config import InputConfig
 from .data import InputSpec
+from .engine.forms import at_least_opset_13, default_opset
 from .errors import ModelError
 
 log = logging.getLogger("xquant.model")
@@ -20,7 +21,7 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    """Load and sanity-check a float ONNX model (a path or an in-memory proto)."""
+    """Load and sanity-check a float ONNX model (a path or an in-memory proto); opset < 13 is converted to 13."""
     if isinstance(source, onnx.ModelProto):
         model = source
         where = "the given model"
@@ -41,7 +42,13 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if quantized:
         raise ModelError(f"{where} is already quantized (it contains {', '.join(quantized)}); "
                          "give xquant the float model")
-    return model
+    opset = default_opset(model)
+    try:
+        return at_least_opset_13(model)
+    except Exception as exc:
+        raise ModelError(f"{where} is at opset {opset}; converting it to opset 13 failed "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                         "export it again at opset 13 or later") from None
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

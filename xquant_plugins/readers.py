@@ -49,26 +49,25 @@ class NpyReader:
             array = np.load(str(path), allow_pickle=False)
         except Exception as exc:
             raise DataError(f"Calibration input {spec.name}: {path} is not a readable .npy file: {exc}") from None
-        if array.shape == spec.shape and spec.shape[0] == 1:
-            array = array[0]
-        if array.shape != spec.sample_shape:
+        accepted = spec.accepted_shapes()
+        if array.shape not in accepted:
             raise DataError(f"Calibration input {spec.name}: {path} holds shape {list(array.shape)}, expected "
-                            f"{list(spec.sample_shape)} or {list(spec.shape)}")
-        return array
+                            + " or ".join(str(list(shape)) for shape in accepted))
+        return array.reshape(spec.sample_shape)
 
 
 class RawReader:
-    """``raw``: flat float32 bytes, reshaped to ``input_shape``."""
+    """``raw``: flat float32 bytes, one sample of ``input_shape``."""
 
     is_image = False
 
     def read(self, path: Path, spec: InputSpec) -> np.ndarray:
-        expected = int(np.prod(spec.sample_shape)) * 4
+        expected = int(np.prod(spec.sample_shape, dtype=np.int64)) * 4
         actual = path.stat().st_size
-        if actual != expected and actual != expected * spec.shape[0]:
+        if actual != expected:
             raise DataError(f"Calibration input {spec.name}: {path} has {actual} bytes, expected {expected} "
                             f"(float32 x {list(spec.sample_shape)})")
-        return np.fromfile(str(path), dtype=np.float32)[: expected // 4].reshape(spec.sample_shape)
+        return np.fromfile(str(path), dtype=np.float32).reshape(spec.sample_shape)
 
 
 @hookimpl

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -31,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from ..calibration import CalibrationAlgorithm, CalibrationContext
-from ..errors import ModelError, QuantizationError
+from ..errors import ModelError
 from ..ppq_compat import import_ppq
+from . import forms
 from .calibrate import ActivationCalibration
 from .common import Batches, keep_float
 from .finetune import correct_bias, fine_tune_worst_layers
@@ -123,7 +123,6 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     from ppq import TargetPlatform, TorchExecutor
 
     graph = _load_graph(model)
-    _check_executable(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
     _dispatch(graph, quantizer.quant_operation_types, plan, regions)
@@ -173,12 +172,16 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         correct_bias(graph, executor, feeds, progress=progress)
     platform.finalize(graph)
     # the all-INT8 model, for a search that starts with ops already in float to compare against
-    plain = platform.export(graph) if search is not None and search.already_float else None
+    plain = forms.restore(platform.export(graph), model) if search is not None and search.already_float else None
     keep_float(graph, {name for override, ops in regions
                        if override.precision_level == 3 and override.float_after_calibration for name in ops})
+
+    def export():
+        return forms.restore(platform.export(graph), model)
+
     if search is not None:
-        return search.run(graph, executor, plan.device, export=lambda: platform.export(graph), plain=plain)
-    return platform.export(graph)
+        return search.run(graph, executor, plan.device, export=export, plain=plain)
+    return export()
 
 
 @contextlib.contextmanager
@@ -220,31 +223,18 @@ def align_concat_inputs_to_output(graph) -> None:
                         config.dominated_by = master
 
 
-def _check_executable(graph) -> None:
-    """Calibration runs the graph in PPQ: name the first op it cannot run, and the way around it."""
-    from ppq import TargetPlatform
-    from ppq.executor.base import OPERATION_FORWARD_TABLE
-
-    known = OPERATION_FORWARD_TABLE[TargetPlatform.FP32]
-    for operation in graph.topological_sort():
-        if operation.type not in known:
-            inputs = [var.name for var in operation.inputs if not var.is_parameter]
-            raise QuantizationError(
-                f"op {operation.name} ({operation.type}) cannot be executed by PPQ. Cut the graph above it with "
-                f"quantization_parameters.truncate_var_names (e.g. {json.dumps(inputs)}): the part below the cut "
-                "is re-attached in float")
-
-
 def _load_graph(model):
-    """Parse an ``onnx.ModelProto`` into PPQ's IR and format it."""
+    """Parse an ``onnx.ModelProto`` into PPQ's IR (in the forms PPQ runs right) and format it."""
     import onnx
     from ppq.api.interface import format_graph
     from ppq.parser.onnx_parser import OnnxParser
 
+    from . import ppq_ops
+
     handle, path = tempfile.mkstemp(suffix=".onnx", prefix="xquant-")
     os.close(handle)
     try:
-        onnx.save(model, path)
+        onnx.save(forms.for_ppq(model, ppq_ops.runnable_types()), path)
         graph = OnnxParser().build(path)
     finally:
         os.unlink(path)
