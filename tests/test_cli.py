@@ -78,12 +78,13 @@ def test_quantize_writes_a_valid_model_close_to_float(small_project, run_xquant)
     output = small_project / "out" / "small.q.onnx"
     assert output.is_file()
 
-    # one summary line: the output path and the time it took
+    # two summary lines: how many compute ops run in INT8; the output path and the time it took
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1, result.stdout
-    assert str(output) in lines[0]
-    assert re.search(r"in \d+\.\d s$", lines[0]), lines[0]
-    assert "12 calibration samples" in lines[0]
+    assert len(lines) == 2, result.stdout
+    assert lines[0] == "xquant: INT8: 3 of 3 Conv/ConvTranspose/Gemm/MatMul ops"
+    assert str(output) in lines[1]
+    assert re.search(r"in \d+\.\d s$", lines[1]), lines[1]
+    assert "12 calibration samples" in lines[1]
     assert "Traceback" not in result.stderr
 
     model = onnx.load(str(output))

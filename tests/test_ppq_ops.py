@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 RNG = np.random.default_rng(0)
 X4 = RNG.normal(size=(1, 4, 11, 12)).astype(np.float32)
 X3 = RNG.normal(size=(1, 4, 20)).astype(np.float32)
+X2 = RNG.normal(size=(1, 576)).astype(np.float32)
 
 
 def _model(op, inputs, attrs, x, inits=None, opset=13, outputs=1):
@@ -105,6 +106,14 @@ def _cases():
                                                           "ax": np.array([-1], np.int64)}, opset=18)
     cases["Pad opset 19 wrap (onnxruntime)"] = _model("Pad", ["x", "p"], {"mode": "wrap"}, X4,
                                                       {"p": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)}, opset=19)
+    for mode in ["reflect", "edge", "wrap"]:  # was: reflect/edge failed outside torch's own cases
+        cases[f"Pad {mode} rank 2"] = _model("Pad", ["x", "p"], {"mode": mode}, X2,
+                                             {"p": np.array([0, 64, 0, 64], np.int64)}, opset=19)
+        cases[f"Pad {mode} every axis"] = _model("Pad", ["x", "p"], {"mode": mode}, X4,
+                                                 {"p": np.array([0, 1, 2, 1, 0, 1, 1, 2], np.int64)}, opset=19)
+    cases["Pad constant value, negative pads"] = _model("Pad", ["x", "p", "v"], {}, X4,
+                                                        {"p": np.array([0, 1, -2, 1, 0, 0, 2, -1], np.int64),
+                                                         "v": np.array(0.5, np.float32)})
     cases["Mish (onnxruntime)"] = _model("Mish", ["x"], {}, X4, opset=18)  # was: PPQ cannot run it
     cases["LpNormalization (onnxruntime)"] = _model("LpNormalization", ["x"], {"axis": 1}, X4)
     cases["Softmax opset 11 (converted)"] = _model("Softmax", ["x"], {"axis": 1}, X4, opset=11)
@@ -138,7 +147,8 @@ def _run_as_ppq(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_float_graph_as_ppq_runs_it_equals_onnxruntime(name):
     model = CASES[name]
-    feeds = {"x": X3 if model.graph.input[0].type.tensor_type.shape.dim.__len__() == 3 else X4}
+    rank = len(model.graph.input[0].type.tensor_type.shape.dim)
+    feeds = {"x": {2: X2, 3: X3, 4: X4}[rank]}
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     got = _run_as_ppq(model, feeds)
     assert len(got) == len(expected)

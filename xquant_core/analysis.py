@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .runtime import onnxruntime_session
+
 log = logging.getLogger("xquant.analysis")
 
 #: a row is flagged above this noise-to-signal power ratio
@@ -364,24 +366,8 @@ def _instrumented(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
     return copy.SerializeToString()
 
 
-def _threads() -> int:
-    """onnxruntime threads: ``XQUANT_NUM_THREADS``, else half the cores, as for torch in the engine
-    (spinning threads that compete for every core made the analysis 3x slower on a busy 2-core box)."""
-    configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // 2)
-
-
 def _session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = _threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(model_bytes)
 
 
 def _run(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -134,7 +134,14 @@ def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], input
 
 
 def fix_input_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx.ModelProto:
-    """Write the calibration shapes into the model's inputs (symbolic batch -> fixed)."""
+    """Write the calibration shapes into the model's inputs (symbolic batch -> fixed).
+
+    Not in a model with subgraphs: onnxruntime infers shapes in untaken If branches too, and
+    a branch written for another rank (Silero VAD has one) makes the model fail to load.
+    """
+    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in model.graph.node for attribute in node.attribute):
+        return model
     by_name = {spec.name: spec for spec in specs}
     for value in model.graph.input:
         spec = by_name.get(value.name)

@@ -18,12 +18,14 @@ from typing import Any, Callable, Mapping
 
 import onnx
 
+from . import control_flow
 from . import model as model_io
 from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
 from .errors import DataError, ModelError, QuantizationError, XQuantError
 from .plugins import registry
+from .runtime import onnxruntime_session
 
 log = logging.getLogger("xquant")
 
@@ -133,7 +135,13 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     cut = cfg.quantization.truncate_var_names
     upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
     search = None
+    branches = control_flow.BranchReport()
     try:
+        if control_flow.has_control_flow(upper):
+            branch_plan = dataclasses.replace(plan, overrides=())  # custom_setting names the outer graph's tensors
+            upper, branches = control_flow.quantize_branches(
+                upper, [dataset.batch(index) for index in range(len(dataset))],
+                lambda branch, feeds: quantize_graph(branch, feeds, len(feeds), platform, branch_plan, progress))
         if cfg.auto_precision is not None:
             quantized, search = search_precision(cfg, upper, dataset, platform, plan, progress)
         else:
@@ -144,7 +152,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         raise QuantizationError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
 
     sections: tuple[str, ...] = ()
-    summary: tuple[str, ...] = ()
+    summary: tuple[str, ...] = tuple(branches.lines()) + (quantized_ops_line(quantized),)
     snippet = None
     if search is not None:
         sections, summary, snippet = finish_search(cfg, search, out_path)
@@ -252,13 +260,19 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     return second.model, search
 
 
+def quantized_ops_line(model: onnx.ModelProto) -> str:
+    """How many Conv/ConvTranspose/Gemm/MatMul ops run in INT8 (subgraphs included); a warning when none do."""
+    reading, compute = control_flow.count_quantized_ops(model)
+    if compute and not reading:
+        log.warning("nothing was quantized: none of the model's %d Conv/ConvTranspose/Gemm/MatMul ops reads "
+                    "int8 data (they sit where xquant keeps float: a custom_setting, precision_level, a branch "
+                    "no calibration sample takes)", compute)
+    return f"INT8: {reading} of {compute} Conv/ConvTranspose/Gemm/MatMul ops"
+
+
 def onnx_runner(model: onnx.ModelProto):
     """Run an ONNX model on one feed with onnxruntime: ``{input: array} -> {output: array}``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(model)
     names = [output.name for output in session.get_outputs()]
 
     def run(feed):

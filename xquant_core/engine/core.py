@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -98,24 +99,18 @@ def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads())
     try:
-        return _quantize(model, batches, num_batches, platform, plan, progress, search)
+        with warnings.catch_warnings():  # torch's deprecation notes about PPQ's indexing code
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"ppq\.")
+            return _quantize(model, batches, num_batches, platform, plan, progress, search)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def torch_threads() -> int:
-    """Threads for torch during calibration: ``XQUANT_NUM_THREADS``, else half the cores.
+    """Threads for torch during calibration (:func:`xquant_core.runtime.num_threads`)."""
+    from ..runtime import num_threads
 
-    torch's OpenMP kernels slow down by 10x or more when their threads compete with
-    other processes for every core (measured here on a 2-core machine: a 1x1 conv took
-    30 ms with 2 threads beside one busy process, 0.2 ms with 1 thread), so by default
-    we leave half of the cores free.
-    """
-    configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // 2)
+    return num_threads()
 
 
 def _quantize(model, batches, num_batches, platform, plan, progress, search=None):
@@ -134,6 +129,9 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     executor = TorchExecutor(graph=graph, device=plan.device)
     first = next(iter(feeds()))
     executor.tracing_operation_meta(inputs=first)
+    # PPQ's ParameterQuantizePass runs the graph on zeros: an If on an input's value (Silero
+    # VAD's sample rate) would take a branch the data never takes, and fail there
+    executor.dummy_forward = lambda hooks=None: executor.forward(inputs=first, hooks=hooks)
 
     def apply(ppq_pass, data=None) -> None:
         data = Batches(feeds, num_batches) if data is None else data
@@ -288,6 +286,13 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
     table = dispatcher.dispatch(graph=graph, quant_types=quant_types,
                                 quant_platform=TargetPlatform.UNSPECIFIED,
                                 fp32_platform=TargetPlatform.FP32, SOI_platform=TargetPlatform.SOI)
+    for operation in graph.operations.values():
+        # PPQ's dispatcher only quantizes what it reaches walking down from a computing op to an
+        # end: a Conv whose input comes from a float op (Mish, Tanh) and that writes a model
+        # output is not reached, and stayed float
+        if (operation.is_computing_op and operation.type in quant_types
+                and table[operation.name] == TargetPlatform.FP32):
+            table[operation.name] = TargetPlatform.UNSPECIFIED
     levels = {name: plan.precision_level for name in graph.operations}
     for override, ops in regions:
         if override.precision_level == 3 and override.float_after_calibration:

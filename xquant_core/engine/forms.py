@@ -355,8 +355,8 @@ def restore(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelPro
     """The exported ``model`` back in the forms of the float model ``reference``.
 
     Its opset (at least 13), the original opaque nodes, opset-18 reduce ``axes`` inputs, and
-    the reference's order of graph inputs and outputs (PPQ's export does not keep it, so
-    ``session.run(None, ...)`` unpacked by position would get the wrong tensors).
+    the reference's graph inputs and outputs as declared, in its order (PPQ's export does not
+    keep the order, so ``session.run(None, ...)`` unpacked by position got the wrong tensors).
     """
     opset = max(default_opset(reference), PPQ_OPSET)
     nodes, initializers = [], []
@@ -373,11 +373,15 @@ def restore(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelPro
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(initializers)
     _relabel(model, opset)
-    for field, order in ((model.graph.input, reference.graph.input), (model.graph.output, reference.graph.output)):
-        position = {value.name: index for index, value in enumerate(order)}
-        values = sorted(field, key=lambda value: position.get(value.name, len(position)))
-        del field[:]
-        field.extend(values)
+    for values, declared in ((model.graph.input, reference.graph.input), (model.graph.output, reference.graph.output)):
+        position = {value.name: index for index, value in enumerate(declared)}
+        ordered = sorted(values, key=lambda value: position.get(value.name, len(position)))
+        del values[:]
+        values.extend(declared[position[value.name]] if value.name in position else value for value in ordered)
+    if any(has_subgraph(node) for node in model.graph.node):
+        # shapes PPQ traced on the calibration data would make onnxruntime infer shapes in
+        # If branches the data never takes (Silero VAD's fails to load then)
+        del model.graph.value_info[:]
     return model
 
 

@@ -10,6 +10,8 @@ against onnxruntime by ``tests/test_ppq_ops.py``. What PPQ 0.6.6 does instead:
   and mixes up asymmetric pads;
 - ConvTranspose: crops asymmetric pads on the wrong axes;
 - Gelu: ignores ``approximate="tanh"``;
+- Pad: reflect/edge padding fails unless it is torch's own case (the last 1-3 axes of a
+  tensor with a batch axis in front), e.g. Silero VAD's reflect pad of a [1, 576] signal;
 - Resize: fails on ``sizes``, and maps every coordinate mode onto ``torch.interpolate``'s
   two; here nearest and linear follow the ONNX formulas for every coordinate mode;
 - :data:`.forms.OPAQUE` nodes (ops PPQ does not know, If/Loop/Scan, later-opset features)
@@ -24,9 +26,9 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from .forms import OPAQUE, opaque_inputs, opaque_original
+from .forms import OPAQUE, has_subgraph, opaque_inputs, opaque_original
 
 _installed = False
 
@@ -39,7 +41,7 @@ def install() -> None:
     from ppq.executor.base import OPERATION_FORWARD_TABLE
 
     implementations = {"PRelu": prelu, "AveragePool": average_pool, "ConvTranspose": conv_transpose,
-                       "Gelu": gelu, "Resize": resize, OPAQUE: onnxruntime_node}
+                       "Gelu": gelu, "Pad": pad, "Resize": resize, OPAQUE: onnxruntime_node}
     for table in OPERATION_FORWARD_TABLE.values():
         table.update(implementations)
     _installed = True
@@ -107,6 +109,34 @@ def gelu(op, values, ctx=None, **kwargs):
     approximate = op.attributes.get("approximate", "none")
     approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
     return F.gelu(values[0], approximate="tanh" if approximate == "tanh" else "none")
+
+
+def pad(op, values, ctx=None, **kwargs):
+    """ONNX Pad (opset 13 form: data, pads, constant_value) on any rank; negative pads crop."""
+    x = values[0]
+    pads = [int(value) for value in values[1].reshape(-1).tolist()]
+    rank = x.ndim
+    mode = _text(op, "mode", "constant")
+    if mode == "constant":
+        fill = values[2] if len(values) > 2 and values[2] is not None and values[2].numel() else None
+        torch_pads = [p for axis in reversed(range(rank)) for p in (pads[axis], pads[rank + axis])]
+        return F.pad(x, torch_pads, value=float(fill.reshape(-1)[0]) if fill is not None else 0.0)
+    for axis in range(rank):
+        before, after = pads[axis], pads[rank + axis]
+        if before == 0 and after == 0:
+            continue
+        size = x.shape[axis]
+        index = torch.arange(-before, size + after)
+        if mode == "reflect":
+            period = max(2 * (size - 1), 1)
+            index = index.remainder(period)
+            index = torch.where(index >= size, period - index, index)
+        elif mode == "edge":
+            index = index.clamp(0, size - 1)
+        else:  # wrap
+            index = index.remainder(size)
+        x = x.index_select(axis, index.to(x.device))
+    return x
 
 
 # --------------------------------------------------------------------------- Resize
@@ -194,31 +224,37 @@ def onnxruntime_node(op, values, ctx=None, **kwargs):
     """Run the original ONNX node of an opaque op with onnxruntime (float, on the CPU)."""
     arrays = [value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
               for value in values]
-    signature = tuple((array.dtype.str, array.shape) for array in arrays)
+    constant = [var.is_parameter for var in op.inputs]
+    signature = tuple((array.dtype.str, array.shape) for array, fixed in zip(arrays, constant) if not fixed)
     cached = getattr(op, "_xquant_session", None)
     if cached is None or cached[0] != signature:
-        cached = (signature, *_session(op, arrays))
+        cached = (signature, *_session(op, arrays, constant))
         op._xquant_session = cached
-    _, session, input_names = cached
-    outputs = session.run(None, dict(zip(input_names, arrays)))
+    _, session, feeds = cached
+    outputs = session.run(None, {name: arrays[index] for index, name in feeds})
     device = values[0].device if values and isinstance(values[0], torch.Tensor) else "cpu"
     tensors = [torch.from_numpy(np.ascontiguousarray(array)).to(device) for array in outputs]
     return tensors[0] if len(tensors) == 1 else tensors
 
 
-def _session(op, arrays):
-    import onnxruntime as ort
+def _session(op, arrays, constant):
+    """A one-node model of the original node: its constant inputs as initializers, the rest as inputs."""
+    from ..runtime import onnxruntime_session
 
     node, opsets = opaque_original(op.attributes)
-    names = opaque_inputs(node)
-    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
-              for name, array in zip(names, arrays)]
+    symbolic = has_subgraph(node)
+    inputs, initializers, feeds = [], [], []
+    for index, (name, array, fixed) in enumerate(zip(opaque_inputs(node), arrays, constant)):
+        if fixed:
+            initializers.append(numpy_helper.from_array(array, name))
+            continue
+        # symbolic dims under a subgraph: with fixed ones onnxruntime infers shapes in untaken
+        # If branches too, and a branch written for another rank (Silero VAD's) fails to load
+        dims = [f"d{axis}" for axis in range(array.ndim)] if symbolic else list(array.shape)
+        inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), dims))
+        feeds.append((index, name))
     outputs = [onnx.ValueInfoProto(name=name) for name in node.output if name]
-    graph = helper.make_graph([node], "xquant_opaque", inputs, outputs)
+    graph = helper.make_graph([node], "xquant_opaque", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = min(model.ir_version, 10)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session, names
+    return onnxruntime_session(model, threads=1), feeds

@@ -1,0 +1,37 @@
+"""onnxruntime sessions and the thread count, made one way for every part of xquant."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+
+
+def num_threads() -> int:
+    """Threads for torch and onnxruntime: ``XQUANT_NUM_THREADS``, else half the cores.
+
+    torch's OpenMP kernels and onnxruntime's spinning threads slow down by 10x or more when
+    they compete with other processes for every core (measured on a 2-core machine: a 1x1
+    conv took 30 ms with 2 threads beside one busy process, 0.2 ms with 1 thread), so by
+    default half of the cores stay free.
+    """
+    configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // 2)
+
+
+def onnxruntime_session(model: onnx.ModelProto | bytes, threads: int | None = None):
+    """A CPU onnxruntime session: quiet (errors only), no telemetry, no spinning threads."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
