@@ -48,13 +48,14 @@ def _conv_block(bias_scale: float = 0.1):
     rng = np.random.default_rng(0)
     inits = {"w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
              "b": (rng.normal(0, 1, (4,)) * bias_scale).astype(np.float32),
-             "shape": np.array([1, -1], dtype=np.int64)}
+             "shape": np.array([1, -1], dtype=np.int64), "wo": rng.normal(0, 0.1, (6, 256)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Reshape", ["r", "shape"], ["flat"]),
              helper.make_node("Sigmoid", ["flat"], ["s"]),
-             helper.make_node("Add", ["s", "flat"], ["y"])]
-    return _model(nodes, inits, [1, 3, 8, 8], [1, 256])
+             helper.make_node("Add", ["s", "flat"], ["sum"]),
+             helper.make_node("Gemm", ["sum", "wo"], ["y"], transB=1)]
+    return _model(nodes, inits, [1, 3, 8, 8], [1, 6])
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
@@ -94,7 +95,7 @@ def test_model_output_stays_float(tmp_path):
     config = _project(tmp_path, _conv_block(), (1, 3, 8, 8))
     model = xquant.quantize_onnx_model(str(config))
     producer = {out: node for node in model.graph.node for out in node.output}["y"]
-    assert producer.op_type == "Add"  # not a DequantizeLinear: the output is not rounded to int8
+    assert producer.op_type == "Gemm"  # not a DequantizeLinear: the output is not rounded to int8
 
 
 def test_bias_that_overflows_stays_float(tmp_path):
@@ -140,20 +141,24 @@ def test_matmul_constant_weight_is_per_channel_over_outputs(tmp_path):
     assert np.abs(_run(tmp_path / "m.onnx", x) - _run(tmp_path / "m.q.onnx", x)).max() < 0.1
 
 
-def test_concat_as_model_output_keeps_its_inputs_quantized(tmp_path):
-    """A Concat that is the model output stays float; its inputs keep their own int8 parameters
-    (PPQ's alignment tied them to the float output and bias correction then crashed)."""
+def test_post_processing_tail_after_the_last_compute_ops_stays_float(tmp_path):
+    """Ops from which no Conv/Gemm/MatMul can be reached (a detector's Sigmoid, decode, output
+    Concat) run in float; the convs that feed them read int8 and write float."""
     rng = np.random.default_rng(2)
     inits = {"wa": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "ba": np.zeros(4, np.float32),
              "wb": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "bb": np.zeros(4, np.float32)}
     nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["a"], ["sa"]),
              helper.make_node("Conv", ["x", "wb", "bb"], ["b"], pads=[1, 1, 1, 1]),
-             helper.make_node("Concat", ["sa", "b"], ["y"], axis=1)]
+             helper.make_node("Mul", ["b", "sa"], ["pixels"]),
+             helper.make_node("Concat", ["sa", "pixels"], ["y"], axis=1)]
     config = _project(tmp_path, _model(nodes, inits, [1, 3, 8, 8], [1, 8, 8, 8]), (1, 3, 8, 8), finetune_level=1)
     model = xquant.quantize_onnx_model(str(config))
     producer = {out: node for node in model.graph.node for out in node.output}
     concat = next(node for node in model.graph.node if node.op_type == "Concat")
-    assert all(producer[name].op_type == "DequantizeLinear" for name in concat.input)
+    assert [producer[name].op_type for name in concat.input] == ["Sigmoid", "Mul"]
+    assert producer["sa"].input[0] == "a" and producer["a"].op_type == "Conv"  # Conv writes float
+    conv = producer["a"]
+    assert producer[conv.input[0]].op_type == "DequantizeLinear"  # and reads int8
     x = np.load(tmp_path / "x0.npy")[None]
     assert np.abs(_run(tmp_path / "m.onnx", x) - _run(tmp_path / "m.q.onnx", x)).max() < 0.1

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from .common import HOLD_BACK_EVERY, RANKING_BATCHES, float_graph
+from .common import CHOICE_BATCHES, CHOICE_EVERY, float_graph
 from .finetune import output_error
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class _TensorObserver:
         if self.phase == "minmax":
             self.low = min(self.low, value.min().item())
             self.high = max(self.high, value.max().item())
+
         elif self.phase == "histogram" and self.high > self.low:
             counts = torch.histc(value, bins=HISTOGRAM_BINS, min=self.low, max=self.high)
             counts = counts.cpu().numpy().astype(np.float64)
@@ -169,13 +170,13 @@ class ActivationCalibration:
     def _choose_strategy(self, graph, executor, feeds, observers, strategies: int) -> None:
         """Keep the strategy whose quantized model output is closest to the float one.
 
-        Measured on every ``HOLD_BACK_EVERY``-th calibration batch (at most
-        ``RANKING_BATCHES``), biases still float: one quantized pass over those batches
+        Measured on every ``CHOICE_EVERY``-th calibration batch (at most
+        ``CHOICE_BATCHES``), biases still float: one quantized pass over those batches
         per strategy.
         """
         import torch
 
-        batches = list(itertools.islice(itertools.islice(feeds(), 0, None, HOLD_BACK_EVERY), RANKING_BATCHES))
+        batches = list(itertools.islice(itertools.islice(feeds(), 0, None, CHOICE_EVERY), CHOICE_BATCHES))
         with torch.no_grad(), float_graph(graph):
             references = [executor.forward(inputs=feed) for feed in batches]
         errors = []

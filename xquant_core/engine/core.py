@@ -120,7 +120,8 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     graph = _load_graph(model)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
-    _dispatch(graph, quantizer.quant_operation_types, plan, regions)
+    _dispatch(graph, quantizer.quant_operation_types, plan, regions,
+              platform.float_ops(graph) if hasattr(platform, "float_ops") else set())
 
     def feeds() -> Iterable[dict[str, Any]]:
         for batch in batches:
@@ -277,8 +278,9 @@ def _reachable(start: set, neighbours) -> set:
     return seen
 
 
-def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
-    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels."""
+def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform_float: set) -> None:
+    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels and
+    the ops the platform keeps float."""
     from ppq import TargetPlatform
     from ppq.scheduler import DISPATCHER_TABLE
 
@@ -303,5 +305,6 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions) -> None:
     for operation in graph.operations.values():
         operation.platform = table[operation.name]
         level = levels[operation.name]
-        if level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters):
+        if (level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters)
+                or operation.name in platform_float):
             operation.platform = TargetPlatform.FP32

@@ -14,6 +14,9 @@ SHARED_QUANT_OPS = frozenset({
     "Gather", "MaxPool", "GlobalMaxPool", "Pad", "Resize", "Identity", "Dropout",
 })
 
+#: ops the runtime accelerates most; the post-processing tail after the last of them stays float
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
 #: op types the SpacemiT runtime runs in int8
 QUANTIZED_OPS = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul",
@@ -34,7 +37,13 @@ class SpacemitPlatform:
     def create_quantizer(self, graph):
         from .quantizer import SpacemitQuantizer
 
-        return SpacemitQuantizer(graph)
+        return SpacemitQuantizer(graph, COMPUTE_OPS)
+
+    def float_ops(self, graph) -> set:
+        """Ops kept float whatever the precision level: normalizations exported as arithmetic."""
+        from .quantizer import decomposed_layernorms
+
+        return decomposed_layernorms(graph)
 
     def share_quantization(self, graph) -> None:
         from .quantizer import share_shape_op_quantization
