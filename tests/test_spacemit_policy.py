@@ -162,3 +162,25 @@ def test_post_processing_tail_after_the_last_compute_ops_stays_float(tmp_path):
     assert producer[conv.input[0]].op_type == "DequantizeLinear"  # and reads int8
     x = np.load(tmp_path / "x0.npy")[None]
     assert np.abs(_run(tmp_path / "m.onnx", x) - _run(tmp_path / "m.q.onnx", x)).max() < 0.1
+
+
+def test_a_constant_concatenated_with_activations_keeps_its_zeros(tmp_path):
+    """BlazeFace pads channels by concatenating zeros: the constant shares the Concat's int8 grid,
+    whose zero point (-128 for a Relu output) the weights' [-127, 127] range could not write, and
+    every padded channel came back as one step (0.027) instead of 0."""
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "zeros": np.zeros((1, 4, 8, 8), np.float32),
+             "w2": rng.normal(0, 0.3, (5, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Concat", ["r", "zeros"], ["padded"], axis=1),
+             helper.make_node("Conv", ["padded", "w2"], ["y"])]
+    config = _project(tmp_path, _model(nodes, inits, [1, 3, 8, 8], [1, 5, 8, 8]), (1, 3, 8, 8))
+    model = xquant.quantize_onnx_model(str(config))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    concat = next(node for node in model.graph.node if node.op_type == "Concat")
+    dq = producer[concat.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    restored = (values[dq.input[0]].astype(np.float64) - values[dq.input[2]]) * values[dq.input[1]]
+    assert np.array_equal(restored, np.zeros_like(restored))

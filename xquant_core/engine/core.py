@@ -214,6 +214,10 @@ def align_concat_inputs_to_output(graph) -> None:
         for config in operation.config.input_quantization_config:
             if config.state not in {QuantizationStates.FP32, QuantizationStates.SOI}:
                 config.master_by = master
+                # a constant input (BlazeFace's zero channel padding) takes the activation range
+                # too: with the weights' [-127, 127], its zero point -128 could not be written and
+                # the zeros came back as one step (0.027) on every padded channel
+                config._quant_min, config._quant_max = master.quant_min, master.quant_max
         # the producers write their outputs with the concat's parameters: no requantization
         for producer in graph.get_upstream_operations(operation):
             if isinstance(producer, QuantableOperation):
