@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +60,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxsim
 
-        simplified, ok = onnxsim.simplify(model)
+        with _native_output_to_log("onnxsim"):
+            simplified, ok = onnxsim.simplify(model)
     except Exception as exc:  # onnxsim raises many kinds of errors on exotic graphs
         log.warning("onnxsim failed (%s: %s); going on with the original graph",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -65,6 +70,31 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         log.warning("onnxsim could not validate the simplified model; going on with the original graph")
         return model
     return simplified
+
+
+@contextlib.contextmanager
+def _native_output_to_log(what: str):
+    """What native code writes to stdout/stderr (onnxsim's "WARNING: failed to run ... op" lines,
+    onnxruntime's colour-coded logs) goes to the debug log instead of the user's terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                log.debug("%s said:\n%s", what, text)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
