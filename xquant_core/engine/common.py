@@ -35,7 +35,9 @@ def keep_float(graph, names) -> Callable[[], None]:
            for config in op.config.input_quantization_config + op.config.output_quantization_config}
     detached = []
     for other in graph.operations.values():
-        if not isinstance(other, QuantableOperation) or other.name in names:
+        # an op kept float by an earlier call reads float: detaching its input config would
+        # quantize that input again (a two-step search and its one-step custom_setting differed)
+        if not isinstance(other, QuantableOperation) or other.name in names or other._dequantized:
             continue
         for config, var in other.config_with_variable:
             root = config.dominated_by
