@@ -133,8 +133,11 @@ def test_sample_auto_precision_meets_a_stricter_target_and_improves_held_out_pho
     assert after["logits_snr"] < before["logits_snr"] and after["logits_cosine"] > before["logits_cosine"]
 
 
-#: measured on this sample (2026-11-27): the report's two blocks in float give logits SNR
-#: 0.0122 and cosine 0.9941 on the 20 held-out photos (0.0130 / 0.9937 all-INT8)
+#: measured on this sample (2026-12-02, AMD EPYC, XQUANT_NUM_THREADS 1 / 2 / 4): the report's two
+#: blocks in float give logits SNR 0.0108 / 0.0115 / 0.0115 and cosine 0.9948 / 0.9944 / 0.9944 on
+#: the 20 held-out photos (all-INT8: 0.0112 / 0.0118 / 0.0118, 0.9947 / 0.9943 / 0.9943). Top-1
+#: agreement moves by one photo either way (1 thread: 100 -> 95 %, 2 and 4: 95 -> 95 %): a photo
+#: whose top two classes are nearly tied, so the continuous figures decide.
 CUSTOM_CONFIG = REPO / "samples" / "mobilenet_v2" / "config_custom_setting.json"
 
 
@@ -149,5 +152,5 @@ def test_sample_custom_setting_keeps_the_reported_blocks_float_and_helps(quantiz
                            for conv in ("conv.1/conv.1.0/Conv", "conv.2/Conv")}
     evaluator = sample_module("mobilenet_v2/evaluate.py")
     before, after = evaluator.evaluate(model, plain), evaluator.evaluate(model, out)
-    assert after["top1_agreement"] >= before["top1_agreement"]
-    assert after["logits_snr"] < before["logits_snr"]
+    assert after["logits_snr"] < before["logits_snr"] and after["logits_cosine"] > before["logits_cosine"]
+    assert after["top1_agreement"] >= before["top1_agreement"] - 1 / before["images"]

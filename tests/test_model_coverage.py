@@ -5,7 +5,8 @@
 - a SAME_UPPER Conv with an even kernel came out too small ("Expected size 24 but got size 22");
 - Silero VAD: If subgraphs, an RNN state [2,1,H] and an int64 scalar input;
 - BlazeFace: the outputs came out in another order on every run;
-- an op PPQ cannot run stopped the whole quantization.
+- an op PPQ cannot run stopped the whole quantization;
+- PP-OCRv4's recogniser: HardSwish written out as Add/Clip/Mul/Div, each inner tensor quantized.
 """
 
 from __future__ import annotations
@@ -177,6 +178,52 @@ def test_an_op_ppq_cannot_run_stays_float_and_the_rest_quantizes(tmp_path):
     quantized = _quantizes_close_to_float(tmp_path, model, (3, 8, 8))
     assert [node.op_type for node in quantized.graph.node].count("Mish") == 1
     assert _qdq_nodes(quantized.graph) >= 6
+
+
+# --------------------------------------------------------------------------- decomposed HardSwish
+def _decomposed_hard_activations(extra_output: bool = False) -> onnx.ModelProto:
+    """paddle2onnx's HardSwish ``x * clip(x + 3, 0, 6) / 6`` and a HardSigmoid ``clip(x + 3, 0, 6) * (1/6)``."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "three"], ["s1"]),
+             helper.make_node("Clip", ["s1", "zero", "six"], ["r1"]),
+             helper.make_node("Mul", ["c1", "r1"], ["m1"]),
+             helper.make_node("Div", ["m1", "six"], ["hswish"]),
+             helper.make_node("Conv", ["hswish", "w2", "b2"], ["c2"]),
+             helper.make_node("Add", ["three", "c2"], ["s2"]),
+             helper.make_node("Clip", ["s2", "zero", "six"], ["r2"]),
+             helper.make_node("Mul", ["r2", "sixth"], ["hsig"]),
+             helper.make_node("Mul", ["c2", "hsig"], ["y"])]
+    inits = {"w1": _weights(6, 3, 3, 3), "b1": _weights(6), "w2": _weights(6, 6, 1, 1), "b2": _weights(6),
+             "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+             "six": np.array(6.0, np.float32), "sixth": np.array([1 / 6], np.float32)}
+    model = _single_input_model(nodes, inits, [1, 3, 10, 10], "y")
+    if extra_output:
+        model.graph.output.append(helper.make_tensor_value_info("m1", TensorProto.FLOAT, None))
+    return model
+
+
+def test_decomposed_hardswish_and_hardsigmoid_fuse_into_hardsigmoid_with_the_same_values():
+    """PP-OCRv4's recogniser writes its 28 HardSwish out; int8 on each inner tensor cost 12 points of
+    string accuracy. The fused graph computes the same function."""
+    from xquant_core.model import fuse_hard_activations
+
+    model = _decomposed_hard_activations()
+    fused = fuse_hard_activations(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert [node.op_type for node in fused.graph.node] == ["Conv", "HardSigmoid", "Mul", "Conv", "HardSigmoid", "Mul"]
+    assert {init.name for init in fused.graph.initializer} == {"w1", "b1", "w2", "b2"}
+    feed = {"x": RNG.normal(size=(1, 3, 10, 10)).astype(np.float32) * 4}
+    np.testing.assert_allclose(_run(fused, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+    # an inner tensor someone else reads (here a model output) keeps that chain as it is
+    kept = fuse_hard_activations(_decomposed_hard_activations(extra_output=True))
+    assert [node.op_type for node in kept.graph.node].count("Clip") == 1
+
+
+def test_a_model_with_decomposed_hardswish_quantizes_with_fewer_tensors(tmp_path):
+    quantized = _quantizes_close_to_float(tmp_path, _decomposed_hard_activations(), (3, 10, 10))
+    types = [node.op_type for node in quantized.graph.node]
+    assert types.count("HardSigmoid") == 2 and "Clip" not in types and "Div" not in types
+    assert types.count("QuantizeLinear") <= 7  # x, c1, the two HardSigmoids, hswish, c2, y
 
 
 # --------------------------------------------------------------------------- outputs: names and order

@@ -255,7 +255,7 @@ def free_names(graph: onnx.GraphProto) -> list[str]:
     for node in graph.node:
         used = list(node.input)
         for attribute in node.attribute:
-            for sub in _subgraphs(attribute):
+            for sub in subgraphs(attribute):
                 used += free_names(sub)
         for name in used:
             if name and name not in defined:
@@ -264,7 +264,7 @@ def free_names(graph: onnx.GraphProto) -> list[str]:
     return list(free)
 
 
-def _subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+def subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
     if attribute.type == onnx.AttributeProto.GRAPH:
         return [attribute.g]
     if attribute.type == onnx.AttributeProto.GRAPHS:
@@ -273,7 +273,7 @@ def _subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
 
 
 def has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(_subgraphs(attribute) for attribute in node.attribute)
+    return any(subgraphs(attribute) for attribute in node.attribute)
 
 
 def rename_free(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
@@ -283,7 +283,7 @@ def rename_free(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
     for node in graph.node:
         node.input[:] = [active.get(name, name) for name in node.input]
         for attribute in node.attribute:
-            for sub in _subgraphs(attribute):
+            for sub in subgraphs(attribute):
                 rename_free(sub, active)
         for name in node.output:
             active.pop(name, None)
@@ -296,7 +296,7 @@ def opaque_inputs(node: onnx.NodeProto) -> list[str]:
     """The opaque node's inputs: the node's own (distinct, non-empty), then what its subgraphs read."""
     names = [name for name in node.input if name]
     for attribute in node.attribute:
-        for sub in _subgraphs(attribute):
+        for sub in subgraphs(attribute):
             names += free_names(sub)
     return list(dict.fromkeys(names))
 
@@ -392,7 +392,7 @@ def _restore_opaque(node: onnx.NodeProto) -> onnx.NodeProto:
     renamed = {old: new for old, new in zip(opaque_inputs(original), node.input) if old != new}
     original.input[:] = [renamed.get(name, name) for name in original.input]
     for attribute in original.attribute:
-        for sub in _subgraphs(attribute):
+        for sub in subgraphs(attribute):
             rename_free(sub, renamed)
     original.output[:] = list(node.output)
     return original
