@@ -252,6 +252,7 @@ def test_outputs_keep_their_names_and_order_byte_for_byte(tmp_path):
     assert written[0] == written[1] == written[2]
 
 
+
 # --------------------------------------------------------------------------- control flow, any input rank
 def _vad_like() -> onnx.ModelProto:
     """Silero VAD's shape: If on an int64 scalar sample rate; each branch a Conv1d encoder reading the

@@ -136,7 +136,7 @@ def _capture(model: onnx.ModelProto, feeds: Feeds, names: list[str]) -> list[dic
     inputs = {value.name for value in probe.graph.input}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names
                               if name not in outputs and name not in inputs)
-    session = onnxruntime_session(probe)
+    session = onnxruntime_session(probe, threads=1)  # what calibration sees: the same on every machine
     fetched = [name for name in names if name not in inputs]
     captured = []
     for feed in feeds:

@@ -8,7 +8,9 @@ import onnx
 
 
 def num_threads() -> int:
-    """Threads for torch and onnxruntime: ``XQUANT_NUM_THREADS``, else half the cores.
+    """Threads for the onnxruntime sessions that measure (the final check, the analysis report):
+    ``XQUANT_NUM_THREADS``, else half the cores. What the model is built from runs on one thread
+    (:data:`xquant_core.engine.core.TORCH_THREADS`), so the result does not depend on this.
 
     torch's OpenMP kernels and onnxruntime's spinning threads slow down by 10x or more when
     they compete with other processes for every core (measured on a 2-core machine: a 1x1
