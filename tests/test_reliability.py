@@ -123,6 +123,13 @@ def int_input_model() -> onnx.ModelProto:
     return _finish(graph)
 
 
+def identity_model() -> onnx.ModelProto:
+    """Nothing to quantize: it came out as a model with no nodes, inputs or outputs, exit 0."""
+    value = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *SAMPLE_SHAPE])
+    result = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, *SAMPLE_SHAPE])
+    return _finish(helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g", [value], [result]))
+
+
 MODELS = {
     "conv": lambda spec: conv_model(),
     "symbolic": lambda spec: conv_model(input_dims=spec["dims"]),
@@ -130,6 +137,7 @@ MODELS = {
     "qdq": lambda spec: qdq_model(),
     "extra_op": lambda spec: conv_model(extra_op=spec["op"]),
     "int_input": lambda spec: int_input_model(),
+    "identity": lambda spec: identity_model(),
 }
 
 
@@ -171,7 +179,10 @@ def build_file(path: Path, spec: dict, index: int) -> None:
         if dtype.startswith("<U"):
             data = npy_bytes(np.full(shape, "pixel", dtype=dtype))
         else:
-            data = npy_bytes(np.random.default_rng(seed).normal(0, 1, shape).astype(dtype))
+            array = np.random.default_rng(seed).normal(0, 1, shape).astype(dtype)
+            if index == spec.get("put_in", -1):  # one bad value, e.g. {"put_in": 2, "put": "inf"}
+                array.flat[7] = float(spec["put"])
+            data = npy_bytes(array)
     elif make == "raw":
         data = np.random.default_rng(seed).normal(0, 1, spec["floats"]).astype(np.float32).tobytes()
     elif make == "png":
@@ -446,25 +457,28 @@ def test_an_existing_output_survives_a_failing_run(tmp_path, run_xquant):
     assert snapshot(project) == before
 
 
-def test_atomic_writes_leave_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
-    from xquant_core import analysis, pipeline
+def test_a_full_disk_at_write_time_is_exit_2_with_the_os_reason_and_the_old_model_survives(
+        tmp_path, monkeypatch, capsys):
+    """Disk full while writing the model used to exit 3 ("this is a bug in xquant")."""
+    from xquant_core import cli, outputs
 
-    target = tmp_path / "out" / "m.q.onnx"
+    project = make_project(tmp_path / "p", analysis_enable=True)
+    target = project / "out" / "model.q.onnx"
     target.parent.mkdir()
     target.write_bytes(b"old model")
-    report = tmp_path / "out" / "m.q_report.md"
+    report = project / "out" / "model.q_report.md"
     report.write_bytes(b"old report")
 
-    def failing_replace(src, dst):
+    def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
-        pipeline.write_model_atomically(conv_model(), target)
-    with pytest.raises(OSError):
-        analysis._write_atomically(report, b"new report")
+    monkeypatch.setattr(outputs.os, "replace", full_disk)
+    assert cli.main(["-c", str(project / "cfg.json")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the calibration's INFO line
+    assert err.startswith("xquant: error: cannot write ") and "No space left on device" in err, err
+    assert "Traceback" not in err and "bug" not in err
     assert target.read_bytes() == b"old model" and report.read_bytes() == b"old report"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["m.q.onnx", "m.q_report.md"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.q.onnx", "model.q_report.md"]
 
 
 def test_repeated_runs_are_byte_identical_and_leave_inputs_untouched(tmp_path, run_xquant):
@@ -559,3 +573,39 @@ def test_ctrl_c_mid_calibration(tmp_path):
     assert snapshot(project) == before  # the old output is intact, nothing new, inputs unchanged
     assert leftovers(project) == []
     assert list(temp.glob("xquant-*")) == []  # the engine's temporary copy of the model is gone too
+
+
+# --------------------------------------------------------------------------- the last check before writing
+def test_the_final_gate_names_what_is_wrong_with_a_quantized_model():
+    """A quantized model that cannot be used is exit 1 naming the cause, never written with exit 0."""
+    from xquant_core.errors import QuantizationError
+    from xquant_core.verify import verify_model
+
+    quantized = qdq_model()
+    weight = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == "w_q")) * 0.01
+    float_model = _finish(helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["out"], pads=[1, 1, 1, 1])], "float",
+        list(quantized.graph.input), list(quantized.graph.output),
+        [numpy_helper.from_array(weight.astype(np.float32), "w")]))
+    feed = {"input": np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)}
+    verify_model(quantized, float_model, feed)  # a sound model passes
+
+    for name, value, cause in (("x_scale", np.inf, "the quantization scale of input"),
+                               ("w_scale", 0.0, "the quantization scale of w_q")):
+        broken = onnx.ModelProto.FromString(quantized.SerializeToString())
+        index = next(i for i, init in enumerate(broken.graph.initializer) if init.name == name)
+        broken.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.array(value, np.float32), name))
+        with pytest.raises(QuantizationError, match=cause):
+            verify_model(broken, float_model, feed)
+
+    renamed = onnx.ModelProto.FromString(quantized.SerializeToString())
+    renamed.graph.output[0].name = "other"
+    renamed.graph.node[-1].output[0] = "other"
+    with pytest.raises(QuantizationError, match=r"outputs are \['other'\], the float model's \['out'\]"):
+        verify_model(renamed, float_model, feed)
+
+    nan_weights = onnx.ModelProto.FromString(quantized.SerializeToString())
+    nan_weights.graph.node[-1].input.append("nan_bias")
+    nan_weights.graph.initializer.append(numpy_helper.from_array(np.full(4, np.nan, np.float32), "nan_bias"))
+    with pytest.raises(QuantizationError, match="output out of the quantized model holds NaN or Inf"):
+        verify_model(nan_weights, float_model, feed)

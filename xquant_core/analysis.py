@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .outputs import write_bytes_atomically
 from .runtime import onnxruntime_session
 
 log = logging.getLogger("xquant.analysis")
@@ -871,19 +870,6 @@ def _ascii(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, quantize_seconds: float,
                   analysis_seconds: float) -> list[str]:
     lines = []
@@ -933,11 +919,11 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise RuntimeError("OpenCV could not encode the chart as PNG")
-    _write_atomically(chart_path, png.tobytes())
+    write_bytes_atomically(chart_path, png.tobytes())
     analysis_seconds = time.perf_counter() - started
     text = render_markdown(measurement, rows, suggestions, settings, quantize_seconds, analysis_seconds,
                            chart_path.name, title, sections)
-    _write_atomically(report_path, text.encode("utf-8"))
+    write_bytes_atomically(report_path, text.encode("utf-8"))
     lines = summary_lines(measurement, rows, report_path, quantize_seconds, analysis_seconds)
     log.debug("analysis: %d ops, %d tensors, %d batches in %.2f s", len(measurement.ops),
               len(measurement.stats), measurement.batches_used, analysis_seconds)

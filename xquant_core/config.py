@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -264,9 +265,32 @@ def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
         if isinstance(spec, str) and ":" in spec and not spec.rsplit(":", 1)[1].isidentifier():
             problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}].preprocess_file",
                              f"'{spec}' is not of the form 'path/to/file.py:function'"))
+        for position, value in enumerate(std if isinstance(std, list) else []):
+            if isinstance(value, (int, float)) and 0 < value < FLOAT32_TINY:
+                problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}].std_value[{position}]",
+                                 f"{value} is too small to divide by in float32 (the std of 0-255 pixel values, "
+                                 "e.g. 58.4, is what goes here)"))
+    problems.extend((path, f"{json.dumps(value)} is not a finite number: give a number (JSON has no NaN or Infinity)")
+                    for path, value in _non_finite(raw, "$"))
     if check_plugins:
         problems.extend(_plugin_problems(raw))
     return problems
+
+
+#: the smallest normal float32: a std below it divides pixel values into Inf
+FLOAT32_TINY = 1.1754944e-38
+
+
+def _non_finite(value: Any, path: str):
+    """(JSON path, value) of every NaN/Infinity in the raw config (Python's json reads those literals)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{path}[{index}]")
 
 
 def _inputs(raw: dict) -> list[dict]:

@@ -280,7 +280,9 @@ class CalibrationDataset:
     def _load(self, spec: InputSpec, paths: list[Path]) -> np.ndarray:
         pre = self.preprocessors[spec.name]
         if isinstance(pre, PathFunctionPreprocessor):
-            return conform(pre.batch(paths, spec), spec, len(paths), f"{pre.file}:{pre.func_name}")
+            where = f"{pre.file}:{pre.func_name}"
+            return _finite(conform(pre.batch(paths, spec), spec, len(paths), where), spec,
+                           f"the batch {where} made of {', '.join(str(path) for path in paths)}")
         reader = self.readers[spec.name]
         samples = []
         for path in paths:
@@ -301,8 +303,17 @@ class CalibrationDataset:
             except Exception as exc:
                 raise DataError(f"Calibration input {spec.name}: preprocessing {path} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
-            samples.append(conform(sample, spec, 1, str(path)))
+            samples.append(_finite(conform(sample, spec, 1, str(path)), spec, str(path)))
         return np.concatenate(samples) if spec.batched else samples[0]
+
+
+def _finite(sample: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    """Calibration needs finite numbers: one inf made every output of a minmax-calibrated model NaN."""
+    if sample.dtype.kind in "fc" and not np.isfinite(sample).all():
+        nan, inf = int(np.isnan(sample).sum()), int(np.isinf(sample).sum())
+        raise DataError(f"Calibration input {spec.name}: {where} holds {nan} NaN and {inf} infinite value(s) "
+                        "after preprocessing: calibration needs finite numbers")
+    return sample
 
 
 def resolve_preprocessor(spec_config: InputConfig, registry) -> Any:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,10 @@ from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
 from .errors import DataError, ModelError, QuantizationError, XQuantError
+from .outputs import OutputError, check_outputs, files_read, write_bytes_atomically
 from .plugins import registry
 from .runtime import onnxruntime_session
+from .verify import verify_model
 
 log = logging.getLogger("xquant")
 
@@ -90,19 +91,20 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         raise ModelError("no model: set model_parameters.onnx_model in the config or pass a model (-i)")
     model_path = None if isinstance(source, onnx.ModelProto) else Path(source)
     out_path = output_path_for(cfg, model_path, output)
-    if model_path is not None and out_path.resolve() == model_path.resolve():
-        raise ModelError(f"the output path {out_path} is the input model: choose another output_prefix or -o")
+    if model_path is not None:
+        check_outputs(out_path, {model_path: "the input model"})  # before the model is even read
 
     float_model = model_io.load_model(source)
     inputs_key = "input_parametres"
     specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, inputs_key)
     float_model = model_io.fix_input_shapes(float_model, specs)
-    if not cfg.model.skip_onnxsim:
-        float_model = model_io.simplify(float_model)
 
     if cfg.quantization.precision_level == 3:
         from .dynamic import quantize_dynamic
 
+        check_outputs(out_path, files_read(model_path, float_model, cfg.source))
+        if not cfg.model.skip_onnxsim:
+            float_model = model_io.simplify(float_model)
         quantized = quantize_dynamic(float_model)
         write_model_atomically(quantized, out_path)
         return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
@@ -110,7 +112,17 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
+    check_outputs(out_path, files_read(
+        model_path, float_model, cfg.source, [spec.config.data_list_path for spec in specs],
+        [path for paths in dataset.lists.values() for path in paths],
+        [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file]))
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
+    if not cfg.model.skip_onnxsim:
+        float_model = model_io.simplify(float_model)
+    if control_flow.count_quantized_ops(float_model)[1] == 0:
+        ops = sorted({node.op_type for node in float_model.graph.node})
+        raise ModelError(f"nothing to quantize: the model has no {'/'.join(sorted(control_flow.COMPUTE_OPS))} op "
+                         f"(its ops: {', '.join(ops) or 'none'}); xquant writes no model")
 
     platform = registry("platform").get(cfg.quantization.platform)
     algorithm = registry("calibration").get(cfg.calibration.calibration_type)
@@ -158,6 +170,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         sections, summary, snippet = finish_search(cfg, search, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
+    verify_model(quantized, float_model, dataset.batch(0))
     seconds = time.perf_counter() - started
     report_path = None
     if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model
@@ -349,8 +362,10 @@ def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, 
     try:
         batches = [dataset.batch(index) for index in range(min(len(dataset), DEFAULT_MAX_BATCHES))]
         lines = write_report(float_model, quantized, batches, report_path, settings, seconds, sections)
+    except OutputError:
+        raise  # the folder cannot take files (a full disk): the model would not be written either
     except Exception as exc:  # the analysis is advice: never lose the quantized model over it
-        log.warning("the analysis report could not be written (%s: %s); the quantized model is fine",
+        log.warning("the analysis report could not be made (%s: %s); going on without it",
                     type(exc).__name__, exc)
         log.debug("analysis failure", exc_info=True)
         return None, ()
@@ -362,28 +377,3 @@ def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
     write_bytes_atomically(path, model.SerializeToString())
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + rename: never a partial file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(f"cannot create the output folder {path.parent}: {exc.strerror}") from None
-    try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise ModelError(f"cannot write to the output folder {path.parent}: {exc.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

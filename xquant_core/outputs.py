@@ -1,0 +1,134 @@
+"""What a run writes: checked before any expensive work, written atomically.
+
+A run writes the model ``<prefix>.onnx`` and, beside it, ``<prefix>_report.md``, its chart
+``<prefix>_report.png`` and auto-precision's ``<prefix>_custom_setting.json``. Before the
+quantization starts, :func:`check_outputs` makes sure none of them is a file the run reads
+(``-o data/list.txt`` used to replace the calibration list with the model) and that the
+output folder exists or can be made and takes a file. :func:`write_bytes_atomically`
+writes through a temporary file and a rename: a full disk or a read-only folder is an error
+naming the OS's reason, the old file survives and no temporary file is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import XQuantError
+
+
+class OutputError(XQuantError):
+    """The output cannot be written where the config or ``-o`` says (exit 2)."""
+
+
+def derived_paths(out_path: Path) -> dict[Path, str]:
+    """Every file a run may write, with what it is."""
+    stem = out_path.stem
+    return {out_path: "the output model",
+            out_path.with_name(f"{stem}_report.md"): "the analysis report",
+            out_path.with_name(f"{stem}_report.png"): "the analysis chart",
+            out_path.with_name(f"{stem}_custom_setting.json"): "the custom_setting file"}
+
+
+def check_outputs(out_path: Path, reads: Mapping[Path, str]) -> None:
+    """Fail before any work when an output would replace a file the run reads (``reads``: path ->
+    what it is) or the output folder cannot take the model."""
+    read = {_key(path): what for path, what in reads.items()}
+    for path, what in derived_paths(out_path).items():
+        if _key(path) in read:
+            raise OutputError(f"{what} {path} is {read[_key(path)]}, which this run reads: "
+                              "choose another output_prefix or -o")
+    if out_path.is_dir():
+        raise OutputError(f"the output path {out_path} is a folder: give the path of the .onnx file to write")
+    folder = out_path.parent
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path("/"))
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the output folder {folder}: {existing} is a file, not a folder")
+    try:  # a file in the folder, or a folder where it will be made: tried, then removed
+        if existing == folder:
+            handle, probe = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".probe", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".xquant-probe-", dir=existing))
+    except OSError as exc:
+        what = "write to the output folder" if existing == folder else "create the output folder"
+        raise OutputError(f"cannot {what} {folder}: {_reason(exc)}") from None
+
+
+def files_read(model_path: Path | None, model, config_source: str, lists: Iterable[Path] = (),
+               samples: Iterable[Path] = (), preprocess_files: Iterable[Path] = ()) -> dict[Path, str]:
+    """The files a run reads, each with what it is (for :func:`check_outputs`); ``model`` is the
+    loaded ``onnx.ModelProto`` of ``model_path`` (for the external-data files it names)."""
+    reads: dict[Path, str] = {}
+    for path in preprocess_files:
+        reads[path] = f"the preprocess file {path}"
+    for path in samples:
+        reads[path] = f"the calibration sample {path}"
+    for path in lists:
+        reads[path] = f"the calibration list {path}"
+    if Path(config_source).is_file():
+        reads[Path(config_source)] = f"the config {config_source}"
+    if model_path is not None:
+        reads.update({path: f"the input model's external data {path}" for path in _external_data(model_path, model)})
+        reads[model_path] = "the input model"
+    return reads
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + rename: never a partial file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {path.parent}: {_reason(exc)}") from None
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write to the output folder {path.parent}: {_reason(exc)}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputError(f"cannot write {path}: {_reason(exc)}"
+                          + (" (the previous file is unchanged)" if path.exists() else "")) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def _key(path: Path) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _external_data(model_path: Path, model) -> list[Path]:
+    """The external-data files a model names."""
+    import onnx
+
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return [model_path.parent / location for location in sorted(locations)]

@@ -1,0 +1,72 @@
+"""The last check before a quantized model is written: it must be a model a user can run.
+
+A model that fails here is exit 1 naming what is wrong, never a file written with exit 0
+(an inf in the calibration data gave a model whose every output was NaN; a graph with
+nothing to quantize came out with no nodes, inputs or outputs).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import QuantizationError
+from .runtime import onnxruntime_session
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> None:
+    """onnx's checker, finite positive scales, the float model's output names and order, and one
+    onnxruntime inference on ``feed`` with the float model's output shapes and dtypes, finite
+    where the float model's outputs are."""
+    _check_scales(quantized.graph)
+    want = [value.name for value in float_model.graph.output]
+    got = [value.name for value in quantized.graph.output]
+    if got != want:
+        raise QuantizationError(f"the quantized model's outputs are {got}, the float model's {want}")
+    try:
+        onnx.checker.check_model(quantized)
+    except onnx.checker.ValidationError as exc:
+        raise QuantizationError(f"the quantized model is not valid ONNX: {_first_line(exc)}") from None
+    reference = _run(float_model, feed, "the float model")
+    outputs = _run(quantized, feed, "the quantized model")
+    for name, expected, value in zip(want, reference, outputs):
+        if value.shape != expected.shape or value.dtype != expected.dtype:
+            raise QuantizationError(f"output {name} of the quantized model is {value.dtype}{list(value.shape)}, "
+                                    f"the float model's {expected.dtype}{list(expected.shape)}")
+        if value.dtype.kind == "f" and np.isfinite(expected).all() and not np.isfinite(value).all():
+            raise QuantizationError(f"output {name} of the quantized model holds NaN or Inf on the first "
+                                    "calibration batch, where the float model's is finite")
+
+
+def _check_scales(graph: onnx.GraphProto) -> None:
+    initializers = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type in _QDQ and node.input[1] in initializers:
+            scale = numpy_helper.to_array(initializers[node.input[1]])
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                bad = scale[~(np.isfinite(scale) & (scale > 0))].ravel()[:3].tolist()
+                raise QuantizationError(f"the quantization scale of {node.input[0]} ({node.op_type} "
+                                        f"{node.name or node.output[0]}) is {bad}: it must be finite and "
+                                        "positive (are the calibration values of that tensor finite?)")
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                _check_scales(sub)
+
+
+def _run(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:
+    try:
+        session = onnxruntime_session(model)
+        names = [value.name for value in session.get_inputs()]
+        return session.run(None, {name: feed[name] for name in names})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise QuantizationError(f"onnxruntime cannot run {what}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
