@@ -609,3 +609,16 @@ def test_the_final_gate_names_what_is_wrong_with_a_quantized_model():
     nan_weights.graph.initializer.append(numpy_helper.from_array(np.full(4, np.nan, np.float32), "nan_bias"))
     with pytest.raises(QuantizationError, match="output out of the quantized model holds NaN or Inf"):
         verify_model(nan_weights, float_model, feed)
+
+
+def test_a_run_leaves_nothing_in_the_home_and_temp_folders(tmp_path, run_xquant):
+    """onnxruntime's telemetry wrote ~/.cache/Microsoft/DeveloperTools/... and $TMPDIR/.ses."""
+    project = make_project(tmp_path / "p", analysis_enable=True)
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    temp.mkdir()
+    result = run_xquant("-c", str(project / "cfg.json"), cwd=project,
+                        env={"HOME": str(home), "TMPDIR": str(temp), "XDG_CACHE_HOME": "",
+                             "ORT_DISABLE_TELEMETRY": ""})  # as if unset (this process has it set)
+    assert result.returncode == 0, result.stderr
+    assert list(home.rglob("*")) == [] and list(temp.rglob("*")) == []

@@ -5,6 +5,13 @@ modules (:mod:`xquant_core.engine`, the platform plugins) are imported only when
 model is actually quantized.
 """
 
+import os as _os
+
+# onnxruntime, when imported, writes a device id and a telemetry database under
+# ~/.cache/Microsoft and a ".ses" file in the temp folder unless this is set first
+if not _os.environ.get("ORT_DISABLE_TELEMETRY"):
+    _os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
 __version__ = "0.1.0"
 
 from .hookspecs import hookimpl
