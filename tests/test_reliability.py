@@ -130,6 +130,17 @@ def identity_model() -> onnx.ModelProto:
     return _finish(helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g", [value], [result]))
 
 
+def float16_model() -> onnx.ModelProto:
+    """A float16 export: PPQ failed with "Op Execution Error: Conv_0", exit 1."""
+    weight = np.random.default_rng(6).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["out"], pads=[1, 1, 1, 1], name="conv")], "half",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, [1, *SAMPLE_SHAPE])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4, *SAMPLE_SHAPE[1:]])],
+        [numpy_helper.from_array(weight, "w")])
+    return _finish(graph)
+
+
 MODELS = {
     "conv": lambda spec: conv_model(),
     "symbolic": lambda spec: conv_model(input_dims=spec["dims"]),
@@ -138,6 +149,7 @@ MODELS = {
     "extra_op": lambda spec: conv_model(extra_op=spec["op"]),
     "int_input": lambda spec: int_input_model(),
     "identity": lambda spec: identity_model(),
+    "float16": lambda spec: float16_model(),
 }
 
 

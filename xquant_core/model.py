@@ -48,6 +48,11 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if quantized:
         raise ModelError(f"{where} is already quantized (it contains {', '.join(quantized)}); "
                          "give xquant the float model")
+    half = _half_precision(model)
+    if half:
+        raise ModelError(f"{where} is a float16/bfloat16 model ({', '.join(half[:3])}"
+                         f"{' ...' if len(half) > 3 else ''}): xquant quantizes float32 models; "
+                         "give it the float32 model (or convert this one to float32 first)")
     opset = default_opset(model)
     try:
         return at_least_opset_13(model)
@@ -55,6 +60,15 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"{where} is at opset {opset}; converting it to opset 13 failed "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
                          "export it again at opset 13 or later") from None
+
+
+def _half_precision(model: onnx.ModelProto) -> list[str]:
+    """Inputs, outputs and initializers stored as float16/bfloat16 (PPQ's float ops fail on them)."""
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    graph = model.graph
+    values = [f"{kind} {value.name}" for kind, group in (("input", graph.input), ("output", graph.output))
+              for value in group if value.type.tensor_type.elem_type in half]
+    return values + [f"initializer {init.name}" for init in graph.initializer if init.data_type in half]
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -299,6 +313,9 @@ def split_at(model: onnx.ModelProto, cut: Sequence[str]) -> tuple[onnx.ModelProt
     lower = [node for index, node in enumerate(model.graph.node) if index not in upper]
     if not lower:
         raise ModelError(f"{TRUNCATE_FAILED} nothing lies below {', '.join(cut)}: the cut does not split the graph")
+    if not upper:
+        raise ModelError(f"{TRUNCATE_FAILED} nothing lies above {', '.join(cut)} (a model input): "
+                         "nothing would be quantized; name tensors inside the graph")
     upper_outputs = {out for index in upper for out in model.graph.node[index].output}
     crossing = sorted({name for node in lower for name in node.input if name in upper_outputs} - set(cut))
     if crossing:

@@ -22,11 +22,11 @@ from . import model as model_io
 from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
-from .errors import DataError, ModelError, QuantizationError, XQuantError
+from .errors import DataError, ModelError, XQuantError
 from .outputs import OutputError, check_outputs, files_read, write_bytes_atomically
 from .plugins import registry
 from .runtime import onnxruntime_session
-from .verify import verify_model
+from .verify import diagnose_failure, verify_model
 
 log = logging.getLogger("xquant")
 
@@ -161,7 +161,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     except XQuantError:
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
-        raise QuantizationError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
+        raise diagnose_failure(float_model, dataset, exc) from exc
 
     sections: tuple[str, ...] = ()
     summary: tuple[str, ...] = tuple(branches.lines()) + (quantized_ops_line(quantized),)

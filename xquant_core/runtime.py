@@ -25,13 +25,13 @@ def num_threads() -> int:
 
 
 def onnxruntime_session(model: onnx.ModelProto | bytes, threads: int | None = None):
-    """A CPU onnxruntime session: quiet (errors only), no telemetry, no spinning threads."""
+    """A CPU onnxruntime session: quiet (errors are raised, not logged), no telemetry, no spinning threads."""
     import onnxruntime as ort
 
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: errors come back as exceptions, not as coloured log lines
     options.intra_op_num_threads = threads or num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -70,3 +70,28 @@ def _run(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], what: str) -> l
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def diagnose_failure(float_model: onnx.ModelProto, dataset, error: BaseException) -> Exception:
+    """The error to report when PPQ failed on valid-looking input: when the float model itself
+    fails in onnxruntime on a calibration sample (token ids outside the vocabulary, values an
+    op refuses), a :class:`DataError` naming the sample's files and onnxruntime's reason;
+    otherwise the quantization failure as it is."""
+    from .errors import DataError
+
+    try:
+        session = onnxruntime_session(float_model)
+    except Exception:  # onnxruntime cannot load it either: PPQ's message is all there is
+        session = None
+    if session is not None:
+        names = [value.name for value in session.get_inputs()]
+        for index in range(len(dataset)):
+            feed = dataset.batch(index)
+            try:
+                session.run(None, {name: feed[name] for name in names})
+            except Exception as exc:  # onnxruntime raises its own exception types
+                files = ", ".join(str(path) for paths in dataset.lists.values()
+                                  for path in paths[index * dataset.batch_size:(index + 1) * dataset.batch_size])
+                return DataError(f"the float model itself fails on calibration sample {files}: "
+                                 f"onnxruntime says {_first_line(exc)}")
+    return QuantizationError(f"quantization failed: {type(error).__name__}: {_first_line(error)}")
