@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import xquant
 from xquant_core import analysis
+from xquant_core.outputs import OutputError
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CONFIG = REPO / "samples" / "mobilenet_v2" / "config.json"
@@ -230,7 +231,7 @@ def test_costs_are_bounded(spiky):
 def test_failure_raises_and_leaves_no_partial_files(spiky, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the report folder should be")
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="cannot create the output folder"):
         analysis.write_report(spiky["float"], spiky["quant"], spiky["batches"][:1], blocker / "r_report.md", {}, 1.0)
     good = tmp_path / "ok"
     good.mkdir()

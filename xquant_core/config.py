@@ -270,8 +270,11 @@ def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
                 problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}].std_value[{position}]",
                                  f"{value} is too small to divide by in float32 (the std of 0-255 pixel values, "
                                  "e.g. 58.4, is what goes here)"))
-    problems.extend((path, f"{json.dumps(value)} is not a finite number: give a number (JSON has no NaN or Infinity)")
-                    for path, value in _non_finite(raw, "$"))
+    for path, value in _non_finite(raw, "$"):
+        text = json.dumps(value)
+        text = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+        problems.append((path, f"{text} is not a finite number: give a number (JSON has no NaN or Infinity, "
+                               "and a number must fit a double)"))
     if check_plugins:
         problems.extend(_plugin_problems(raw))
     return problems
@@ -279,11 +282,16 @@ def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
 
 #: the smallest normal float32: a std below it divides pixel values into Inf
 FLOAT32_TINY = 1.1754944e-38
+#: the largest double: a JSON integer beyond it cannot become a float
+FLOAT_MAX = 1.7976931348623157e308
 
 
 def _non_finite(value: Any, path: str):
-    """(JSON path, value) of every NaN/Infinity in the raw config (Python's json reads those literals)."""
+    """(JSON path, value) of every NaN/Infinity in the raw config (Python's json reads those literals)
+    and of every integer too large for a double."""
     if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > FLOAT_MAX:
         yield path, value
     elif isinstance(value, dict):
         for key, item in value.items():

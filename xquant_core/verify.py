@@ -20,7 +20,8 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> None:
-    """onnx's checker, finite positive scales, the float model's output names and order, and one
+    """onnx's checker (unless the float model fails it too: a declared output without a shape),
+    finite positive scales, the float model's output names and order, and one
     onnxruntime inference on ``feed`` with the float model's output shapes and dtypes, finite
     where the float model's outputs are."""
     _check_scales(quantized.graph)
@@ -28,10 +29,9 @@ def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto, feed:
     got = [value.name for value in quantized.graph.output]
     if got != want:
         raise QuantizationError(f"the quantized model's outputs are {got}, the float model's {want}")
-    try:
-        onnx.checker.check_model(quantized)
-    except onnx.checker.ValidationError as exc:
-        raise QuantizationError(f"the quantized model is not valid ONNX: {_first_line(exc)}") from None
+    problem = _checker_problem(quantized)
+    if problem is not None and _checker_problem(float_model) is None:  # not what the float model had already
+        raise QuantizationError(f"the quantized model is not valid ONNX: {problem}")
     reference = _run(float_model, feed, "the float model")
     outputs = _run(quantized, feed, "the quantized model")
     for name, expected, value in zip(want, reference, outputs):
@@ -41,6 +41,14 @@ def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto, feed:
         if value.dtype.kind == "f" and np.isfinite(expected).all() and not np.isfinite(value).all():
             raise QuantizationError(f"output {name} of the quantized model holds NaN or Inf on the first "
                                     "calibration batch, where the float model's is finite")
+
+
+def _checker_problem(model: onnx.ModelProto) -> str | None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        return _first_line(exc)
+    return None
 
 
 def _check_scales(graph: onnx.GraphProto) -> None:
