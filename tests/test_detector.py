@@ -92,16 +92,16 @@ def test_boxes_agree_with_fp32(quantized, evaluate):
     result = evaluate.evaluate(MODEL, {"int8": out}, EVAL_FOLDERS, score_threshold=0.3)
     overall = result["models"]["int8"]["overall"]
     assert overall["photos"] == 31 and overall["fp32_boxes"] == 38
-    # Measured 2026-12-02 on an Intel Xeon (config.json: default calibration on the detector's text
-    # photos plus the general ones, finetune_level 1) with XQUANT_NUM_THREADS 1 / 2 / 4: 32 / 32 / 32
-    # of 38 FP32 boxes matched at score 0.3 (84.2 %), 34 / 33 / 33 INT8 boxes (precision 0.941 /
-    # 0.970 / 0.970: one box near the threshold comes and goes with the thread count), mean IoU
-    # 0.962 / 0.959 / 0.959, mean |score diff| 0.039 / 0.043 / 0.043, AP50 0.978 / 0.977 / 0.977,
-    # every FP32 box found at some score, median score ratio 0.964 / 0.977 / 0.977, raw output SNR
-    # 0.0082 / 0.0081 (boxes), 0.0053 (scores); the AMD EPYC of 2026-11-27 gave 32 matched,
-    # precision 0.970, IoU 0.962, AP50 0.978. The default keeps the wider percentile windows here;
-    # the plain percentile windows clip the rare large activations that carry the detections (25
-    # of 38, score ratio 0.78). Thresholds sit under the lowest of these measurements.
+    # Measured 2026-12-02 (config.json: default calibration on the detector's text photos plus the
+    # general ones, finetune_level 1). AMD EPYC, XQUANT_NUM_THREADS 1 / 2 / 4: the same bytes (torch
+    # calibrates on one thread), 32 of 38 FP32 boxes matched at score 0.3 (84.2 %), 33 INT8 boxes
+    # (precision 0.970), mean IoU 0.962, mean |score diff| 0.038, AP50 0.978, every FP32 box found
+    # at some score, median score ratio 0.964, raw output SNR 0.0082 (boxes), 0.0054 (scores). An
+    # Intel Xeon, earlier that day, at one thread: 32 matched, 34 INT8 boxes (precision 0.941: one
+    # box near the threshold), IoU 0.962, score diff 0.039, AP50 0.978, score ratio 0.964. The
+    # default keeps the wider percentile windows here; the plain percentile windows clip the rare
+    # large activations that carry the detections (25 of 38, score ratio 0.78). Thresholds sit
+    # under the lowest of these measurements.
     assert overall["matched"] >= 31
     assert overall["precision"] >= 0.93
     assert overall["mean_iou"] >= 0.95

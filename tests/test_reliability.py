@@ -634,3 +634,39 @@ def test_a_run_leaves_nothing_in_the_home_and_temp_folders(tmp_path, run_xquant)
                              "ORT_DISABLE_TELEMETRY": ""})  # as if unset (this process has it set)
     assert result.returncode == 0, result.stderr
     assert list(home.rglob("*")) == [] and list(temp.rglob("*")) == []
+
+
+def test_an_unwritable_output_folder_is_found_before_any_work(tmp_path, monkeypatch, capsys):
+    """It was found only after the full run, and the message first said the model was fine."""
+    import tempfile
+
+    from xquant_core import cli, pipeline
+
+    project = make_project(tmp_path / "p")
+    (project / "out").mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, **kwargs):
+        if Path(kwargs.get("dir", "")) == project / "out":
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, **kwargs)
+
+    def no_quantization(*args, **kwargs):
+        raise AssertionError("the quantization started")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(pipeline.model_io, "simplify", no_quantization)
+    assert cli.main(["-c", str(project / "cfg.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"xquant: error: cannot write to the output folder {project / 'out'}: Permission denied\n"
+    assert list((project / "out").iterdir()) == []
+
+
+def test_the_report_and_chart_get_the_models_file_mode(tmp_path, run_xquant):
+    """They were written 0600 while the model got 0644."""
+    project = make_project(tmp_path / "p", analysis_enable=True)
+    result = run_xquant("-c", str(project / "cfg.json"), cwd=project)
+    assert result.returncode == 0, result.stderr
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (project / "out").iterdir()}
+    assert set(modes) == {"model.q.onnx", "model.q_report.md", "model.q_report.png"}
+    assert len(set(modes.values())) == 1 and modes["model.q.onnx"] & 0o044, modes

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from .common import CHOICE_BATCHES, CHOICE_EVERY, float_graph
+from .common import CHOICE_BATCHES, CHOICE_EVERY, clearly_lower, float_graph
 from .finetune import output_error
 
 if TYPE_CHECKING:
@@ -184,7 +184,10 @@ class ActivationCalibration:
             for observer in observers.values():
                 observer.render(strategy)
             errors.append(output_error(graph, executor, batches, references))
-        best = int(np.argmin(errors))
+        best = 0  # the first strategy, unless another is clearly better (DECISION_MARGIN)
+        for index, error in enumerate(errors):
+            if clearly_lower(error, errors[best]):
+                best = index
         named = (tuple(getattr(observer.algorithm, "strategies", ())) for observer in observers.values())
         names = next((names for names in named if len(names) == strategies), ())
         label = lambda index: names[index] if index < len(names) else f"strategy {index}"  # noqa: E731

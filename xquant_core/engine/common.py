@@ -15,6 +15,14 @@ CHOICE_EVERY = 2
 CHOICE_BATCHES = 24
 #: every n-th calibration batch is held back to validate fine-tuning and the auto-precision search
 HOLD_BACK_EVERY = 4
+#: a decision between two measured errors (strategy choice, fine-tune acceptance) changes the
+#: default only when the other is lower by more than this fraction: a closer call is rounding noise
+#: (another CPU's float kernels), not a better model
+DECISION_MARGIN = 0.02
+
+
+def clearly_lower(candidate: float, incumbent: float) -> bool:
+    return candidate < incumbent * (1.0 - DECISION_MARGIN)
 
 
 def keep_float(graph, names) -> Callable[[], None]:

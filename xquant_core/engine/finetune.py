@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .common import HOLD_BACK_EVERY, RANKING_BATCHES, float_graph
+from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, float_graph
 
 if TYPE_CHECKING:
     from .core import EnginePlan
@@ -48,7 +48,7 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
                               is_scale_trainable=True, collecting_device=plan.device), training)
     apply(PassiveParameterQuantizePass())
     after = output_error(graph, executor, held_back)
-    if after < before:
+    if clearly_lower(after, before):
         log.info("fine-tuned %d layers (%s): held-back output error %.5f -> %.5f", len(worst), ", ".join(worst),
                  before, after)
     else:
