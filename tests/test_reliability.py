@@ -670,3 +670,32 @@ def test_the_report_and_chart_get_the_models_file_mode(tmp_path, run_xquant):
     modes = {path.name: path.stat().st_mode & 0o777 for path in (project / "out").iterdir()}
     assert set(modes) == {"model.q.onnx", "model.q_report.md", "model.q_report.png"}
     assert len(set(modes.values())) == 1 and modes["model.q.onnx"] & 0o044, modes
+
+
+# --------------------------------------------------------------------------- xquant check
+def test_check_reads_every_sample_writes_nothing_and_imports_neither_ppq_nor_torch(tmp_path):
+    project = make_project(tmp_path / "p")
+    code = ("import sys; from xquant_core.cli import main; code = main(['check', '-c', 'cfg.json']); "
+            "print('imported:', sorted(m for m in ('ppq', 'torch') if m in sys.modules)); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "xquant: check: config cfg.json: valid"
+    assert lines[1].startswith("xquant: check: model ") and "1 input(s), 1 output(s), 2 Conv/ConvTranspose" in lines[1]
+    assert lines[2].startswith("xquant: check: input input [1, 3, 16, 16] float32: 12 sample(s) from ")
+    assert lines[-3] == f"xquant: check: output {project / 'out' / 'model.q.onnx'} can be written"
+    assert lines[-2].startswith("xquant: check: ok: ready to quantize (")
+    assert lines[-1] == "imported: []"
+    assert not (project / "out").exists()
+
+
+def test_check_finds_a_bad_sample_anywhere_with_the_runs_message(tmp_path, run_xquant):
+    """A run reads the first batch before the expensive parts; check reads them all."""
+    project = make_project(tmp_path / "p")
+    bad = np.load(project / "data" / "s009.npy")
+    bad.flat[3] = np.nan
+    np.save(project / "data" / "s009.npy", bad)
+    result = run_xquant("check", "-c", str(project / "cfg.json"), cwd=project)
+    assert result.returncode == 2 and result.stdout == "xquant: check: config " + str(project / "cfg.json") + ": valid\n"
+    assert result.stderr == (f"xquant: error: Calibration input input: {project / 'data' / 's009.npy'} holds 1 NaN "
+                             "and 0 infinite value(s) after preprocessing: calibration needs finite numbers\n")

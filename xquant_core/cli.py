@@ -1,4 +1,5 @@
-"""Command line: ``xquant -c cfg.json [-i in.onnx] [-o out.onnx]`` and ``xquant plugins``.
+"""Command line: ``xquant -c cfg.json [-i in.onnx] [-o out.onnx]``, ``xquant check -c cfg.json``
+and ``xquant plugins``.
 
 Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
 3 internal error (a bug: the log file has the traceback), 130 interrupted.
@@ -37,12 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-training INT8 quantization of ONNX models for SpacemiT chips, from an "
                     "XQuant-compatible JSON config.",
         epilog="commands:\n  (none)    quantize the model the config describes (needs -c)\n"
+               "  check     check the config, the model, every calibration sample and the output path\n"
+               "            without quantizing (needs -c)\n"
                "  plugins   list the installed plugins and the names they register\n\n"
                "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
                "130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", choices=["plugins"], help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs="?", choices=["plugins", "check"], help=argparse.SUPPRESS)
     parser.add_argument("-c", "--config", help="the JSON config file")
     parser.add_argument("-i", "--input", help="float ONNX model (overrides model_parameters.onnx_model)")
     parser.add_argument("-o", "--output", help="output model path (overrides <working_dir>/<output_prefix>.onnx)")
@@ -83,6 +86,17 @@ def cmd_plugins() -> int:
     return EXIT_OK
 
 
+def cmd_check(args) -> int:
+    from .check import check
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    print(f"xquant: check: config {args.config}: valid")
+    for line in check(cfg, model=args.input, output=args.output):
+        print(f"xquant: check: {line}")
+    return EXIT_OK
+
+
 def cmd_quantize(args) -> int:
     from .config import load_config
     from .pipeline import run
@@ -110,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plugins()
         if not args.config:
             parser.print_usage(sys.stderr)
-            print("xquant: error: -c/--config is required to quantize", file=sys.stderr)
+            what = "to check" if args.command == "check" else "to quantize"
+            print(f"xquant: error: -c/--config is required {what}", file=sys.stderr)
             return EXIT_USAGE
-        return cmd_quantize(args)
+        return cmd_check(args) if args.command == "check" else cmd_quantize(args)
     except XQuantError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -82,10 +82,21 @@ def choose_device(requested: str | None) -> str:
     return "cpu"
 
 
-def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
-        output: str | os.PathLike | None = None, progress: ProgressFactory | None = None) -> QuantizationResult:
-    """Run the whole pipeline; raise an :class:`XQuantError` on bad input."""
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """What a run has checked before the expensive parts: paths, the float model, the data."""
+
+    model_path: Path | None
+    out_path: Path
+    float_model: onnx.ModelProto
+    specs: list
+    dataset: CalibrationDataset | None  # None for dynamic quantization (precision_level 3)
+
+
+def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
+            output: str | os.PathLike | None = None) -> Prepared:
+    """Output paths, the model and its inputs, the calibration lists and first batch: every check
+    that needs neither PPQ nor torch (``xquant check`` stops here)."""
     source = model if model is not None else cfg.model.onnx_model
     if source is None:
         raise ModelError("no model: set model_parameters.onnx_model in the config or pass a model (-i)")
@@ -95,19 +106,11 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         check_outputs(out_path, {model_path: "the input model"})  # before the model is even read
 
     float_model = model_io.load_model(source)
-    inputs_key = "input_parametres"
-    specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, inputs_key)
+    specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")
     float_model = model_io.fix_input_shapes(float_model, specs)
-
     if cfg.quantization.precision_level == 3:
-        from .dynamic import quantize_dynamic
-
         check_outputs(out_path, files_read(model_path, float_model, cfg.source))
-        if not cfg.model.skip_onnxsim:
-            float_model = model_io.simplify(float_model)
-        quantized = quantize_dynamic(float_model)
-        write_model_atomically(quantized, out_path)
-        return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
+        return Prepared(model_path, out_path, float_model, specs, None)
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
@@ -117,8 +120,27 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         [path for paths in dataset.lists.values() for path in paths],
         [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file]))
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
+    registry("platform").get(cfg.quantization.platform)
+    registry("calibration").get(cfg.calibration.calibration_type)
+    return Prepared(model_path, out_path, float_model, specs, dataset)
+
+
+def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
+        output: str | os.PathLike | None = None, progress: ProgressFactory | None = None) -> QuantizationResult:
+    """Run the whole pipeline; raise an :class:`XQuantError` on bad input."""
+    started = time.perf_counter()
+    prepared = prepare(cfg, model, output)
+    out_path, float_model, dataset = prepared.out_path, prepared.float_model, prepared.dataset
     if not cfg.model.skip_onnxsim:
         float_model = model_io.simplify(float_model)
+
+    if dataset is None:
+        from .dynamic import quantize_dynamic
+
+        quantized = quantize_dynamic(float_model)
+        write_model_atomically(quantized, out_path)
+        return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
+
     if control_flow.count_quantized_ops(float_model)[1] == 0:
         ops = sorted({node.op_type for node in float_model.graph.node})
         raise ModelError(f"nothing to quantize: the model has no {'/'.join(sorted(control_flow.COMPUTE_OPS))} op "

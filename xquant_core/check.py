@@ -1,0 +1,51 @@
+"""``xquant check -c cfg.json``: everything a run checks before it quantizes, and nothing more.
+
+The config (schema and plugin names), the model and its inputs, every calibration sample read
+and preprocessed once (shape, dtype, finite values), the output paths: the same messages and
+exit codes as a run, in seconds, without importing PPQ or torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import onnx
+
+from . import control_flow
+from .config import XQuantConfig
+from .pipeline import prepare
+
+
+def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
+          output: str | os.PathLike | None = None) -> list[str]:
+    """Run every check of :func:`xquant_core.pipeline.prepare` and read every sample; return the
+    summary lines (raises the run's :class:`XQuantError` on the first problem)."""
+    started = time.perf_counter()
+    prepared = prepare(cfg, model, output)
+    graph = prepared.float_model.graph
+    opset = max((entry.version for entry in prepared.float_model.opset_import if entry.domain in ("", "ai.onnx")),
+                default=0)
+    compute = control_flow.count_quantized_ops(prepared.float_model)[1]
+    lines = [f"model {prepared.model_path or 'given in memory'}: opset {opset}, {len(prepared.specs)} input(s), "
+             f"{len(graph.output)} output(s), {compute} Conv/ConvTranspose/Gemm/MatMul op(s)"]
+    dataset = prepared.dataset
+    if dataset is None:
+        lines.append("precision_level 3: dynamic quantization, no calibration data is read")
+    else:
+        low = {spec.name: np.inf for spec in prepared.specs}
+        high = {spec.name: -np.inf for spec in prepared.specs}
+        for batch in dataset:
+            for name, array in batch.items():
+                if array.size:
+                    low[name] = min(low[name], float(array.min()))
+                    high[name] = max(high[name], float(array.max()))
+        for spec in prepared.specs:
+            source = spec.config.preprocess_file
+            lines.append(f"input {spec.name} {list(spec.shape)} {spec.dtype}: {dataset.count} sample(s) from "
+                         f"{os.path.normpath(spec.config.data_list_path)} ({spec.config.file_type}, preprocess {source}), values "
+                         f"{low[spec.name]:.6g} .. {high[spec.name]:.6g}")
+    lines.append(f"output {prepared.out_path} can be written")
+    lines.append(f"ok: ready to quantize ({time.perf_counter() - started:.1f} s)")
+    return lines
