@@ -699,3 +699,43 @@ def test_check_finds_a_bad_sample_anywhere_with_the_runs_message(tmp_path, run_x
     assert result.returncode == 2 and result.stdout == "xquant: check: config " + str(project / "cfg.json") + ": valid\n"
     assert result.stderr == (f"xquant: error: Calibration input input: {project / 'data' / 's009.npy'} holds 1 NaN "
                              "and 0 infinite value(s) after preprocessing: calibration needs finite numbers\n")
+
+
+# --------------------------------------------------------------------------- xquant compare
+def test_compare_reports_int8_against_fp32_and_gates_on_snr(tmp_path, run_xquant):
+    project = make_project(tmp_path / "p")
+    assert run_xquant("-c", "cfg.json", cwd=project).returncode == 0
+    args = ("compare", "model.onnx", "out/model.q.onnx")
+    text = run_xquant(*args, "-c", "cfg.json", cwd=project)
+    assert text.returncode == 0, text.stderr
+    head, samples = text.stdout.splitlines()
+    assert head.startswith("xquant: compare: output logits: SNR ") and ", top-1 agreement " in head
+    assert samples == "xquant: compare: 12 sample(s)"
+
+    as_json = run_xquant(*args, "-c", "cfg.json", "--json", cwd=project)
+    figures = json.loads(as_json.stdout)
+    (logits,) = figures["outputs"]
+    assert figures["samples"] == 12 and logits["name"] == "logits"
+    assert 0 < logits["snr"] < 0.05 and logits["cosine"] > 0.97 and logits["max_abs"] > 0
+    assert 0.5 <= logits["top1_agreement"] <= 1.0
+
+    # npy lists without a config give the same figures; an SNR gate fails the command
+    npy = json.loads(run_xquant(*args, "--data", "data/list.txt", "--json", cwd=project).stdout)
+    assert npy == figures
+    gated = run_xquant(*args, "--data", "data/list.txt", "--fail-snr", "1e-9", cwd=project)
+    assert gated.returncode == 1 and "is above --fail-snr 1e-09" in gated.stderr
+    itself = json.loads(run_xquant("compare", "model.onnx", "model.onnx", "--data", "data/list.txt", "--json",
+                                   cwd=project).stdout)
+    assert itself["outputs"][0]["snr"] == 0.0 and itself["outputs"][0]["top1_agreement"] == 1.0
+
+
+def test_compare_names_what_is_wrong(tmp_path, run_xquant):
+    project = make_project(tmp_path / "p")
+    onnx.save(identity_model(), str(project / "other.onnx"))
+    cases = [(("compare", "model.onnx"), "compare needs two models"),
+             (("compare", "model.onnx", "model.onnx"), "give -c cfg.json (its inputs and preprocessing) or --data"),
+             (("compare", "model.onnx", "missing.onnx", "--data", "data/list.txt"), "missing.onnx does not exist"),
+             (("compare", "model.onnx", "other.onnx", "--data", "data/list.txt"), "are they the same model?")]
+    for args, message in cases:
+        result = run_xquant(*args, cwd=project)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

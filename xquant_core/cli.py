@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, XQuantError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUANTIZATION_FAILED, EXIT_USAGE, XQuantError
 
 log = logging.getLogger("xquant")
 #: where internal-error tracebacks go (one new file per failure); None: the temp folder
@@ -40,15 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="commands:\n  (none)    quantize the model the config describes (needs -c)\n"
                "  check     check the config, the model, every calibration sample and the output path\n"
                "            without quantizing (needs -c)\n"
+               "  compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)\n"
+               "            INT8 against FP32 on the listed samples: SNR, cosine, max |diff|, top-1\n"
                "  plugins   list the installed plugins and the names they register\n\n"
                "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
                "130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", choices=["plugins", "check"], help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs="?", choices=["plugins", "check", "compare"], help=argparse.SUPPRESS)
+    parser.add_argument("models", nargs="*", help=argparse.SUPPRESS)  # compare FLOAT.onnx INT8.onnx
     parser.add_argument("-c", "--config", help="the JSON config file")
     parser.add_argument("-i", "--input", help="float ONNX model (overrides model_parameters.onnx_model)")
     parser.add_argument("-o", "--output", help="output model path (overrides <working_dir>/<output_prefix>.onnx)")
+    parser.add_argument("--data", action="append", default=[], metavar="LIST",
+                        help="compare: a list of samples (npy without -c), one per model input")
+    parser.add_argument("--json", action="store_true", help="compare: print the figures as JSON")
+    parser.add_argument("--fail-snr", type=float, metavar="X", help="compare: exit 1 when an output's SNR exceeds X")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"xquant {__version__}")
     return parser
@@ -97,6 +104,29 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args) -> int:
+    import dataclasses
+    import json
+
+    from .compare import compare, comparison_config, render
+
+    if len(args.models) != 2:
+        print("xquant: error: compare needs two models: xquant compare FLOAT.onnx INT8.onnx (-c cfg.json | --data "
+              "LIST)", file=sys.stderr)
+        return EXIT_USAGE
+    figures, samples = compare(*args.models, comparison_config(args.models[0], args.config, args.data))
+    if args.json:
+        print(json.dumps({"samples": samples, "outputs": [dataclasses.asdict(item) for item in figures]}, indent=1))
+    else:
+        for line in render(figures, samples):
+            print(f"xquant: compare: {line}")
+    worst = max(item.snr for item in figures)
+    if args.fail_snr is not None and worst > args.fail_snr:
+        print(f"xquant: compare: SNR {worst:.5g} is above --fail-snr {args.fail_snr:g}", file=sys.stderr)
+        return EXIT_QUANTIZATION_FAILED
+    return EXIT_OK
+
+
 def cmd_quantize(args) -> int:
     from .config import load_config
     from .pipeline import run
@@ -122,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return cmd_plugins()
+        if args.command == "compare":
+            return cmd_compare(args)
+        if args.models:
+            parser.print_usage(sys.stderr)
+            print(f"xquant: error: unexpected argument(s) {' '.join(args.models)}", file=sys.stderr)
+            return EXIT_USAGE
         if not args.config:
             parser.print_usage(sys.stderr)
             what = "to check" if args.command == "check" else "to quantize"
