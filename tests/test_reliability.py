@@ -739,3 +739,33 @@ def test_compare_names_what_is_wrong(tmp_path, run_xquant):
     for args, message in cases:
         result = run_xquant(*args, cwd=project)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- xquant init
+def test_init_writes_a_config_that_checks_and_quantizes_and_overwrites_nothing(tmp_path, run_xquant):
+    project = make_project(tmp_path / "p")
+    (project / "data" / "list.txt").unlink()  # DATA_DIR holds the samples only
+    result = run_xquant("init", "model.onnx", "data", "-o", "start/cfg.json", cwd=project)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0] == "xquant: init: wrote start/cfg.json for model.onnx"
+    assert out[1] == ("xquant: init: input input [1, 3, 16, 16] float32, NCHW (guessed: 3 channels in dim 1): npy "
+                      "files, 10 for calibration in start/cfg_calib.txt, 2 held out in start/cfg_holdout.txt")
+    config = json.loads((project / "start" / "cfg.json").read_text())
+    assert config["model_parameters"]["onnx_model"] == str(project / "model.onnx")
+    (entry,) = config["calibration_parameters"]["input_parametres"]
+    assert entry == {"input_name": "input", "input_shape": [1, 3, 16, 16], "dtype": "float32", "file_type": "npy",
+                     "data_list_path": "cfg_calib.txt"}
+    calib = (project / "start" / "cfg_calib.txt").read_text().split()
+    held = (project / "start" / "cfg_holdout.txt").read_text().split()
+    assert len(calib) == 10 and held == [str(project / "data" / f"s{i:03d}.npy") for i in (4, 9)]
+    assert not set(calib) & set(held)
+
+    assert run_xquant("check", "-c", "start/cfg.json", cwd=project).returncode == 0
+    assert run_xquant("-c", "start/cfg.json", cwd=project).returncode == 0
+    assert (project / "start" / "output" / "model.q.onnx").is_file()
+
+    before = (project / "start" / "cfg.json").read_bytes()
+    again = run_xquant("init", "model.onnx", "data", "-o", "start/cfg.json", cwd=project)
+    assert again.returncode == 2 and "exists: xquant init does not overwrite files" in again.stderr
+    assert (project / "start" / "cfg.json").read_bytes() == before

@@ -28,7 +28,8 @@ def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None =
     opset = max((entry.version for entry in prepared.float_model.opset_import if entry.domain in ("", "ai.onnx")),
                 default=0)
     compute = control_flow.count_quantized_ops(prepared.float_model)[1]
-    lines = [f"model {prepared.model_path or 'given in memory'}: opset {opset}, {len(prepared.specs)} input(s), "
+    where = os.path.normpath(prepared.model_path) if prepared.model_path else "given in memory"
+    lines = [f"model {where}: opset {opset}, {len(prepared.specs)} input(s), "
              f"{len(graph.output)} output(s), {compute} Conv/ConvTranspose/Gemm/MatMul op(s)"]
     dataset = prepared.dataset
     if dataset is None:

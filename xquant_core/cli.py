@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="commands:\n  (none)    quantize the model the config describes (needs -c)\n"
                "  check     check the config, the model, every calibration sample and the output path\n"
                "            without quantizing (needs -c)\n"
+               "  init MODEL.onnx [DATA_DIR] [-o cfg.json]\n"
+               "            write a config for the model (and calibration/held-out lists of DATA_DIR)\n"
                "  compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)\n"
                "            INT8 against FP32 on the listed samples: SNR, cosine, max |diff|, top-1\n"
                "  plugins   list the installed plugins and the names they register\n\n"
@@ -47,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                "130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", choices=["plugins", "check", "compare"], help=argparse.SUPPRESS)
-    parser.add_argument("models", nargs="*", help=argparse.SUPPRESS)  # compare FLOAT.onnx INT8.onnx
+    parser.add_argument("command", nargs="?", choices=["plugins", "check", "compare", "init"], help=argparse.SUPPRESS)
+    parser.add_argument("models", nargs="*", help=argparse.SUPPRESS)  # compare FLOAT INT8 / init MODEL [DATA_DIR]
     parser.add_argument("-c", "--config", help="the JSON config file")
     parser.add_argument("-i", "--input", help="float ONNX model (overrides model_parameters.onnx_model)")
     parser.add_argument("-o", "--output", help="output model path (overrides <working_dir>/<output_prefix>.onnx)")
@@ -104,6 +106,18 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def cmd_init(args) -> int:
+    from .init_config import write_config
+
+    if not 1 <= len(args.models) <= 2:
+        print("xquant: error: init needs the model: xquant init MODEL.onnx [DATA_DIR] [-o cfg.json]", file=sys.stderr)
+        return EXIT_USAGE
+    for line in write_config(args.models[0], args.models[1] if len(args.models) > 1 else None,
+                             args.output or "cfg.json"):
+        print(f"xquant: init: {line}")
+    return EXIT_OK
+
+
 def cmd_compare(args) -> int:
     import dataclasses
     import json
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plugins()
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "init":
+            return cmd_init(args)
         if args.models:
             parser.print_usage(sys.stderr)
             print(f"xquant: error: unexpected argument(s) {' '.join(args.models)}", file=sys.stderr)

@@ -1,0 +1,133 @@
+"""``xquant init MODEL.onnx [DATA_DIR] [-o cfg.json]``: a vendor-format config to start from.
+
+Every input's name, shape and dtype come from the model (NCHW/NHWC guessed from where the
+channels are, and said); with DATA_DIR, the file type comes from the files' extensions and two
+lists are written beside the config: one for calibration and, every fifth file, one held out
+for ``xquant compare``. What only the user can know (mean/std, colour order) is printed with
+the common presets. Nothing existing is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+
+from . import model as model_io
+from .errors import ConfigError, DataError
+
+EXTENSIONS = {".jpg": "img", ".jpeg": "img", ".png": "img", ".bmp": "img", ".webp": "img", ".tif": "img",
+              ".tiff": "img", ".npy": "npy", ".raw": "raw", ".bin": "raw"}
+HOLD_OUT_EVERY = 5
+PRESETS = ("torchvision/timm ImageNet models: \"color_format\": \"rgb\", \"mean_value\": [123.675, 116.28, 103.53], "
+           "\"std_value\": [58.395, 57.12, 57.375]",
+           "models trained on [-1, 1] inputs (PaddleOCR, MobileNet TF): \"mean_value\": [127.5, 127.5, 127.5], "
+           "\"std_value\": [127.5, 127.5, 127.5]",
+           "models trained on [0, 1] inputs (YOLO): \"mean_value\": [0, 0, 0], \"std_value\": [255, 255, 255]")
+
+
+def write_config(model_path: str, data_dir: str | None, config_path: str) -> list[str]:
+    """Write the config (and lists); return the lines to print."""
+    out = Path(config_path)
+    if out.exists():
+        raise ConfigError([f"{out} exists: xquant init does not overwrite files; give another -o"], source="init")
+    model = model_io.load_model(model_path)
+    inputs = model_io.graph_inputs(model)
+    entries, lines, todo = [], [], []
+    lists = _lists(Path(data_dir), out, [value.name for value in inputs]) if data_dir else {}
+    for value in inputs:
+        shape = [dim if isinstance(dim, int) else None for dim in model_io._model_shape(value)]
+        if shape and shape[0] is None:
+            shape[0] = 1
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+        layout = _layout(shape)
+        entry = {"input_name": value.name, "input_shape": shape, "dtype": dtype}
+        described = f"input {value.name} {shape} {dtype}" + (f", {layout}" if layout else "")
+        if value.name in lists:
+            kind, calib, held = lists[value.name]
+            entry.update({"file_type": kind, "data_list_path": _ref(calib, out.parent)})
+            described += f": {kind} files, {_count(calib)} for calibration in {calib}, {_count(held)} held out in {held}"
+            if kind == "img":
+                entry["color_format"] = "bgr"
+                todo.append(f"{value.name}: mean_value/std_value and color_format (now bgr, raw 0-255 values); "
+                            "common presets:\n    " + "\n    ".join(PRESETS))
+                if layout and layout.startswith("NHWC"):
+                    todo.append(f"{value.name}: the model takes NHWC; the img reader writes NCHW: give a "
+                                "preprocess_file \"file.py:function\" that returns NHWC batches")
+        else:
+            entry.update({"file_type": "npy", "data_list_path": f"{value.name}_list.txt"})
+            todo.append(f"{value.name}: data_list_path (a list file, one sample per line; npy samples of shape "
+                        f"{shape} or without its leading 1)")
+        if any(dim is None for dim in shape):
+            todo.append(f"{value.name}: input_shape has unknown dims {shape}: give them")
+        entries.append(entry)
+        lines.append(described)
+    steps = max((_count(lists[name][1]) for name in lists), default=100)
+    config = {"model_parameters": {"onnx_model": _ref(Path(model_path), out.parent),
+                                   "working_dir": "output"},
+              "calibration_parameters": {"calibration_step": steps, "calibration_device": "cpu",
+                                         "calibration_type": "default", "input_parametres": entries},
+              "quantization_parameters": {"analysis_enable": True, "precision_level": 0, "finetune_level": 1}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    lines.insert(0, f"wrote {out} for {model_path}")
+    lines += [f"still to decide: {item}" for item in todo]
+    lines.append(f"next: xquant check -c {out}, then xquant -c {out}")
+    return lines
+
+
+def _ref(target: Path, folder: Path) -> str:
+    """``target`` relative to ``folder`` when it lies inside it, else absolute."""
+    target, folder = target.resolve(), folder.resolve()
+    return os.path.relpath(target, folder) if folder in target.parents else str(target)
+
+
+def _layout(shape: list) -> str:
+    if len(shape) != 4:
+        return ""
+    if shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):
+        return f"NCHW (guessed: {shape[1]} channels in dim 1)"
+    if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return f"NHWC (guessed: {shape[3]} channels in dim 3)"
+    return "layout not clear from the shape"
+
+
+def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str, Path, Path]]:
+    """Per input: file type, calibration list, held-out list (written beside the config). One
+    input reads DATA_DIR itself; several read DATA_DIR/<input name>/ where it exists."""
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: give the folder of calibration samples")
+    sources = {names[0]: folder} if len(names) == 1 else {name: folder / name for name in names
+                                                          if (folder / name).is_dir()}
+    planned = []
+    for name, source in sources.items():
+        files = sorted(path for path in source.iterdir() if path.suffix.lower() in EXTENSIONS)
+        kinds = sorted({EXTENSIONS[path.suffix.lower()] for path in files})
+        if not files:
+            raise DataError(f"{source} holds no sample files ({', '.join(sorted(EXTENSIONS))})")
+        if len(kinds) > 1:
+            raise DataError(f"{source} mixes file types ({', '.join(kinds)}): keep one kind per input")
+        stem = config.with_suffix("").name + ("" if len(names) == 1 else f"_{name}")
+        calib, held = config.parent / f"{stem}_calib.txt", config.parent / f"{stem}_holdout.txt"
+        for path in (calib, held):
+            if path.exists():
+                raise ConfigError([f"{path} exists: xquant init does not overwrite files; give another -o"],
+                                  source="init")
+        planned.append((name, kinds[0], calib, held, files))
+    found = {}
+    for name, kind, calib, held, files in planned:  # written only once every check passed
+        kept = [path for index, path in enumerate(files)
+                if index % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1 or len(files) < HOLD_OUT_EVERY]
+        held_out = [path for path in files if path not in kept]
+        for path, members in ((calib, kept), (held, held_out)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{_ref(member, path.parent)}\n"
+                                    for member in members), encoding="utf-8")
+        found[name] = (kind, calib, held)
+    return found
+
+
+def _count(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
