@@ -78,14 +78,25 @@ def test_quantize_writes_a_valid_model_close_to_float(small_project, run_xquant)
     output = small_project / "out" / "small.q.onnx"
     assert output.is_file()
 
-    # two summary lines: how many compute ops run in INT8; the output path and the time it took
+    # three summary lines: how many compute ops run in INT8; the output path and the time it took;
+    # every stage's time
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2, result.stdout
+    assert len(lines) == 3, result.stdout
     assert lines[0] == "xquant: INT8: 3 of 3 Conv/ConvTranspose/Gemm/MatMul ops"
     assert str(output) in lines[1]
     assert re.search(r"in \d+\.\d s$", lines[1]), lines[1]
     assert "12 calibration samples" in lines[1]
+    assert re.fullmatch(r"xquant: stages: onnxsim \d+\.\d s, calibration \(minmax\) \d+\.\d s, "
+                        r"calibration \(histogram\) \d+\.\d s(, .+)?", lines[2]), lines[2]
     assert "Traceback" not in result.stderr
+    # not a terminal: no bar; a stage of a second or more is one log line with its time
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+    for line in result.stderr.splitlines():
+        if re.search(r": \d+\.\d s$", line):
+            assert re.fullmatch(r"xquant: INFO: [a-z (),-]+: \d+\.\d s", line), line
+
+    quiet = run_xquant("-q", "-c", "cfg.json", cwd=small_project)
+    assert quiet.returncode == 0 and not re.search(r"INFO: [a-z (),-]+: \d", quiet.stderr), quiet.stderr
 
     model = onnx.load(str(output))
     onnx.checker.check_model(model, full_check=True)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare: a list of samples (npy without -c), one per model input")
     parser.add_argument("--json", action="store_true", help="compare: print the figures as JSON")
     parser.add_argument("--fail-snr", type=float, metavar="X", help="compare: exit 1 when an output's SNR exceeds X")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"xquant {__version__}")
     return parser
@@ -76,11 +78,46 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("xquant.ppq").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
-def _progress(label: str, total: int):
-    from tqdm import tqdm
+class Stages:
+    """The run's stages as the user sees them: a tqdm bar per stage on a terminal (kept when done),
+    one log line with its time otherwise (CI logs, pipes), nothing with ``-q``; every stage's time
+    is kept for the final summary. Called like a progress factory: ``stages(label, total)``."""
 
-    return tqdm(total=total, desc=f"xquant {label}", unit="batch", file=sys.stderr, leave=False,
-                disable=None if not os.environ.get("XQUANT_PROGRESS") else False)
+    def __init__(self, quiet: bool = False, terminal: bool | None = None):
+        self.quiet = quiet
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.times: list[tuple[str, float]] = []
+
+    def __call__(self, label: str, total: int | None) -> "_Stage":
+        return _Stage(self, label, total)
+
+    def summary(self) -> str:
+        merged: dict[str, float] = {}
+        for label, seconds in self.times:  # a stage run twice (auto-precision) shows once, summed
+            merged[label] = merged.get(label, 0.0) + seconds
+        return "stages: " + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in merged.items())
+
+
+class _Stage:
+    def __init__(self, owner: Stages, label: str, total: int | None):
+        self.owner, self.label, self.started = owner, label, time.perf_counter()
+        self.bar = None
+        if owner.terminal and not owner.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"xquant {label}", unit="batch", file=sys.stderr, leave=True)
+
+    def update(self, count: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        seconds = time.perf_counter() - self.started
+        self.owner.times.append((self.label, seconds))
+        if self.bar is not None:
+            self.bar.close()
+        elif not self.owner.quiet and seconds >= 1.0:
+            log.info("%s: %.1f s", self.label, seconds)
 
 
 def cmd_plugins() -> int:
@@ -146,12 +183,15 @@ def cmd_quantize(args) -> int:
     from .pipeline import run
 
     cfg = load_config(args.config)
-    result = run(cfg, model=args.input, output=args.output, progress=_progress)
+    stages = Stages(quiet=args.quiet)
+    result = run(cfg, model=args.input, output=args.output, progress=stages)
     how = (f"{result.samples} calibration samples on {result.device}" if result.samples
            else "dynamic quantization, no calibration")
     for line in result.summary:
         print(f"xquant: {line}")
     print(f"xquant: wrote {result.output_path} ({how}) in {result.seconds:.1f} s")
+    if stages.times:
+        print(f"xquant: {stages.summary()}")
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ engine (PPQ) with the platform plugin -> atomic write of ``<working_dir>/<prefix
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -132,7 +133,8 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     prepared = prepare(cfg, model, output)
     out_path, float_model, dataset = prepared.out_path, prepared.float_model, prepared.dataset
     if not cfg.model.skip_onnxsim:
-        float_model = model_io.simplify(float_model)
+        with _stage(progress, "onnxsim"):
+            float_model = model_io.simplify(float_model)
 
     if dataset is None:
         from .dynamic import quantize_dynamic
@@ -196,7 +198,8 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     seconds = time.perf_counter() - started
     report_path = None
     if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model
-        report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
+        with _stage(progress, "analysis"):
+            report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
         summary += lines
     elif sections:  # no analysis asked for: the report holds what auto_precision found, and nothing else
         report_path = out_path.with_name(f"{out_path.stem}_report.md")
@@ -293,6 +296,17 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
                      first.seconds + second.seconds, metric, len(held_back),
                      HOLD_BACK_EVERY)
     return second.model, search
+
+
+@contextlib.contextmanager
+def _stage(progress: ProgressFactory | None, label: str):
+    """A stage without batches (onnxsim, the analysis) for the progress reporter."""
+    bar = progress(label, None) if progress else None
+    try:
+        yield
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def quantized_ops_line(model: onnx.ModelProto) -> str:

@@ -162,12 +162,13 @@ class ActivationCalibration:
                               f"calibration ({phase})")
         strategies = max(observer.compute() for observer in observers.values())
         if strategies > 1:
-            self._choose_strategy(graph, executor, feeds, observers, strategies)
+            bar = progress("strategy choice", strategies) if progress else None
+            self._choose_strategy(graph, executor, feeds, observers, strategies, bar)
         else:
             for observer in observers.values():
                 observer.render()
 
-    def _choose_strategy(self, graph, executor, feeds, observers, strategies: int) -> None:
+    def _choose_strategy(self, graph, executor, feeds, observers, strategies: int, bar=None) -> None:
         """Keep the strategy whose quantized model output is closest to the float one.
 
         Measured on every ``CHOICE_EVERY``-th calibration batch (at most
@@ -184,6 +185,10 @@ class ActivationCalibration:
             for observer in observers.values():
                 observer.render(strategy)
             errors.append(output_error(graph, executor, batches, references))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         best = 0  # the first strategy, unless another is clearly better (DECISION_MARGIN)
         for index, error in enumerate(errors):
             if clearly_lower(error, errors[best]):
