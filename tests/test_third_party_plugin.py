@@ -336,3 +336,26 @@ def test_scale01_on_arrays_divides_by_255(plugin):
     np.testing.assert_allclose(sample, 0.2)
     with pytest.raises(DataError, match="mean_value/std_value to images only"):
         plugin.Scale01()(array, make_spec(file_type="csv", mean_value=[1.0]), ArrayLike())
+
+
+def test_a_misspelt_hook_is_refused_naming_it():
+    """pluggy registers a hook implementation no spec declares and never calls it: the plugin
+    seemed installed and did nothing. The host checks pending hooks at registration."""
+    import types
+
+    from xquant_core.errors import PluginError
+    from xquant_core.hookspecs import hookimpl
+    from xquant_core.plugins import PluginHost
+
+    plugin = types.ModuleType("typo_plugin")
+
+    @hookimpl
+    def xquant_register_reader(register):  # the hook is xquant_register_readers
+        register("csv2", object())
+
+    plugin.xquant_register_reader = xquant_register_reader
+    host = PluginHost()
+    with pytest.raises(PluginError, match=r"plugin 'typo' \(typo-dist\) implements xquant_register_reader that "
+                                          r"xquant does not define; its hooks are: .*xquant_register_readers"):
+        host.register(plugin, "typo", "typo-dist", "1.0")
+    assert not host.manager.has_plugin("typo") and "typo" not in host.infos

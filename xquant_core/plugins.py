@@ -114,6 +114,17 @@ class PluginHost:
         if self.manager.has_plugin(name):
             raise PluginError(f"a plugin named '{name}' is already registered")
         self.manager.register(plugin, name=name)
+        try:  # a misspelt hook (xquant_register_reader) would otherwise register and never be called
+            self.manager.check_pending()
+        except pluggy.PluginValidationError:
+            unknown = sorted(impl.__name__ for impl in vars(plugin).values() if callable(impl)
+                             and hasattr(impl, f"{hookspecs.PROJECT}_impl")
+                             and not hasattr(hookspecs, impl.__name__)) if hasattr(plugin, "__dict__") else []
+            self.manager.unregister(name=name)
+            known = sorted(n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT}_"))
+            raise PluginError(f"plugin '{name}'{f' ({distribution})' if distribution else ''} implements "
+                              f"{', '.join(unknown) or 'a hook'} that xquant does not define; its hooks are: "
+                              f"{', '.join(known)}") from None
         self.infos[name] = PluginInfo(name, distribution or name, version, builtin)
         self._order.append(name)
         self._registries = None
