@@ -12,7 +12,7 @@ import os as _os
 if not _os.environ.get("ORT_DISABLE_TELEMETRY"):
     _os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .hookspecs import hookimpl
 

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUANTIZATION_FAILED, EXIT_USAGE, XQuantError
 
 log = logging.getLogger("xquant")

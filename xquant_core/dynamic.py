@@ -16,7 +16,7 @@ import tempfile
 
 import onnx
 
-import xquant_core
+from ._version import __version__
 
 log = logging.getLogger("xquant.dynamic")
 
@@ -44,7 +44,7 @@ def quantize_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
             root.setLevel(level)
         quantized = onnx.load(target)
     quantized.producer_name = "xquant"
-    quantized.producer_version = xquant_core.__version__
-    onnx.helper.set_model_props(quantized, {"xquant_version": xquant_core.__version__,
+    quantized.producer_version = __version__
+    onnx.helper.set_model_props(quantized, {"xquant_version": __version__,
                                             "xquant_mode": "dynamic"})
     return quantized
