@@ -125,6 +125,9 @@ def test_a_stricter_target_is_met_with_few_float_ops(config, caplog):
 
 def test_keep_float_leaves_earlier_float_ops_float(config):
     """An undo of a candidate must not quantize ops an earlier call (or the plan) keeps float."""
+    from xquant_core.ppq_compat import import_ppq
+
+    import_ppq()  # PPQ imports only through the compatibility layer (protobuf >= 4, onnx >= 1.19)
     from ppq import QuantableOperation
 
     from xquant_core.calibration import CalibrationContext
@@ -134,7 +137,7 @@ def test_keep_float_leaves_earlier_float_ops_float(config):
     class Probe:
         already_float = ()
 
-        def run(self, graph, executor, device, export, plain=None):
+        def run(self, graph, executor, device, export, plain=None, progress=None):
             undo_first = keep_float(graph, {"conv2"})
             undo = keep_float(graph, {"conv2", "conv3"})
             both = {name: graph.operations[name]._dequantized for name in ("conv2", "conv3")}

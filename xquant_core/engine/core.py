@@ -130,7 +130,10 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     graph, executor, regions, apply = _calibrated(model, feeds, num_batches, platform, plan, progress)
     apply(_ppq_pass("PassiveParameterQuantizePass"))
     if plan.finetune_level >= 2:
+        bar = progress("fine-tuning", None) if progress else None
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
+        if bar is not None:
+            bar.close()
     if plan.finetune_level >= 1:
         correct_bias(graph, executor, feeds, progress=progress)
     platform.finalize(graph)
@@ -143,7 +146,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         return forms.restore(platform.export(graph), model)
 
     if search is not None:
-        return search.run(graph, executor, plan.device, export=export, plain=plain)
+        return search.run(graph, executor, plan.device, export=export, plain=plain, progress=progress)
     return export()
 
 

@@ -62,8 +62,17 @@ class FloatOpSearch:
         self.target, self.max_float_ops = target, max_float_ops
         self.held_back, self.already_float = held_back, set(already_float)
 
-    def run(self, graph, executor, device: str, export: Callable[[], Any], plain: Any = None) -> SearchResult:
+    def run(self, graph, executor, device: str, export: Callable[[], Any], plain: Any = None,
+            progress: Callable[[str, Any], Any] | None = None) -> SearchResult:
         """Search; ``plain``: the exported all-INT8 model, measured for comparison only."""
+        bar = progress("auto-precision candidates", None) if progress else None
+        try:
+            return self._run(graph, executor, device, export, plain, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _run(self, graph, executor, device: str, export: Callable[[], Any], plain: Any, bar) -> SearchResult:
         import torch
 
         def measure() -> float:
@@ -100,6 +109,8 @@ class FloatOpSearch:
                 value = measure()
                 undo()
                 tried += 1
+                if bar is not None:
+                    bar.update(1)
                 if self.metric.better(value, best_value):
                     best_set, best_value = candidate, value
             if best_set is None:
