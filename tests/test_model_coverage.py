@@ -218,6 +218,16 @@ def test_decomposed_hardswish_and_hardsigmoid_fuse_into_hardsigmoid_with_the_sam
     kept = fuse_hard_activations(_decomposed_hard_activations(extra_output=True))
     assert [node.op_type for node in kept.graph.node].count("Clip") == 1
 
+    # so does one an If branch reads from the outer graph
+    branchy = _decomposed_hard_activations()
+    branch = helper.make_graph([helper.make_node("Identity", ["s1"], ["b"])], "then", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    branchy.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    branchy.graph.node.append(helper.make_node("If", ["cond"], ["branch_out"], then_branch=branch, else_branch=branch))
+    branchy.graph.output.append(helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, None))
+    types = [node.op_type for node in fuse_hard_activations(branchy).graph.node]
+    assert types.count("Clip") == 1 and types.count("HardSigmoid") == 1  # the second chain still fuses
+
 
 def test_a_model_with_decomposed_hardswish_quantizes_with_fewer_tensors(tmp_path):
     quantized = _quantizes_close_to_float(tmp_path, _decomposed_hard_activations(), (3, 10, 10))

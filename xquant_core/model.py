@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .config import InputConfig
 from .data import InputSpec
-from .engine.forms import at_least_opset_13, default_opset, free_names, has_subgraph, subgraphs
+from .engine.forms import at_least_opset_13, default_opset, free_names, graph_constants, has_subgraph, subgraphs
 from .errors import ModelError
 
 log = logging.getLogger("xquant.model")
@@ -98,14 +98,12 @@ def fuse_hard_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     and are not model outputs are fused; the model is changed in place and returned.
     """
     graph = model.graph
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    constants = graph_constants(graph)
     producer = {name: node for node in graph.node for name in node.output}
     readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
+    for node in graph.node:  # a node holding subgraphs reads the outer tensors they name, too
+        for name in [*node.input, *(free for attribute in node.attribute for sub in subgraphs(attribute)
+                                    for free in free_names(sub))]:
             readers.setdefault(name, []).append(node)
     outputs = {value.name for value in graph.output}
 

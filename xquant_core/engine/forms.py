@@ -328,7 +328,7 @@ def for_ppq(model: onnx.ModelProto, runnable: Iterable[str]) -> onnx.ModelProto:
     converted = onnx.ModelProto()
     converted.CopyFrom(model)
     graph = converted.graph
-    ctx = _Context(opset, _static_shapes(converted), _constants(graph))
+    ctx = _Context(opset, _static_shapes(converted), graph_constants(graph))
     opsets = json.dumps([(entry.domain, entry.version) for entry in model.opset_import])
     nodes = []
     for node in graph.node:
@@ -404,7 +404,7 @@ def _relabel(model: onnx.ModelProto, opset: int) -> None:
     model.opset_import.extend([helper.make_opsetid("", opset), *others])
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
