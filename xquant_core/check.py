@@ -15,6 +15,7 @@ import onnx
 
 from . import control_flow
 from .config import XQuantConfig
+from .engine.forms import default_opset
 from .pipeline import prepare
 
 
@@ -25,8 +26,7 @@ def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None =
     started = time.perf_counter()
     prepared = prepare(cfg, model, output)
     graph = prepared.float_model.graph
-    opset = max((entry.version for entry in prepared.float_model.opset_import if entry.domain in ("", "ai.onnx")),
-                default=0)
+    opset = default_opset(prepared.float_model)
     compute = control_flow.count_quantized_ops(prepared.float_model)[1]
     where = os.path.normpath(prepared.model_path) if prepared.model_path else "given in memory"
     lines = [f"model {where}: opset {opset}, {len(prepared.specs)} input(s), "

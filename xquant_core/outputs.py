@@ -2,9 +2,9 @@
 
 A run writes the model ``<prefix>.onnx`` and, beside it, ``<prefix>_report.md``, its chart
 ``<prefix>_report.png`` and auto-precision's ``<prefix>_custom_setting.json``. Before the
-quantization starts, :func:`check_outputs` makes sure none of them is a file the run reads
-(``-o data/list.txt`` used to replace the calibration list with the model) and that the
-output folder exists or can be made and takes a file. :func:`write_bytes_atomically`
+quantization starts, :func:`check_not_read` makes sure none of them is a file the run reads
+(``-o data/list.txt`` used to replace the calibration list with the model) and
+:func:`check_folder` that the output folder exists or can be made and takes a file. :func:`write_bytes_atomically`
 writes through a temporary file and a rename: a full disk or a read-only folder is an error
 naming the OS's reason, the old file survives and no temporary file is left.
 """
@@ -33,14 +33,17 @@ def derived_paths(out_path: Path) -> dict[Path, str]:
             out_path.with_name(f"{stem}_custom_setting.json"): "the custom_setting file"}
 
 
-def check_outputs(out_path: Path, reads: Mapping[Path, str]) -> None:
-    """Fail before any work when an output would replace a file the run reads (``reads``: path ->
-    what it is) or the output folder cannot take the model."""
+def check_not_read(out_path: Path, reads: Mapping[Path, str]) -> None:
+    """Fail when an output would replace a file the run reads (``reads``: path -> what it is)."""
     read = {_key(path): what for path, what in reads.items()}
     for path, what in derived_paths(out_path).items():
         if _key(path) in read:
             raise OutputError(f"{what} {path} is {read[_key(path)]}, which this run reads: "
                               "choose another output_prefix or -o")
+
+
+def check_folder(out_path: Path) -> None:
+    """Fail when the output folder cannot take the model: not creatable, not a folder, not writable."""
     if out_path.is_dir():
         raise OutputError(f"the output path {out_path} is a folder: give the path of the .onnx file to write")
     folder = out_path.parent
@@ -61,7 +64,7 @@ def check_outputs(out_path: Path, reads: Mapping[Path, str]) -> None:
 
 def files_read(model_path: Path | None, model, config_source: str, lists: Iterable[Path] = (),
                samples: Iterable[Path] = (), preprocess_files: Iterable[Path] = ()) -> dict[Path, str]:
-    """The files a run reads, each with what it is (for :func:`check_outputs`); ``model`` is the
+    """The files a run reads, each with what it is (for :func:`check_not_read`); ``model`` is the
     loaded ``onnx.ModelProto`` of ``model_path`` (for the external-data files it names)."""
     reads: dict[Path, str] = {}
     for path in preprocess_files:

@@ -24,7 +24,7 @@ from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
 from .errors import DataError, ModelError, XQuantError
-from .outputs import OutputError, check_outputs, files_read, write_bytes_atomically
+from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
 from .runtime import onnxruntime_session
 from .verify import diagnose_failure, verify_model
@@ -91,7 +91,9 @@ class Prepared:
     out_path: Path
     float_model: onnx.ModelProto
     specs: list
-    dataset: CalibrationDataset | None  # None for dynamic quantization (precision_level 3)
+    dataset: CalibrationDataset | None  # None (and no platform, algorithm) for dynamic quantization
+    platform: Any
+    algorithm: Any
 
 
 def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
@@ -103,27 +105,28 @@ def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None
         raise ModelError("no model: set model_parameters.onnx_model in the config or pass a model (-i)")
     model_path = None if isinstance(source, onnx.ModelProto) else Path(source)
     out_path = output_path_for(cfg, model_path, output)
-    if model_path is not None:
-        check_outputs(out_path, {model_path: "the input model"})  # before the model is even read
+    if model_path is not None:  # before the model is even read
+        check_not_read(out_path, {model_path: "the input model"})
+    check_folder(out_path)
 
     float_model = model_io.load_model(source)
     specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")
     float_model = model_io.fix_input_shapes(float_model, specs)
     if cfg.quantization.precision_level == 3:
-        check_outputs(out_path, files_read(model_path, float_model, cfg.source))
-        return Prepared(model_path, out_path, float_model, specs, None)
+        check_not_read(out_path, files_read(model_path, float_model, cfg.source))
+        return Prepared(model_path, out_path, float_model, specs, None, None, None)
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
-    check_outputs(out_path, files_read(
+    check_not_read(out_path, files_read(
         model_path, float_model, cfg.source, [spec.config.data_list_path for spec in specs],
         [path for paths in dataset.lists.values() for path in paths],
         [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file]))
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
-    registry("platform").get(cfg.quantization.platform)
-    registry("calibration").get(cfg.calibration.calibration_type)
-    return Prepared(model_path, out_path, float_model, specs, dataset)
+    return Prepared(model_path, out_path, float_model, specs, dataset,
+                    registry("platform").get(cfg.quantization.platform),
+                    registry("calibration").get(cfg.calibration.calibration_type))
 
 
 def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
@@ -148,8 +151,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         raise ModelError(f"nothing to quantize: the model has no {'/'.join(sorted(control_flow.COMPUTE_OPS))} op "
                          f"(its ops: {', '.join(ops) or 'none'}); xquant writes no model")
 
-    platform = registry("platform").get(cfg.quantization.platform)
-    algorithm = registry("calibration").get(cfg.calibration.calibration_type)
+    platform, algorithm = prepared.platform, prepared.algorithm
     device = choose_device(cfg.calibration.calibration_device)
 
     from .engine import EnginePlan, SubgraphOverride, quantize_graph

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .engine.forms import subgraphs
 from .errors import QuantizationError
 from .runtime import onnxruntime_session
 
@@ -62,7 +63,7 @@ def _check_scales(graph: onnx.GraphProto) -> None:
                                         f"{node.name or node.output[0]}) is {bad}: it must be finite and "
                                         "positive (are the calibration values of that tensor finite?)")
         for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+            for sub in subgraphs(attribute):
                 _check_scales(sub)
 
 
