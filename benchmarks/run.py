@@ -144,6 +144,9 @@ def session(path: Path):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    # exact int8 arithmetic, as the chip computes: no fused int8 kernels, which saturate on x86
+    # CPUs without VNNI (xquant_core/runtime.py onnxruntime_session says more)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import xquant
 from xquant_core.metrics import Metric
+from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on every CPU
 
 
 def _model(path: Path) -> Path:
@@ -96,8 +97,8 @@ def _held_back_snr(config: dict, model_path: Path) -> float:
     import onnxruntime as ort
 
     folder = Path(config["calibration_parameters"]["input_parametres"][0]["data_list_path"]).parent
-    float_session = ort.InferenceSession(config["model_parameters"]["onnx_model"])
-    int8_session = ort.InferenceSession(str(model_path))
+    float_session = onnxruntime_session(config["model_parameters"]["onnx_model"])
+    int8_session = onnxruntime_session(str(model_path))
     noise = signal = 0.0
     for index in range(0, 16, 4):
         feed = {"x": np.load(folder / f"x{index}.npy")[None]}

@@ -101,8 +101,11 @@ def test_boxes_agree_with_fp32(quantized, evaluate):
     # box near the threshold), IoU 0.962, score diff 0.039, AP50 0.978, score ratio 0.964. The
     # default keeps the wider percentile windows here; the plain percentile windows clip the rare
     # large activations that carry the detections (25 of 38, score ratio 0.78). Thresholds sit
-    # under the lowest of these measurements.
-    assert overall["matched"] >= 31
+    # under the lowest of these measurements. An AMD EPYC Zen 3 (AVX2 only: torch's kernels round
+    # differently, so other bytes), 2026-12-02, scored in exact int8 arithmetic: 30 matched, 32 INT8
+    # boxes (precision 0.938), IoU 0.958, score diff 0.044, AP50 0.974, score ratio 0.961, SNR 0.0079 /
+    # 0.0054: two boxes near the 0.3 score threshold move between CPU types.
+    assert overall["matched"] >= 30
     assert overall["precision"] >= 0.93
     assert overall["mean_iou"] >= 0.95
     assert overall["mean_score_diff"] <= 0.05

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import xquant
 from xquant_core.errors import XQuantError
+from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on every CPU
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -166,9 +167,9 @@ def test_a_random_model_and_data_give_a_gated_model_or_an_xquant_error(case, tmp
     assert data in ("normal", "float64", "int32"), f"{data} samples were accepted"
     written = folder / "out" / "m.q.onnx"
     assert written.read_bytes() == quantized.SerializeToString()
-    session = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(str(written))
     feed = {"x": samples[0].astype(np.float32)[None]}
-    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    reference = onnxruntime_session(model.SerializeToString()).run(None, feed)
     got = session.run(None, feed)
     assert [o.shape for o in got] == [o.shape for o in reference] and np.isfinite(got[0]).all()
     assert [o.name for o in quantized.graph.output] == [o.name for o in model.graph.output]

@@ -32,6 +32,9 @@ RAW_MIN_COSINE = 0.999
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # exact int8 arithmetic, as the chip computes: no fused int8 kernels, which saturate on x86
+    # CPUs without VNNI (xquant_core/runtime.py onnxruntime_session says more)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import xquant
+from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on every CPU
 
 
 def _project(tmp_path: Path, model: onnx.ModelProto, shape, samples: int = 10, **quant) -> Path:
@@ -63,7 +64,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return onnxruntime_session(str(path)).run(None, {"x": x})[0]
 
 
 def test_exported_model_runs_and_tracks_float(tmp_path):

@@ -25,6 +25,7 @@ import pytest
 from xquant_core.config import InputConfig
 from xquant_core.data import InputSpec
 from xquant_core.errors import DataError
+from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on every CPU
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_SRC = REPO / "samples" / "plugins" / "xquant-example-plugin"
@@ -120,8 +121,8 @@ def check_quantized_model(project: Path, result, inputs: np.ndarray) -> None:
     assert result.returncode == 0, result.stderr
     models = sorted((project / "out").glob("*.onnx"))
     assert models, f"no model written in {project / 'out'}: {result.stdout}"
-    quantized = ort.InferenceSession(str(models[0]), providers=["CPUExecutionProvider"])
-    reference = ort.InferenceSession(str(project / "small.onnx"), providers=["CPUExecutionProvider"])
+    quantized = onnxruntime_session(str(models[0]))
+    reference = onnxruntime_session(str(project / "small.onnx"))
     name = quantized.get_inputs()[0].name
     got = np.concatenate([quantized.run(None, {name: x[None]})[0] for x in inputs])
     want = np.concatenate([reference.run(None, {name: x[None]})[0] for x in inputs])

@@ -196,7 +196,9 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
         sections, summary, snippet = finish_search(cfg, search, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
-    verify_model(quantized, float_model, dataset.batch(0))
+    gap = verify_model(quantized, float_model, dataset.batch(0))
+    if gap:
+        log.warning(gap)
     seconds = time.perf_counter() - started
     report_path = None
     if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model

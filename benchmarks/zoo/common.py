@@ -114,10 +114,13 @@ def iter_feeds(entries: Sequence[Dict], model_path: Path, base: Path,
 
 
 def session(model_path: Path):
-    """onnxruntime CPU session, one thread (the evaluation is not what is timed)."""
+    """onnxruntime CPU session, one thread (the evaluation is not what is timed), in exact int8
+    arithmetic: no QDQ fusion (:func:`xquant_core.runtime.onnxruntime_session` says why), so a
+    score does not depend on the CPU that measured it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3

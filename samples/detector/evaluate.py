@@ -247,6 +247,9 @@ def session(model: Union[PathLike, bytes]):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
+    # exact int8 arithmetic, as the chip computes: no fused int8 kernels, which saturate on x86
+    # CPUs without VNNI (xquant_core/runtime.py onnxruntime_session says more)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

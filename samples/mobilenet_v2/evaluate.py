@@ -172,6 +172,9 @@ def _session(model: PathLike):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # exact int8 arithmetic, as the chip computes: no fused int8 kernels, which saturate on x86
+    # CPUs without VNNI (xquant_core/runtime.py onnxruntime_session says more)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
