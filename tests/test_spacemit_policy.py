@@ -185,3 +185,88 @@ def test_a_constant_concatenated_with_activations_keeps_its_zeros(tmp_path):
     assert dq.op_type == "DequantizeLinear"
     restored = (values[dq.input[0]].astype(np.float64) - values[dq.input[2]]) * values[dq.input[1]]
     assert np.array_equal(restored, np.zeros_like(restored))
+
+
+def _residual_relu_block():
+    """Conv -> Add(residual) -> Relu -> Conv: the Add's sum has a negative half the Relu drops."""
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.normal(0, 0.4, (3, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.4, (4, 3, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "x"], ["sum"]),
+             helper.make_node("Relu", ["sum"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    return _model(nodes, inits, [1, 3, 8, 8], [1, 4, 8, 8])
+
+
+def test_add_then_relu_is_quantized_once_after_the_relu(tmp_path):
+    """Like Conv -> Relu: the sum is not rounded on its own grid (its negative half wasted) before the Relu."""
+    config = _project(tmp_path, _residual_relu_block(), [1, 3, 8, 8])
+    out = tmp_path / "q.onnx"
+    xquant.quantize_onnx_model(str(config), output=str(out))
+    model = onnx.load(str(out))
+    readers = {name: node for node in model.graph.node for name in node.input}
+    add = next(node for node in model.graph.node if node.op_type == "Add")
+    assert readers[add.output[0]].op_type == "Relu"  # no QuantizeLinear between them
+    relu = readers[add.output[0]]
+    assert readers[relu.output[0]].op_type == "QuantizeLinear"
+    x = np.random.default_rng(9).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    reference = onnxruntime_session(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    got = _run(out, x)
+    assert ((got - reference) ** 2).sum() / (reference ** 2).sum() < 0.01
+
+
+def _depthwise_pointwise(gains):
+    """Depthwise 3x3 (channel gains far apart, no activation) -> pointwise 1x1, and a second,
+    regular Conv -> Conv pair that must be left alone."""
+    rng = np.random.default_rng(6)
+    channels = len(gains)
+    depthwise = rng.normal(0, 1, (channels, 1, 3, 3)).astype(np.float32) * np.array(gains, np.float32)[:, None, None, None]
+    inits = {"wd": depthwise, "wp": rng.normal(0, 0.5, (channels, channels, 1, 1)).astype(np.float32),
+             "wr": rng.normal(0, 0.5, (channels, channels, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], pads=[1, 1, 1, 1], group=channels),
+             helper.make_node("Conv", ["d", "wp"], ["p"]),
+             helper.make_node("Conv", ["p", "wr"], ["y"])]
+    return _model(nodes, inits, [1, channels, 8, 8], [1, channels, 8, 8])
+
+
+def test_depthwise_pointwise_pairs_are_equalized_exactly():
+    """The float graph computes the same; the depthwise output's channel ranges come together;
+    the regular Conv -> Conv pair keeps its weights (equalizing those hurt the MobileNetV2 sample)."""
+    import torch
+
+    from xquant_core.engine.core import _load_graph
+    from xquant_core.engine.equalize import equalize_linear_pairs
+    from ppq import TorchExecutor
+
+    gains = [0.02, 1.0, 30.0, 0.5]
+    graph = _load_graph(_depthwise_pointwise(gains))
+    x = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (1, 4, 8, 8)).astype(np.float32))
+    executor = TorchExecutor(graph, device="cpu")
+    before_y, before_d = executor.forward({"x": x}, output_names=["y", "d"])
+    regular = graph.operations[next(n for n, op in graph.operations.items() if op.inputs[1].name == "wr")].inputs[1].value.clone()
+    assert equalize_linear_pairs(graph) == 1
+    after_y, after_d = TorchExecutor(graph, device="cpu").forward({"x": x}, output_names=["y", "d"])
+    torch.testing.assert_close(after_y, before_y, rtol=1e-4, atol=1e-4)
+    spread = lambda d: (d.abs().amax(dim=(0, 2, 3)).max() / d.abs().amax(dim=(0, 2, 3)).min()).item()
+    assert spread(before_d) > 500 and spread(after_d) < 30, (spread(before_d), spread(after_d))
+    assert torch.equal(graph.operations[next(n for n, op in graph.operations.items() if op.inputs[1].name == "wr")].inputs[1].value, regular)
+
+
+def test_a_clip_in_the_float_tail_quantizes(tmp_path):
+    """Conv -> Relu -> Clip(min, max as inputs, opset 11) as the model's end: the Clip is in the
+    float tail; PPQ's clip-value pass raised on it (found by the fuzz test)."""
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.normal(0, 0.4, (2, 3, 3, 3)).astype(np.float32),
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Clip", ["r", "lo", "hi"], ["y"])]
+    model = _model(nodes, inits, [1, 3, 8, 8], [1, 2, 8, 8])
+    model.opset_import[0].version = 11
+    out = tmp_path / "q.onnx"
+    xquant.quantize_onnx_model(str(_project(tmp_path, model, [1, 3, 8, 8])), output=str(out))
+    x = np.random.default_rng(1).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    reference = onnxruntime_session(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    assert ((_run(out, x) - reference) ** 2).sum() / (reference ** 2).sum() < 0.01
+    assert "QuantizeLinear" in _ops(onnx.load(str(out)))

@@ -40,14 +40,17 @@ class SpacemitPlatform:
         return SpacemitQuantizer(graph, COMPUTE_OPS)
 
     def float_ops(self, graph) -> set:
-        """Ops kept float whatever the precision level: normalizations exported as arithmetic."""
-        from .quantizer import decomposed_layernorms
+        """Ops kept float whatever the precision level: normalizations exported as arithmetic
+        and the post-processing tail (dispatched to float: quantized with float configs, a
+        Clip there failed PPQ's clip-value pass, which wants its input quantized)."""
+        from .quantizer import decomposed_layernorms, float_tail
 
-        return decomposed_layernorms(graph)
+        return decomposed_layernorms(graph) | float_tail(graph, COMPUTE_OPS)[0]
 
     def share_quantization(self, graph) -> None:
-        from .quantizer import share_shape_op_quantization
+        from .quantizer import fuse_elementwise_activation, share_shape_op_quantization
 
+        fuse_elementwise_activation(graph, {"Add", "Sub"}, {"Relu", "Clip"})
         share_shape_op_quantization(graph, SHARED_QUANT_OPS)
 
     def finalize(self, graph) -> None:
