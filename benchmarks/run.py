@@ -137,17 +137,10 @@ def quantize(model: Model, method: str, steps: int, workdir: Path) -> Dict:
 
 
 def session(path: Path):
-    import onnxruntime as ort
+    """One-thread session in exact int8 arithmetic (xquant's own: scores do not depend on the CPU)."""
+    from xquant_core.runtime import onnxruntime_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    # exact int8 arithmetic, as the chip computes: no fused int8 kernels, which saturate on x86
-    # CPUs without VNNI (xquant_core/runtime.py onnxruntime_session says more)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(path, threads=1)
 
 
 def logits(path: Path, inputs: List[np.ndarray]) -> np.ndarray:

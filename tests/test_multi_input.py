@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 
 import xquant
+from xquant_core.runtime import onnxruntime_session
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -30,12 +31,7 @@ RAW_MIN_COSINE = 0.999
 
 
 def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # exact int8 arithmetic, as the chip computes: no fused int8 kernels, which saturate on x86
-    # CPUs without VNNI (xquant_core/runtime.py onnxruntime_session says more)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(path)  # exact int8 arithmetic on every CPU
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -236,7 +236,7 @@ def test_depthwise_pointwise_pairs_are_equalized_exactly():
     import torch
 
     from xquant_core.engine.core import _load_graph
-    from xquant_core.engine.equalize import equalize_linear_pairs
+    from xquant_core.engine.equalize import equalize_depthwise_pairs
     from ppq import TorchExecutor
 
     gains = [0.02, 1.0, 30.0, 0.5]
@@ -245,7 +245,7 @@ def test_depthwise_pointwise_pairs_are_equalized_exactly():
     executor = TorchExecutor(graph, device="cpu")
     before_y, before_d = executor.forward({"x": x}, output_names=["y", "d"])
     regular = graph.operations[next(n for n, op in graph.operations.items() if op.inputs[1].name == "wr")].inputs[1].value.clone()
-    assert equalize_linear_pairs(graph) == 1
+    assert equalize_depthwise_pairs(graph) == 1
     after_y, after_d = TorchExecutor(graph, device="cpu").forward({"x": x}, output_names=["y", "d"])
     torch.testing.assert_close(after_y, before_y, rtol=1e-4, atol=1e-4)
     spread = lambda d: (d.abs().amax(dim=(0, 2, 3)).max() / d.abs().amax(dim=(0, 2, 3)).min()).item()

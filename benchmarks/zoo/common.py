@@ -115,16 +115,11 @@ def iter_feeds(entries: Sequence[Dict], model_path: Path, base: Path,
 
 def session(model_path: Path):
     """onnxruntime CPU session, one thread (the evaluation is not what is timed), in exact int8
-    arithmetic: no QDQ fusion (:func:`xquant_core.runtime.onnxruntime_session` says why), so a
-    score does not depend on the CPU that measured it."""
-    import onnxruntime as ort
+    arithmetic (:func:`xquant_core.runtime.onnxruntime_session` says why), so a score does not
+    depend on the CPU that measured it."""
+    from xquant_core.runtime import onnxruntime_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(model_path, threads=1)
 
 
 def run_feeds(sess, feeds: Iterator[Dict[str, np.ndarray]]) -> List[List[np.ndarray]]:

@@ -35,7 +35,7 @@ from ..ppq_compat import import_ppq
 from . import forms
 from .calibrate import ActivationCalibration
 from .common import Batches, keep_float
-from .equalize import equalize_linear_pairs
+from .equalize import equalize_depthwise_pairs
 from .finetune import correct_bias, fine_tune_worst_layers
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
 
     graph = _load_graph(model)
     if plan.finetune_level >= 1:
-        equalize_linear_pairs(graph)
+        equalize_depthwise_pairs(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
     _dispatch(graph, quantizer.quant_operation_types, plan, regions,

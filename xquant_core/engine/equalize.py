@@ -1,4 +1,4 @@
-"""Equalize the channels between two Convs with nothing in between (exact in float).
+"""Equalize the channels between a depthwise Conv and the one Conv that reads it (exact in float).
 
 A Conv whose output only one Conv reads, with no activation between them (a depthwise conv
 and the pointwise conv after it, as TensorFlow exports MobileNet-style blocks without
@@ -23,7 +23,7 @@ method, across activations, hurt the MobileNetV2 sample and EfficientNet-Lite0.
 from __future__ import annotations
 
 
-def linear_conv_pairs(graph) -> list:
+def depthwise_conv_pairs(graph) -> list:
     """(depthwise, second) Conv pairs: the depthwise conv's output is read by the second alone
     (group 1), and is not a model output.
 
@@ -38,7 +38,8 @@ def linear_conv_pairs(graph) -> list:
             continue
         if len(operation.inputs) < 2 or not operation.inputs[1].is_parameter:
             continue
-        if operation.attributes.get("group", 1) <= 1 or operation.attributes.get("group") != operation.inputs[1].value.shape[0]:
+        group = operation.attributes.get("group", 1)
+        if group <= 1 or group != operation.inputs[1].value.shape[0]:  # depthwise, multiplier 1
             continue
         readers = operation.outputs[0].dest_ops
         if len(readers) != 1 or readers[0].type != "Conv" or readers[0].inputs[0] is not operation.outputs[0]:
@@ -50,18 +51,18 @@ def linear_conv_pairs(graph) -> list:
     return pairs
 
 
-def equalize_linear_pairs(graph) -> int:
-    """Rescale the channels of every :func:`linear_conv_pairs` pair; returns how many pairs."""
+def equalize_depthwise_pairs(graph) -> int:
+    """Rescale the channels of every :func:`depthwise_conv_pairs` pair; returns how many pairs."""
     import torch
 
-    pairs = linear_conv_pairs(graph)
+    pairs = depthwise_conv_pairs(graph)
     for first, second in pairs:
         w1, w2 = first.inputs[1].value, second.inputs[1].value
         r1 = w1.abs().reshape(w1.shape[0], -1).sum(dim=1).double()  # L1 norm: the channel's gain
         r2 = w2.abs().transpose(0, 1).reshape(w2.shape[1], -1).amax(dim=1).double()
         usable = (r1 > 0) & (r2 > 0)
-        scale = torch.where(usable, torch.sqrt(r1 / torch.where(usable, r2, torch.ones_like(r2))),
-                            torch.ones_like(r1))
+        scale = torch.ones_like(r1)
+        scale[usable] = torch.sqrt(r1[usable] / r2[usable])
         first.inputs[1].value = (w1.double() / scale.reshape(-1, *([1] * (w1.dim() - 1)))).to(w1.dtype)
         if len(first.inputs) > 2 and first.inputs[2].value is not None:
             bias = first.inputs[2].value

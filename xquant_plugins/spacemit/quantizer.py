@@ -122,7 +122,7 @@ def decomposed_layernorms(graph: BaseGraph) -> set[str]:
 class SpacemitQuantizer(BaseQuantizer):
     def __init__(self, graph: BaseGraph, compute_ops=frozenset()) -> None:
         super().__init__(graph=graph, verbose=False)
-        self._tail, self._float_bound = float_tail(graph, compute_ops)
+        self._float_bound = float_tail(graph, compute_ops)[1]
 
     @property
     def target_platform(self) -> TargetPlatform:
@@ -159,10 +159,7 @@ class SpacemitQuantizer(BaseQuantizer):
             tqc._quant_min, tqc._quant_max = -127, 127
             tqc.observer_algorithm = "minmax"
         for var, tqc in zip(operation.outputs, config.output_quantization_config):
-            if var.name in self._float_bound:
-                tqc.state = QuantizationStates.FP32
-        if operation.name in self._tail:
-            for tqc in config.input_quantization_config + config.output_quantization_config:
+            if var.name in self._float_bound:  # read only by the float tail (dispatched float)
                 tqc.state = QuantizationStates.FP32
         return config
 
