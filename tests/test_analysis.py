@@ -142,7 +142,7 @@ def spiky(tmp_path_factory):
     float_model = onnx.load(str(root / "spiky.onnx"))
     batches = npy_batches(data, 12)
     report = root / "out" / "spiky.q_report.md"
-    lines = analysis.write_report(float_model, quant, batches, report, {"calibration_type": "default"}, seconds)
+    lines = analysis.write_report(float_model, quant, batches, report, {"calibration_type": "default"}, seconds).lines
     return {"root": root, "config": config, "float": float_model, "quant": quant, "batches": batches,
             "report": report, "lines": lines, "seconds": seconds}
 
@@ -195,6 +195,41 @@ def test_pasted_snippet_lowers_the_output_snr(spiky, tmp_path):
     assert before > analysis.FLAG_SNR
     assert after.outputs["logits"].snr < 0.1 * before
     assert not any(stats.flagged for stats in after.stats.values())
+
+
+def measured_candidates(markdown: str) -> list[dict[str, str]]:
+    """The "Next step" table of measured float-fallback candidates."""
+    return rows_of(markdown.split("## Next step")[1].split("## Per-op")[0], "#")
+
+
+def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives_that_error(spiky, tmp_path):
+    """Issue 15: each "Next step" candidate comes with the output error measured with it in float;
+    pasting the snippet of the first one and quantizing again gives that error (within 10 %)."""
+    from xquant_core import fallback
+
+    config = json.loads(json.dumps(spiky["config"]))
+    config["quantization_parameters"]["analysis_enable"] = True
+    config["model_parameters"]["working_dir"] = str(tmp_path)
+    quant = xquant.quantize_onnx_model(config, output=tmp_path / "spiky.q.onnx")
+    text = (tmp_path / "spiky.q_report.md").read_text(encoding="utf-8")
+    assert "The model needs attention: its output `logits`" in text  # the verdict is the output error's
+    candidates = measured_candidates(text)
+    assert len(candidates) >= 2  # the growth suggestion and the stem
+    errors = [float(row["output SNR"]) for row in candidates]
+    assert errors == sorted(errors)
+    batches = [spiky["batches"][i] for i in analysis.spread(len(spiky["batches"]), analysis.CANDIDATE_BATCHES)]
+    reference = fallback.float_outputs(spiky["float"], batches)
+    now = fallback.output_errors(quant, batches, reference)["logits"]
+    assert f"({analysis._num(now)} now)" in text
+    assert errors[0] < now
+
+    config["quantization_parameters"]["analysis_enable"] = False
+    config["quantization_parameters"]["custom_setting"] = snippet_of(text)
+    assert snippet_of(text)[0]["float_after_calibration"] is True
+    fixed = xquant.quantize_onnx_model(config, output=tmp_path / "fixed.q.onnx")
+    got = fallback.output_errors(fixed, batches, reference)["logits"]
+    print(f"stated {errors[0]:.4g}, after pasting {got:.4g} (before {now:.4g})")
+    assert got == pytest.approx(errors[0], rel=0.1)
 
 
 def test_chart_opens(spiky):
@@ -362,7 +397,7 @@ def sample_report(tmp_path_factory):
                 "finetune_level": raw["quantization_parameters"]["finetune_level"],
                 "calibration_step": raw["calibration_parameters"]["calibration_step"], "platform": "spacemit"}
     started = time.perf_counter()
-    lines = analysis.write_report(float_model, quant, batches, report, settings, quantize_seconds)
+    lines = analysis.write_report(float_model, quant, batches, report, settings, quantize_seconds).lines
     analysis_seconds = time.perf_counter() - started
     print(f"sample: quantization {quantize_seconds:.2f} s, analysis {analysis_seconds:.2f} s "
           f"= {analysis_seconds / quantize_seconds:.1%}")
@@ -432,6 +467,29 @@ def test_pipeline_writes_the_report_next_to_the_model(small_project):
     assert (out / "small.q_report.md").is_file() and (out / "small.q_report.png").is_file()
 
 
+def test_summary_json_holds_the_summary_figures(small_project, run_xquant, tmp_path):
+    """Issue 15: ``--summary-json`` gives scripts the figures the console summary prints."""
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(_small_config(small_project, True)), encoding="utf-8")
+    summary = tmp_path / "figures" / "summary.json"
+    (tmp_path / "a_file").write_text("")
+    blocked = run_xquant("-c", str(config), "--summary-json", str(tmp_path / "a_file" / "s.json"))
+    assert blocked.returncode == 2 and "a_file is a file" in blocked.stderr, blocked.stderr
+    assert not (small_project / "out" / "small.q.onnx").exists()  # refused before quantizing
+    done = run_xquant("-c", str(config), "--summary-json", str(summary))  # its folder is made
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(summary.read_text(encoding="utf-8"))
+    assert figures["model"].endswith("small.q.onnx") and figures["samples"] > 0 and figures["device"] == "cpu"
+    analysed = figures["analysis"]
+    assert set(analysed["outputs"]) == {value.name for value in onnx.load(str(small_project / "small.onnx")).graph.output}
+    for name, values in analysed["outputs"].items():
+        assert f"{name} SNR {analysis._num(values['snr'])}" in done.stdout
+    assert isinstance(analysed["needs_attention"], bool) and analysed["verdict"] in done.stdout
+    assert analysed["next_step"]["candidates"] and all(
+        c["precision_level"] == 3 and c["mean_output_snr"] >= 0 for c in analysed["next_step"]["candidates"])
+    assert "analysis" in figures["stages"]
+
+
 def test_pipeline_writes_no_report_when_disabled(small_project):
     xquant.quantize_onnx_model(_small_config(small_project, False))
     assert (small_project / "out" / "small.q.onnx").is_file()
@@ -475,3 +533,13 @@ def test_float_activations_reference_drops_only_activation_qdq(spiky):
                                                   "DequantizeLinear" and n.input[0] in
                                                   {i.name for i in spiky["quant"].graph.initializer})
     assert renamed["clipped"] != "clipped"
+
+
+def test_report_batches_are_spread_over_the_calibration_list():
+    """Calibration lists are often sorted by source photo: the report's batches come from all over
+    it, and any prefix of them (a time budget cuts the list short) does too."""
+    picked = analysis.spread(86, 16)
+    assert len(picked) == len(set(picked)) == 16 and picked[:4] == [0, 43, 21, 64]
+    assert max(picked[:8]) > 70 and all(0 <= index < 86 for index in picked)
+    assert sorted(analysis.spread(5, 16)) == [0, 1, 2, 3, 4]
+    assert analysis.spread(1, 8) == [0]

@@ -205,7 +205,7 @@ def _decomposed_hard_activations(extra_output: bool = False) -> onnx.ModelProto:
 def test_decomposed_hardswish_and_hardsigmoid_fuse_into_hardsigmoid_with_the_same_values():
     """PP-OCRv4's recogniser writes its 28 HardSwish out; int8 on each inner tensor cost 12 points of
     string accuracy. The fused graph computes the same function."""
-    from xquant_core.model import fuse_hard_activations
+    from xquant_core.rewrite import fuse_hard_activations
 
     model = _decomposed_hard_activations()
     fused = fuse_hard_activations(onnx.ModelProto.FromString(model.SerializeToString()))

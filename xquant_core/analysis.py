@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from . import fallback
 from .outputs import write_bytes_atomically
 from .runtime import onnxruntime_session
 
@@ -50,6 +51,8 @@ FLAG_SNR = 0.1
 FLAG_COSINE = 0.99
 #: calibration batches run through both models at most
 DEFAULT_MAX_BATCHES = 8
+#: calibration batches the "Next step" candidates are measured on at most
+CANDIDATE_BATCHES = 16
 #: elements per tensor compared at most (over all batches)
 DEFAULT_MAX_ELEMENTS = 65536
 #: after the first batch, run only as many batches as fit in this fraction of the quantization time
@@ -65,6 +68,22 @@ SECONDARY_SHARE = 0.25
 QDQ_TYPES = ("QuantizeLinear", "DequantizeLinear")
 _SPARK = "▁▂▃▄▅▆▇█"
 _SPARK_EMPTY = "·"
+
+
+def spread(count: int, wanted: int) -> list[int]:
+    """``wanted`` of ``range(count)`` spread over it, in an order whose every prefix is spread too
+    (0, 1/2, 1/4, 3/4, 1/8, ... of the way): calibration lists are often sorted by source photo."""
+    picked: list[int] = []
+    position = 0
+    while len(picked) < min(count, wanted):
+        fraction, base, rest = 0.0, 0.5, position
+        while rest:  # van der Corput: the bits of position, mirrored after the binary point
+            fraction, rest, base = fraction + base * (rest & 1), rest >> 1, base / 2
+        index = int(fraction * count)
+        if index not in picked:
+            picked.append(index)
+        position += 1
+    return picked
 
 
 # --------------------------------------------------------------------------- graph side
@@ -532,10 +551,10 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
             if probe in scales:
                 f = f * scales[probe]
             acc.add(q, f, sampler.picks(f.size))
-        for name, acc in output_accumulators.items():
+        for name, acc in output_accumulators.items():  # every element: a softmax's few peaks carry its error
             f, q = f_values[name], q_values[name]
             if f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
-                acc.add(q, f, sampler.picks(f.size))
+                acc.add(q, f, None)
         used += 1
         per_batch = time.perf_counter() - batch_started
         elapsed = time.perf_counter() - started
@@ -577,6 +596,10 @@ def rows_worst_first(measurement: Measurement) -> list[Row]:
                     rows.append(Row(op, role, probe, stats))
     rows.sort(key=lambda row: (-_finite(row.stats.snr), row.stats.cosine, row.op.index, row.role != "output"))
     return rows
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _finite(value: float) -> float:
@@ -732,9 +755,51 @@ def _explain(suggestion: Suggestion, stats: dict[Probe, TensorStats]) -> str:
     return text
 
 
+def _measured_next_step(measurement: Measurement, rows: list[Row], candidates: Sequence[fallback.Candidate],
+                        baseline: float | None) -> list[str]:
+    best = candidates[0]
+    now = f"{_num(baseline)} now" if baseline is not None else "as exported"
+    lines = [f"Each subgraph below was kept in float (the same calibration; `float_after_calibration`) and the "
+             f"model run with onnxruntime on {candidates[0].batches} calibration batch(es) spread over the list: "
+             f"the mean SNR of its outputs against the float model ({now}), lowest first.", ""]
+    lines += _table(
+        ["#", "keep in float", "proposed as", "ops in float (Conv/MatMul/Gemm)", "output SNR", "change"],
+        ([str(number), f"{', '.join(_cell(n) for n in c.proposal.input_names)} -> "
+                       f"{', '.join(_cell(n) for n in c.proposal.output_names)}", c.proposal.why,
+          f"{c.ops} ({c.compute_ops})", _num(c.error),
+          f"{(c.error - baseline) / baseline:+.0%}" if baseline else ""]
+         for number, c in enumerate(candidates, 1)),
+        ["--:", "---", "---", "--:", "--:", "--:"])
+    if baseline is not None and not best.error < baseline:
+        lines += ["", "None of them lowers the output error: keeping ops in float will not help this model; "
+                      "try another `calibration_type` or more calibration samples."]
+        return lines
+    lines += ["", f"To keep #1 in float, add this to `quantization_parameters` in the config (merge with an "
+                  f"existing `custom_setting` list) and quantize again:", "", "```json",
+              json.dumps({"custom_setting": [best.custom_setting()]}, indent=2)[1:-1].strip("\n"), "```"]
+    if rows and rows[0].probe.var not in best.proposal.output_names + best.proposal.input_names:
+        lines += ["", f"Why not the worst tensor ({_cell(rows[0].probe.var)})? Errors add up along the graph: the "
+                      "tensor where the error is largest mostly carries what earlier ops added, so keeping its own "
+                      "op in float buys little. The table measures what each fallback buys."]
+    return lines
+
+
+def verdict(measurement: Measurement) -> str:
+    """One sentence: does the model need attention, judged by its outputs (not by counting flags)."""
+    bad = [(name, out) for name, out in measurement.outputs.items() if out.flagged]
+    if bad:
+        name, out = max(bad, key=lambda item: item[1].snr)
+        return (f"The model needs attention: its output {_cell(name)} departs from float (SNR {_num(out.snr)}, "
+                f"cosine {_cos(out.cosine)}; flagged above SNR {FLAG_SNR} or below cosine {FLAG_COSINE}).")
+    return (f"By its outputs the model is close to float (every output SNR <= {FLAG_SNR}, cosine >= "
+            f"{FLAG_COSINE}): flagged tensors inside it are no reason to act by themselves; check the task "
+            "metric on your own data (`xquant compare`).")
+
+
 def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list[Suggestion],
                     settings: dict, quantize_seconds: float, analysis_seconds: float, chart_name: str,
-                    title: str, sections: Sequence[str] = ()) -> str:
+                    title: str, sections: Sequence[str] = (),
+                    candidates: Sequence[fallback.Candidate] | None = None, baseline: float | None = None) -> str:
     stats = measurement.stats
     flagged = sum(1 for row in rows if row.stats.flagged)
     tensors = len(stats)
@@ -743,7 +808,7 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
                  "tensor q against the float model's f: **lower is better, not decibels**. Errors are "
                  "cumulative (the whole INT8 graph against the whole float graph), measured with "
                  f"onnxruntime on the exported model. Flagged: SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}.")
-    lines += ["", "## Summary", ""]
+    lines += ["", "## Summary", "", verdict(measurement), ""]
     for name, out in measurement.outputs.items():
         flag = f" **flagged ({out.flags})**" if out.flagged else ""
         lines.append(f"- Model output {_cell(name)}: SNR {_num(out.snr)}, cosine {_cos(out.cosine)}{flag}")
@@ -768,7 +833,9 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
     if sections:
         lines += [""] + list(sections)
     lines += ["", "## Next step", ""]
-    if suggestions:
+    if candidates:
+        lines += _measured_next_step(measurement, rows, candidates, baseline)
+    elif suggestions:
         if flagged:
             lines.append("The error jumps most in the subgraph(s) below. If the model's accuracy is not good "
                          "enough, keep them in float: add this to `quantization_parameters` in the config "
@@ -871,8 +938,9 @@ def _ascii(text: str) -> str:
 
 # --------------------------------------------------------------------------- files
 def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, quantize_seconds: float,
-                  analysis_seconds: float) -> list[str]:
-    lines = []
+                  analysis_seconds: float, candidates: Sequence[fallback.Candidate] | None = None,
+                  baseline: float | None = None) -> list[str]:
+    lines = [f"analysis: {verdict(measurement)}".replace("`", "")]
     outputs = ", ".join(f"{name} SNR {_num(s.snr)} cosine {_cos(s.cosine)}"
                         for name, s in measurement.outputs.items())
     if outputs:
@@ -885,6 +953,12 @@ def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, 
         lines.append(f"analysis: worst {worst.op.label} {worst.probe.var}: SNR {_num(worst.stats.snr)}, "
                      f"cosine {_cos(worst.stats.cosine)}")
     hint = "; a custom_setting to keep the worst subgraph in float is in it" if flagged else ""
+    if candidates and baseline is not None and candidates[0].error < baseline:
+        best = candidates[0]
+        lines.append(f"analysis: keeping {', '.join(best.proposal.input_names)} -> "
+                     f"{', '.join(best.proposal.output_names)} in float ({best.ops} ops) measured mean output SNR "
+                     f"{_num(baseline)} -> {_num(best.error)}")
+        hint = "; its custom_setting is in it"
     lines.append(f"analysis: report {report_path}{hint}")
     fraction = analysis_seconds / quantize_seconds if quantize_seconds > 0 else math.nan
     lines.append(f"analysis: took {analysis_seconds:.1f} s = {fraction:.0%} of the quantization time "
@@ -892,18 +966,54 @@ def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, 
     return lines
 
 
+def summary_figures(measurement: Measurement, rows: list[Row], candidates: Sequence[fallback.Candidate] | None,
+                    baseline: float | None, analysis_seconds: float) -> dict[str, Any]:
+    """The summary's figures for scripts (``--summary-json``): what the console lines say, as numbers."""
+    worst = rows[0] if rows else None
+    return {
+        "verdict": verdict(measurement).replace("`", ""),
+        "needs_attention": any(out.flagged for out in measurement.outputs.values()),
+        "outputs": {name: {"snr": _json_number(out.snr), "cosine": _json_number(out.cosine)}
+                    for name, out in measurement.outputs.items()},
+        "batches": measurement.batches_used,
+        "tensors_flagged": sum(1 for row in rows if row.stats.flagged),
+        "tensors": len(measurement.stats),
+        "worst": None if worst is None else {"op": worst.op.label, "tensor": worst.probe.var,
+                                             "snr": _json_number(worst.stats.snr), "cosine": _json_number(worst.stats.cosine)},
+        "next_step": None if candidates is None else {
+            "mean_output_snr_now": baseline,
+            "batches": candidates[0].batches if candidates else 0,
+            "candidates": [{**c.custom_setting(), "proposed_as": c.proposal.why, "ops": c.ops,
+                            "compute_ops": c.compute_ops, "mean_output_snr": _json_number(c.error),
+                            "output_snr": {name: _json_number(v) for name, v in c.output_errors.items()}}
+                           for c in candidates]},
+        "seconds": analysis_seconds,
+    }
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` gives back: the console lines and the summary's figures."""
+
+    lines: list[str]
+    figures: dict[str, Any]
+
+
 def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
                  report_path: Path, settings: dict, quantize_seconds: float,
-                 sections: Sequence[str] = ()) -> list[str]:
+                 sections: Sequence[str] = (), trial: fallback.Trial | None = None,
+                 progress: Any = None) -> Report:
     """Measure the exported QDQ model against the float model; write the report and its chart.
 
     ``float_model`` is the model that was quantized (after onnxsim), ``quant_model`` the
     exported QDQ model, ``batches`` calibration batches ``{input_name: array}`` (at most
     :data:`DEFAULT_MAX_BATCHES` are used). Writes ``report_path`` (Markdown) and
     ``report_path.with_suffix('.png')`` (the chart), each atomically, and returns the
-    summary lines for the console. Neither model is modified. Raises on failure: the
+    summary lines for the console and the summary's figures (:func:`summary_figures`). Neither model is modified. Raises on failure: the
     caller decides (the pipeline warns and keeps the quantized model). ``sections`` are
-    Markdown lines added after the settings (e.g. the auto-precision result).
+    Markdown lines added after the settings (e.g. the auto-precision result). With ``trial``
+    (the engine's quantized graph), the "Next step" measures its float-fallback candidates
+    (:mod:`xquant_core.fallback`); without it, it lists the unmeasured growth suggestions.
     """
     import cv2
 
@@ -913,6 +1023,18 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     measurement = measure(float_model, quant_model, list(batches), time_budget=budget)
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
+    candidates, baseline = None, None
+    if trial is not None:
+        used = list(batches)[:CANDIDATE_BATCHES]
+        reference = fallback.float_outputs(float_model, used)
+        baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
+        proposals = [fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
+                     for s in suggestions] + fallback.stem_proposals(float_model)
+        bar = progress("analysis: float-fallback candidates", len(proposals)) if progress else None
+        candidates = fallback.measure_candidates(float_model, proposals, trial, used, reference,
+                                                 bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
     chart_path = report_path.with_suffix(".png")
     title = report_path.stem.removesuffix("_report")
     image = render_chart(measurement, title)
@@ -922,9 +1044,10 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     write_bytes_atomically(chart_path, png.tobytes())
     analysis_seconds = time.perf_counter() - started
     text = render_markdown(measurement, rows, suggestions, settings, quantize_seconds, analysis_seconds,
-                           chart_path.name, title, sections)
+                           chart_path.name, title, sections, candidates, baseline)
     write_bytes_atomically(report_path, text.encode("utf-8"))
-    lines = summary_lines(measurement, rows, report_path, quantize_seconds, analysis_seconds)
+    lines = summary_lines(measurement, rows, report_path, quantize_seconds, analysis_seconds, candidates, baseline)
+    figures = summary_figures(measurement, rows, candidates, baseline, analysis_seconds)
     log.debug("analysis: %d ops, %d tensors, %d batches in %.2f s", len(measurement.ops),
               len(measurement.stats), measurement.batches_used, analysis_seconds)
-    return lines
+    return Report(lines, figures)

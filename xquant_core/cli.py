@@ -1,5 +1,5 @@
-"""Command line: ``xquant -c cfg.json [-i in.onnx] [-o out.onnx]``, ``xquant check -c cfg.json``
-and ``xquant plugins``.
+"""Command line: ``xquant -c cfg.json [-i in.onnx] [-o out.onnx] [--summary-json S.json]``,
+``xquant check``, ``xquant init``, ``xquant compare`` and ``xquant plugins``.
 
 Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
 3 internal error (a bug: the log file has the traceback), 130 interrupted.
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare: a list of samples (npy without -c), one per model input")
     parser.add_argument("--json", action="store_true", help="compare: print the figures as JSON")
     parser.add_argument("--fail-snr", type=float, metavar="X", help="compare: exit 1 when an output's SNR exceeds X")
+    parser.add_argument("--summary-json", metavar="PATH",
+                        help="also write the run's summary figures (outputs' SNR, the report's verdict and "
+                             "measured candidates, stage times) to PATH as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"xquant {__version__}")
@@ -91,11 +94,14 @@ class Stages:
     def __call__(self, label: str, total: int | None) -> "_Stage":
         return _Stage(self, label, total)
 
-    def summary(self) -> str:
+    def seconds(self) -> dict[str, float]:
         merged: dict[str, float] = {}
         for label, seconds in self.times:  # a stage run twice (auto-precision) shows once, summed
             merged[label] = merged.get(label, 0.0) + seconds
-        return "stages: " + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in merged.items())
+        return merged
+
+    def summary(self) -> str:
+        return "stages: " + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in self.seconds().items())
 
 
 class _Stage:
@@ -179,10 +185,16 @@ def cmd_compare(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    import json
+
     from .config import load_config
+    from .outputs import check_folder, write_bytes_atomically
     from .pipeline import run
 
     cfg = load_config(args.config)
+    summary_path = Path(args.summary_json) if args.summary_json else None
+    if summary_path is not None:
+        check_folder(summary_path)  # before the run: a bad path costs no quantization
     stages = Stages(quiet=args.quiet)
     result = run(cfg, model=args.input, output=args.output, progress=stages)
     how = (f"{result.samples} calibration samples on {result.device}" if result.samples
@@ -192,6 +204,12 @@ def cmd_quantize(args) -> int:
     print(f"xquant: wrote {result.output_path} ({how}) in {result.seconds:.1f} s")
     if stages.times:
         print(f"xquant: {stages.summary()}")
+    if summary_path is not None:
+        figures = {"model": str(result.output_path), "seconds": result.seconds, "samples": result.samples,
+                   "device": result.device, "report": str(result.report_path) if result.report_path else None,
+                   "stages": stages.seconds(), "analysis": result.analysis}
+        write_bytes_atomically(summary_path, (json.dumps(figures, indent=2) + "\n").encode("utf-8"))
+        print(f"xquant: summary figures in {summary_path}")
     return EXIT_OK
 
 

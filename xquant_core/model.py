@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from . import rewrite
 from .config import InputConfig
 from .data import InputSpec
-from .engine.forms import at_least_opset_13, default_opset, free_names, graph_constants, has_subgraph, subgraphs
+from .engine.forms import at_least_opset_13, default_opset
 from .errors import ModelError
 
 log = logging.getLogger("xquant.model")
@@ -71,8 +70,9 @@ def _half_precision(model: onnx.ModelProto) -> list[str]:
     return values + [f"initializer {init.name}" for init in graph.initializer if init.data_type in half]
 
 
-def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxsim the model (on failure warn and go on with the original), then :func:`fuse_hard_activations`."""
+def simplify(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProto:
+    """onnxsim the model (on failure warn and go on with the original), then the exact rewrites of
+    :mod:`xquant_core.rewrite`, which leave the tensors named in ``keep`` as they are."""
     try:
         import onnxsim
 
@@ -85,88 +85,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     if not ok:
         log.warning("onnxsim could not validate the simplified model; going on with the original graph")
         simplified = model
-    return fuse_hard_activations(simplified)
-
-
-def fuse_hard_activations(model: onnx.ModelProto) -> onnx.ModelProto:
-    """HardSigmoid and HardSwish written out as ``clip(x + 3, 0, 6) / 6`` and ``x * clip(x + 3, 0, 6) / 6``
-    (paddle2onnx, older exporters) become ``HardSigmoid(x)`` and ``Mul(x, HardSigmoid(x))``.
-
-    The same function, with one tensor to quantize instead of three or four: on PP-OCRv4's
-    recogniser (28 HardSwish) the int8 rounding of ``x + 3``, ``x * clip`` and the quotient cost
-    more than any other group of tensors. Only chains whose inner tensors have no other reader
-    and are not model outputs are fused; the model is changed in place and returned.
-    """
-    graph = model.graph
-    constants = graph_constants(graph)
-    producer = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:  # a node holding subgraphs reads the outer tensors they name, too
-        for name in [*node.input, *(free for attribute in node.attribute for sub in subgraphs(attribute)
-                                    for free in free_names(sub))]:
-            readers.setdefault(name, []).append(node)
-    outputs = {value.name for value in graph.output}
-
-    def is_scalar(name: str, value: float) -> bool:
-        array = constants.get(name)
-        return array is not None and array.size == 1 and array.dtype.kind == "f" and math.isclose(
-            float(array.reshape(())), value, rel_tol=1e-6)
-
-    def sole_reader(name: str):
-        users = readers.get(name, [])
-        return users[0] if len(users) == 1 and name not in outputs else None
-
-    def other_input(node, name: str):
-        rest = [value for value in node.input if value != name]
-        return rest[0] if len(node.input) == 2 and len(rest) == 1 else None
-
-    def sixth(node, name: str) -> bool:  # node computes name / 6 (or name * 1/6)
-        rest = other_input(node, name)
-        return rest is not None and ((node.op_type == "Div" and node.input[0] == name and is_scalar(rest, 6.0))
-                                     or (node.op_type == "Mul" and is_scalar(rest, 1 / 6)))
-
-    replaced: dict[int, list] = {}  # id of the chain's last node -> the nodes taking its place
-    removed: set[int] = set()
-    unused: set[str] = set()  # constants only the fused chains read
-    for clip in [node for node in graph.node if node.op_type == "Clip" and len(node.input) == 3]:
-        add = producer.get(clip.input[0])
-        if not (is_scalar(clip.input[1], 0.0) and is_scalar(clip.input[2], 6.0)) or add is None \
-                or add.op_type != "Add" or sole_reader(add.output[0]) is not clip:
-            continue
-        x = next((value for value in add.input if is_scalar(other_input(add, value) or "", 3.0)), None)
-        user = sole_reader(clip.output[0])
-        if x is None or user is None:
-            continue
-        hard_sigmoid = helper.make_node("HardSigmoid", [x], [f"{clip.output[0]}_hardsigmoid"],
-                                        name=f"{clip.name or clip.output[0]}_hardsigmoid", alpha=1 / 6, beta=0.5)
-        if sixth(user, clip.output[0]):  # HardSigmoid
-            hard_sigmoid.output[0] = user.output[0]
-            chain, fused = [add, clip, user], [hard_sigmoid]
-        elif user.op_type == "Mul" and other_input(user, clip.output[0]) == x and \
-                (last := sole_reader(user.output[0])) is not None and sixth(last, user.output[0]):  # HardSwish
-            chain = [add, clip, user, last]
-            fused = [hard_sigmoid, helper.make_node("Mul", [x, hard_sigmoid.output[0]], [last.output[0]],
-                                                    name=f"{last.name or last.output[0]}_hardswish")]
-        else:
-            continue
-        removed.update(id(node) for node in chain)
-        replaced[id(chain[-1])] = fused
-        unused.update(name for node in chain for name in node.input if name in constants)
-    if not removed:
-        return model
-    nodes = [new for node in graph.node
-             for new in (replaced.get(id(node), []) if id(node) in removed else [node])]
-    used = {name for node in nodes for name in node.input} | outputs
-    used.update(name for node in nodes if has_subgraph(node)
-                for attribute in node.attribute for sub in subgraphs(attribute) for name in free_names(sub))
-    unused -= used
-    nodes = [node for node in nodes if node.op_type != "Constant" or node.output[0] not in unused]
-    for field, values in (("node", nodes), ("initializer", [i for i in graph.initializer if i.name not in unused]),
-                          ("input", [v for v in graph.input if v.name not in unused])):
-        del getattr(graph, field)[:]
-        getattr(graph, field).extend(values)
-    log.debug("fused %d decomposed HardSigmoid/HardSwish", len(replaced))
-    return model
+    keep = set(keep)
+    return rewrite.fold_affine_into_conv(rewrite.fuse_hard_activations(simplified, keep), keep)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,8 @@ class QuantizationResult:
     device: str
     report_path: Path | None = None
     summary: tuple[str, ...] = ()
+    #: the analysis summary's figures (:func:`xquant_core.analysis.summary_figures`), None without a report
+    analysis: dict[str, Any] | None = None
 
 
 def quantize_onnx_model(config_or_path: str | os.PathLike | Mapping[str, Any] | XQuantConfig,
@@ -137,7 +139,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     out_path, float_model, dataset = prepared.out_path, prepared.float_model, prepared.dataset
     if not cfg.model.skip_onnxsim:
         with _stage(progress, "onnxsim"):
-            float_model = model_io.simplify(float_model)
+            float_model = model_io.simplify(float_model, keep=_named_tensors(cfg))
 
     if dataset is None:
         from .dynamic import quantize_dynamic
@@ -172,7 +174,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     )
     cut = cfg.quantization.truncate_var_names
     upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
-    search = None
+    search = trial = None
     branches = control_flow.BranchReport()
     try:
         if control_flow.has_control_flow(upper):
@@ -182,6 +184,8 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
                 lambda branch, feeds: quantize_graph(branch, feeds, len(feeds), platform, branch_plan, progress))
         if cfg.auto_precision is not None:
             quantized, search = search_precision(cfg, upper, dataset, platform, plan, progress)
+        elif cfg.quantization.analysis_enable and not cut:  # the report measures fallbacks on the graph
+            quantized, trial = quantize_graph(upper, dataset, len(dataset), platform, plan, progress, keep_graph=True)
         else:
             quantized = quantize_graph(upper, dataset, len(dataset), platform, plan, progress)
     except XQuantError:
@@ -200,10 +204,11 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     if gap:
         log.warning(gap)
     seconds = time.perf_counter() - started
-    report_path = None
+    report_path, figures = None, None
     if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model
         with _stage(progress, "analysis"):
-            report_path, lines = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections)
+            report_path, lines, figures = analyse(cfg, float_model, quantized, dataset, out_path, seconds, device,
+                                                  sections, trial, progress)
         summary += lines
     elif sections:  # no analysis asked for: the report holds what auto_precision found, and nothing else
         report_path = out_path.with_name(f"{out_path.stem}_report.md")
@@ -214,7 +219,7 @@ def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = N
     write_model_atomically(quantized, out_path)
     if snippet is not None:
         write_bytes_atomically(*snippet)
-    return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary)
+    return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary, figures)
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,14 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     return second.model, search
 
 
+def _named_tensors(cfg: XQuantConfig) -> set[str]:
+    """The tensors the config names (custom_setting boundaries, truncation points): the rewrites keep them."""
+    named = set(cfg.quantization.truncate_var_names)
+    for item in cfg.quantization.custom_setting:
+        named.update(item.input_names, item.output_names)
+    return named
+
+
 @contextlib.contextmanager
 def _stage(progress: ProgressFactory | None, label: str):
     """A stage without batches (onnxsim, the analysis) for the progress reporter."""
@@ -381,9 +394,10 @@ def finish_search(cfg: XQuantConfig, search: _Search, out_path: Path):
 
 
 def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, seconds: float,
-            device: str, sections: tuple[str, ...] = ()) -> tuple[Path | None, tuple[str, ...]]:
+            device: str, sections: tuple[str, ...] = (), trial=None,
+            progress: ProgressFactory | None = None) -> tuple[Path | None, tuple[str, ...], dict | None]:
     """Write ``<prefix>_report.md`` (+ chart); a failure costs a warning, never the model."""
-    from .analysis import DEFAULT_MAX_BATCHES, write_report
+    from .analysis import CANDIDATE_BATCHES, DEFAULT_MAX_BATCHES, spread, write_report
 
     report_path = out_path.with_name(f"{out_path.stem}_report.md")
     settings = {
@@ -400,16 +414,18 @@ def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, 
         "skip_onnxsim": cfg.model.skip_onnxsim,
     }
     try:
-        batches = [dataset.batch(index) for index in range(min(len(dataset), DEFAULT_MAX_BATCHES))]
-        lines = write_report(float_model, quantized, batches, report_path, settings, seconds, sections)
+        wanted = CANDIDATE_BATCHES if trial is not None else DEFAULT_MAX_BATCHES
+        batches = [dataset.batch(index) for index in spread(len(dataset), wanted)]
+        report = write_report(float_model, quantized, batches, report_path, settings, seconds, sections, trial,
+                              progress)
     except OutputError:
         raise  # the folder cannot take files (a full disk): the model would not be written either
     except Exception as exc:  # the analysis is advice: never lose the quantized model over it
         log.warning("the analysis report could not be made (%s: %s); going on without it",
                     type(exc).__name__, exc)
         log.debug("analysis failure", exc_info=True)
-        return None, ()
-    return report_path, tuple(lines)
+        return None, (), None
+    return report_path, tuple(report.lines), report.figures
 
 
 def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:

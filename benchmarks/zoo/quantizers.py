@@ -2,6 +2,9 @@
 
 * xquant: ``.venv/bin/xquant -c CONFIG -o OUT.onnx`` with ``XQUANT_NUM_THREADS=1`` (the config is
   the model's, default settings);
+* xquant + report's #1: the same with the ``custom_setting`` that the default run's analysis
+  report recommends (its "Next step" snippet) added to the config, as a user following the
+  report would;
 * onnxruntime: ``benchmarks/zoo/ort_worker.py KEY {minmax,percentile} OUT.onnx`` (same feeds).
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (this one process, not all children so
@@ -11,6 +14,7 @@ that fails gives a :class:`Run` with its one-line reason; nothing raises.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -23,7 +27,8 @@ from typing import Dict, List, Optional, Sequence
 from .common import Bench
 from .paths import REPO, VENV_PYTHON, WORK, XQUANT, ZOO
 
-METHODS = ("xquant default", "ort MinMax", "ort Percentile")
+METHODS = ("xquant default", "xquant + report's #1", "ort MinMax", "ort Percentile")
+FOLLOW_REPORT = METHODS[1]
 TAIL_LINES = 12
 
 
@@ -165,6 +170,15 @@ def _finish(method: str, output: Path, cmd: List[str], log: Path, env=None) -> R
     return run
 
 
+def report_snippet(report: Path) -> Optional[list]:
+    """The ``custom_setting`` of the report's "Next step" (its first JSON block there), or None."""
+    if not report.is_file():
+        return None
+    text = report.read_text(encoding="utf-8").split("## Next step", 1)[-1]
+    match = re.search(r"```json\n(.*?)\n```", text, re.DOTALL)
+    return json.loads("{" + match.group(1) + "}")["custom_setting"] if match else None
+
+
 def quantize(bench: Bench, method: str, attempt: int, ort_pre_process: bool = True) -> Run:
     """Run one method on one model; files go to ``benchmarks/material/work/<key>/``."""
     folder = WORK / bench.key
@@ -173,6 +187,18 @@ def quantize(bench: Bench, method: str, attempt: int, ort_pre_process: bool = Tr
     log = folder / f"{slug}.{attempt}.log"
     if method == "xquant default":
         cmd = [str(XQUANT), "-c", str(bench.config_path), "-o", str(output)]
+        return _finish(method, output, cmd, log, env={"XQUANT_NUM_THREADS": "1"})
+    if method == FOLLOW_REPORT:
+        report = folder / f"{bench.key}.xquant_default_report.md"
+        snippet = report_snippet(report)
+        if snippet is None:
+            return Run(method, output, [], 1, 0.0, 0.0, log, failure=f"no custom_setting in {report.name}")
+        config = json.loads(bench.config_path.read_text())
+        config["quantization_parameters"]["custom_setting"] = snippet
+        config["quantization_parameters"]["analysis_enable"] = False
+        followed = bench.folder / "config_report_1.json"  # beside the config: its relative paths hold
+        followed.write_text(json.dumps(config, indent=2) + "\n")
+        cmd = [str(XQUANT), "-c", str(followed), "-o", str(output)]
         return _finish(method, output, cmd, log, env={"XQUANT_NUM_THREADS": "1"})
     cmd = [str(VENV_PYTHON), str(ZOO / "ort_worker.py"), bench.key, method.split()[1].lower(), str(output)]
     if not ort_pre_process:

@@ -9,8 +9,8 @@
 """
 
 from .common import HOLD_BACK_EVERY, keep_float
-from .core import EnginePlan, SubgraphOverride, cuda_available, quantize_graph
+from .core import EnginePlan, FloatTrial, SubgraphOverride, cuda_available, quantize_graph
 from .search import FloatOp, FloatOpSearch, SearchResult
 
-__all__ = ["EnginePlan", "FloatOp", "FloatOpSearch", "HOLD_BACK_EVERY", "SearchResult", "SubgraphOverride",
+__all__ = ["EnginePlan", "FloatOp", "FloatTrial", "FloatOpSearch", "HOLD_BACK_EVERY", "SearchResult", "SubgraphOverride",
            "cuda_available", "keep_float", "quantize_graph"]

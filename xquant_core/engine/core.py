@@ -85,12 +85,39 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class FloatTrial:
+    """A quantized graph kept after its export, to export it again with one subgraph in float.
+
+    What the report's "Next step" measures: the subgraph as a ``custom_setting`` with
+    ``precision_level: 3`` and ``float_after_calibration: true`` would give (the same
+    calibration, those ops' weights and outputs float), at the cost of an export.
+    """
+
+    def __init__(self, graph, export: Callable[[], Any]):
+        self._graph, self._export = graph, export
+
+    def ops_between(self, input_names: Iterable[str], output_names: Iterable[str]) -> set[str]:
+        """The ops a ``custom_setting`` with these boundaries covers (names of the float model's nodes)."""
+        override = SubgraphOverride(index=-1, input_names=tuple(input_names), output_names=tuple(output_names))
+        return resolve_overrides(self._graph, [override])[0][1]
+
+    def exported_with_float(self, input_names: Iterable[str], output_names: Iterable[str]):
+        """The exported ``onnx.ModelProto`` with the ops between these tensors in float."""
+        undo = keep_float(self._graph, self.ops_between(input_names, output_names))
+        try:
+            return self._export()
+        finally:
+            undo()
+
+
 def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches: int,
                    platform: Any, plan: EnginePlan,
-                   progress: Callable[[str, int], Any] | None = None, search: "FloatOpSearch | None" = None):
+                   progress: Callable[[str, int], Any] | None = None, search: "FloatOpSearch | None" = None,
+                   keep_graph: bool = False):
     """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``.
 
-    With ``search``, return its :class:`SearchResult` (which holds the exported model).
+    With ``search``, return its :class:`SearchResult` (which holds the exported model); with
+    ``keep_graph``, ``(exported model, FloatTrial)``.
     """
     import_ppq()
     import torch
@@ -101,7 +128,7 @@ def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches:
     try:
         with warnings.catch_warnings():  # torch's deprecation notes about PPQ's indexing code
             warnings.filterwarnings("ignore", category=UserWarning, module=r"ppq\.")
-            return _quantize(model, batches, num_batches, platform, plan, progress, search)
+            return _quantize(model, batches, num_batches, platform, plan, progress, search, keep_graph)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -118,7 +145,7 @@ def torch_threads() -> int:
     return TORCH_THREADS
 
 
-def _quantize(model, batches, num_batches, platform, plan, progress, search=None):
+def _quantize(model, batches, num_batches, platform, plan, progress, search=None, keep_graph=False):
     import torch
 
     def feeds_of(data):
@@ -148,7 +175,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
 
     if search is not None:
         return search.run(graph, executor, plan.device, export=export, plain=plain, progress=progress)
-    return export()
+    return (export(), FloatTrial(graph, export)) if keep_graph else export()
 
 
 def _calibrated(model, feeds, num_batches, platform, plan, progress):
