@@ -254,8 +254,9 @@ def test_inputs_are_not_modified(spiky):
 def test_costs_are_bounded(spiky):
     measured = analysis.measure(spiky["float"], spiky["quant"], spiky["batches"], max_batches=3, max_elements=300)
     assert measured.batches_used == 3 and measured.batches_given == 12
-    assert all(stats.elements <= 300 for stats in measured.stats.values())
-    assert max(stats.elements for stats in measured.stats.values()) == 300  # 3 batches x 100 sampled
+    assert all(sum(stats.histogram) <= 300 for stats in measured.stats.values())  # 3 batches x 100 sampled
+    assert max(sum(stats.histogram) for stats in measured.stats.values()) == 300
+    assert max(stats.elements for stats in measured.stats.values()) == 3 * 8 * 16 * 16  # the sums: every element
     again = analysis.measure(spiky["float"], spiky["quant"], spiky["batches"], max_batches=3, max_elements=300)
     assert {p: s.snr for p, s in again.stats.items()} == {p: s.snr for p, s in measured.stats.items()}
     # a time budget of zero still runs one batch, and says that it stopped
@@ -403,7 +404,7 @@ def sample_report(tmp_path_factory):
           f"= {analysis_seconds / quantize_seconds:.1%}")
     print("\n".join(lines))
     return {"report": report, "lines": lines, "quantize_seconds": quantize_seconds,
-            "analysis_seconds": analysis_seconds, "quant": quant}
+            "analysis_seconds": analysis_seconds, "quant": quant, "float": float_model, "batches": batches}
 
 
 def test_sample_report_is_valid_markdown(sample_report):
@@ -439,6 +440,39 @@ def test_sample_report_numbers_and_chart(sample_report):
     assert image is not None and image.shape[:2] == (600, 1200)
     fraction = sample_report["analysis_seconds"] / sample_report["quantize_seconds"]
     assert fraction < MAX_TIME_FRACTION, (sample_report["analysis_seconds"], sample_report["quantize_seconds"])
+
+
+def test_sample_report_figures_agree_with_an_independent_onnxruntime_run(sample_report):
+    """Issue 15: each reported tensor, exposed as an output of the float model and of the INT8 model
+    (PPQ's exporter gives the DequantizeLinear after an op the op's original output name) and run by
+    onnxruntime on the report's batches, has the report's SNR and cosine within 5 %."""
+    import onnxruntime as ort
+
+    text = sample_report["report"].read_text(encoding="utf-8")
+    used = int(re.search(r"; (\d+) of \d+ calibration batch", text).group(1))
+    rows = [row for row in rows_of(text) if row["I/O"] == "out"]
+    names = sorted({unquote(row["Var"]) for row in rows})
+
+    def exposed(model):
+        copy = onnx.ModelProto.FromString(model.SerializeToString())
+        copy.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [dict(zip(names, session.run(names, batch))) for batch in sample_report["batches"][:used]]
+
+    floats, quants = exposed(sample_report["float"]), exposed(sample_report["quant"])
+    checked = 0
+    for row in rows:
+        name = unquote(row["Var"])
+        f = np.concatenate([values[name].ravel() for values in floats]).astype(np.float64)
+        q = np.concatenate([values[name].ravel() for values in quants]).astype(np.float64)
+        snr = float(np.sum((q - f) ** 2) / np.sum(f ** 2))
+        cosine = float(q @ f / np.sqrt((f @ f) * (q @ q)))
+        assert float(row["SNR"]) == pytest.approx(snr, rel=0.05), name
+        assert float(row["Cosine"]) == pytest.approx(cosine, rel=0.05), name
+        checked += 1
+    assert checked == len(rows) > 50
 
 
 def test_analysis_module_imports_neither_torch_nor_ppq():
