@@ -192,14 +192,17 @@ def quantize(bench: Bench, method: str, attempt: int, ort_pre_process: bool = Tr
         report = folder / f"{bench.key}.xquant_default_report.md"
         snippet = report_snippet(report)
         if snippet is None:
-            return Run(method, output, [], 1, 0.0, 0.0, log, failure=f"no custom_setting in {report.name}")
+            return Run(method, output, [], 1, 0.0, 0.0, log,
+                       failure=f"not run: the default run's report ({report.name}) recommends no custom_setting")
         config = json.loads(bench.config_path.read_text())
         config["quantization_parameters"]["custom_setting"] = snippet
         config["quantization_parameters"]["analysis_enable"] = False
         followed = bench.folder / "config_report_1.json"  # beside the config: its relative paths hold
         followed.write_text(json.dumps(config, indent=2) + "\n")
         cmd = [str(XQUANT), "-c", str(followed), "-o", str(output)]
-        return _finish(method, output, cmd, log, env={"XQUANT_NUM_THREADS": "1"})
+        run = _finish(method, output, cmd, log, env={"XQUANT_NUM_THREADS": "1"})
+        run.notes.insert(0, f"the report's custom_setting: `{json.dumps(snippet)}`")
+        return run
     cmd = [str(VENV_PYTHON), str(ZOO / "ort_worker.py"), bench.key, method.split()[1].lower(), str(output)]
     if not ort_pre_process:
         cmd.append("--no-pre-process")

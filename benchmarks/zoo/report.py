@@ -115,6 +115,8 @@ def stayed_float(run: Dict) -> bool:
 
 
 def status_cell(run: Dict) -> str:
+    if (run.get("failure") or "").startswith("not run:"):
+        return run["failure"]
     if run.get("failure"):
         return f"exit {run['returncode']}: failed: {run['failure']}"
     if run.get("eval_failure"):
@@ -164,6 +166,8 @@ def headline(record: Dict, method: str) -> str:
     run = next((r for r in record["runs"] if r["method"] == method), None)
     if run is None:
         return "not run"
+    if (run.get("failure") or "").startswith("not run:"):
+        return run["failure"][:110]
     if run.get("failure"):
         return f"failed: {run['failure'][:90]}"
     if run.get("eval_failure"):
