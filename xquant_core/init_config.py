@@ -53,9 +53,6 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
                 entry["color_format"] = "bgr"
                 todo.append(f"{value.name}: mean_value/std_value and color_format (now bgr, raw 0-255 values); "
                             "common presets:\n    " + "\n    ".join(PRESETS))
-                if layout and layout.startswith("NHWC"):
-                    todo.append(f"{value.name}: the model takes NHWC; the img reader writes NCHW: give a "
-                                "preprocess_file \"file.py:function\" that returns NHWC batches")
         else:
             entry.update({"file_type": "npy", "data_list_path": f"{value.name}_list.txt"})
             todo.append(f"{value.name}: data_list_path (a list file, one sample per line; npy samples of shape "
