@@ -218,7 +218,7 @@ def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives
     errors = [float(row["output SNR"]) for row in candidates]
     assert errors == sorted(errors)
     batches = [spiky["batches"][i] for i in analysis.spread(len(spiky["batches"]), analysis.CANDIDATE_BATCHES)]
-    reference = fallback.float_outputs(spiky["float"], batches)
+    reference = fallback.model_outputs(spiky["float"], batches)
     now = fallback.output_errors(quant, batches, reference)["logits"]
     assert f"({analysis._num(now)} now)" in text
     assert errors[0] < now

@@ -1027,7 +1027,7 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     candidates, baseline = None, None
     if trial is not None:
         used = list(batches)[:CANDIDATE_BATCHES]
-        reference = fallback.float_outputs(float_model, used)
+        reference = fallback.model_outputs(float_model, used)
         baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
         proposals = [fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
                      for s in suggestions] + fallback.stem_proposals(float_model)

@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 import onnx
 
+from .control_flow import COMPUTE_OPS
 from .runtime import onnxruntime_session
 
 log = logging.getLogger("xquant.analysis")
 
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 #: the stem candidates end after these fractions of the model's compute ops
 STEM_FRACTIONS = (1 / 8, 1 / 4)
 
@@ -88,28 +88,26 @@ def stem_proposals(float_model: onnx.ModelProto) -> list[Proposal]:
     return proposals
 
 
+def model_outputs(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The model's outputs ``{name: array}`` on each batch (onnxruntime, exact int8 arithmetic)."""
+    session = onnxruntime_session(model)
+    names = [value.name for value in model.graph.output]
+    wanted = {value.name for value in session.get_inputs()}
+    return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted})))
+            for batch in batches]
+
+
 def output_errors(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]],
                   reference: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """SNR ``sum((q - f)^2) / sum(f^2)`` of each output of ``model`` over the batches."""
-    session = onnxruntime_session(model)
     names = list(reference[0])
     noise, power = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    wanted = {value.name for value in session.get_inputs()}
-    for batch, expected in zip(batches, reference):
-        got = dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted})))
+    for got, expected in zip(model_outputs(model, batches), reference):
         for name in names:
             f, q = expected[name].astype(np.float64), got[name].astype(np.float64)
             noise[name] += float(np.sum((q - f) ** 2))
             power[name] += float(np.sum(f ** 2))
     return {name: noise[name] / power[name] if power[name] > 0 else math.inf for name in names}
-
-
-def float_outputs(float_model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]) -> list[dict]:
-    session = onnxruntime_session(float_model)
-    names = [value.name for value in float_model.graph.output]
-    wanted = {value.name for value in session.get_inputs()}
-    return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted})))
-            for batch in batches]
 
 
 def measure_candidates(float_model: onnx.ModelProto, proposals: Sequence[Proposal], trial: Trial,
@@ -118,7 +116,7 @@ def measure_candidates(float_model: onnx.ModelProto, proposals: Sequence[Proposa
                        progress: Callable[[], None] | None = None) -> list[Candidate]:
     """Each proposal measured with its subgraph in float, the lowest output error first. A
     proposal the engine cannot keep float (no op between its boundaries) is left out."""
-    reference = reference if reference is not None else float_outputs(float_model, batches)
+    reference = reference if reference is not None else model_outputs(float_model, batches)
     compute = {node.name for node in float_model.graph.node if node.op_type in COMPUTE_OPS}
     measured, seen = [], set()
     for proposal in proposals:

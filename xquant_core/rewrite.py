@@ -19,9 +19,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .engine.forms import free_names, graph_constants, has_subgraph, subgraphs
+from .engine.forms import free_names, graph_constants, subgraphs
 
 log = logging.getLogger("xquant.model")
+
+
+def _names_read(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs, and the outer tensors its subgraphs name."""
+    return [*node.input, *(name for attribute in node.attribute for sub in subgraphs(attribute)
+                           for name in free_names(sub))]
 
 
 class _Index:
@@ -31,9 +37,8 @@ class _Index:
         self.constants = graph_constants(graph)
         self.producer = {name: node for node in graph.node for name in node.output}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:  # a node holding subgraphs reads the outer tensors they name, too
-            for name in [*node.input, *(free for attribute in node.attribute for sub in subgraphs(attribute)
-                                        for free in free_names(sub))]:
+        for node in graph.node:
+            for name in _names_read(node):
                 self.readers.setdefault(name, []).append(node)
         self.pinned = {value.name for value in graph.output} | set(keep)
 
@@ -53,9 +58,7 @@ class _Index:
 
 def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
     """Remove the constants in ``candidates`` that no node, subgraph or output reads any more."""
-    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
-    used.update(name for node in graph.node if has_subgraph(node)
-                for attribute in node.attribute for sub in subgraphs(attribute) for name in free_names(sub))
+    used = {name for node in graph.node for name in _names_read(node)} | {value.name for value in graph.output}
     unused = candidates - used
     for field, values in (
             ("node", [n for n in graph.node if n.op_type != "Constant" or n.output[0] not in unused]),
