@@ -510,6 +510,15 @@ def test_summary_json_holds_the_summary_figures(small_project, run_xquant, tmp_p
     blocked = run_xquant("-c", str(config), "--summary-json", str(tmp_path / "a_file" / "s.json"))
     assert blocked.returncode == 2 and "a_file is a file" in blocked.stderr, blocked.stderr
     assert not (small_project / "out" / "small.q.onnx").exists()  # refused before quantizing
+    before = config.read_bytes()
+    for target, message in ((config, "the --summary-json file {0} is the config {0}, which this run reads: "
+                                     "choose another path for it"),
+                            (small_project / "out" / "small.q_report.md",
+                             "the --summary-json file {0} is the analysis report, which this run writes: "
+                             "choose another path for it")):
+        refused = run_xquant("-c", str(config), "--summary-json", str(target))
+        assert refused.returncode == 2 and message.format(target) in refused.stderr, refused.stderr
+    assert config.read_bytes() == before and not (small_project / "out" / "small.q.onnx").exists()
     done = run_xquant("-c", str(config), "--summary-json", str(summary))  # its folder is made
     assert done.returncode == 0, done.stderr
     figures = json.loads(summary.read_text(encoding="utf-8"))

@@ -193,10 +193,12 @@ def cmd_quantize(args) -> int:
 
     cfg = load_config(args.config)
     summary_path = Path(args.summary_json) if args.summary_json else None
-    if summary_path is not None:
-        check_folder(summary_path)  # before the run: a bad path costs no quantization
+    also_writes = {}
+    if summary_path is not None:  # before the run: a bad path costs no quantization
+        check_folder(summary_path)
+        also_writes[summary_path] = "the --summary-json file"
     stages = Stages(quiet=args.quiet)
-    result = run(cfg, model=args.input, output=args.output, progress=stages)
+    result = run(cfg, model=args.input, output=args.output, progress=stages, also_writes=also_writes)
     how = (f"{result.samples} calibration samples on {result.device}" if result.samples
            else "dynamic quantization, no calibration")
     for line in result.summary:

@@ -33,13 +33,20 @@ def derived_paths(out_path: Path) -> dict[Path, str]:
             out_path.with_name(f"{stem}_custom_setting.json"): "the custom_setting file"}
 
 
-def check_not_read(out_path: Path, reads: Mapping[Path, str]) -> None:
-    """Fail when an output would replace a file the run reads (``reads``: path -> what it is)."""
+def check_not_read(out_path: Path, reads: Mapping[Path, str],
+                   also_writes: Mapping[Path, str] | None = None) -> None:
+    """Fail when an output would replace a file the run reads (``reads``: path -> what it is); the
+    caller's ``also_writes`` (e.g. ``--summary-json``) must not be one of the run's outputs either."""
     read = {_key(path): what for path, what in reads.items()}
-    for path, what in derived_paths(out_path).items():
+    writes, also_writes = derived_paths(out_path), also_writes or {}
+    for path, what in also_writes.items():
+        clash = next((other for target, other in writes.items() if _key(target) == _key(path)), None)
+        if clash is not None:
+            raise OutputError(f"{what} {path} is {clash}, which this run writes: choose another path for it")
+    for path, what in {**writes, **also_writes}.items():
         if _key(path) in read:
-            raise OutputError(f"{what} {path} is {read[_key(path)]}, which this run reads: "
-                              "choose another output_prefix or -o")
+            advice = "another path for it" if path in also_writes else "another output_prefix or -o"
+            raise OutputError(f"{what} {path} is {read[_key(path)]}, which this run reads: choose {advice}")
 
 
 def check_folder(out_path: Path) -> None:

@@ -99,23 +99,24 @@ class Prepared:
 
 
 def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
-            output: str | os.PathLike | None = None) -> Prepared:
+            output: str | os.PathLike | None = None, also_writes: Mapping[Path, str] | None = None) -> Prepared:
     """Output paths, the model and its inputs, the calibration lists and first batch: every check
-    that needs neither PPQ nor torch (``xquant check`` stops here)."""
+    that needs neither PPQ nor torch (``xquant check`` stops here). ``also_writes``: files the
+    caller writes after the run (path -> what it is), checked like the run's own outputs."""
     source = model if model is not None else cfg.model.onnx_model
     if source is None:
         raise ModelError("no model: set model_parameters.onnx_model in the config or pass a model (-i)")
     model_path = None if isinstance(source, onnx.ModelProto) else Path(source)
     out_path = output_path_for(cfg, model_path, output)
     if model_path is not None:  # before the model is even read
-        check_not_read(out_path, {model_path: "the input model"})
+        check_not_read(out_path, {model_path: "the input model"}, also_writes)
     check_folder(out_path)
 
     float_model = model_io.load_model(source)
     specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")
     float_model = model_io.fix_input_shapes(float_model, specs)
     if cfg.quantization.precision_level == 3:
-        check_not_read(out_path, files_read(model_path, float_model, cfg.source))
+        check_not_read(out_path, files_read(model_path, float_model, cfg.source), also_writes)
         return Prepared(model_path, out_path, float_model, specs, None, None, None)
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
@@ -124,7 +125,8 @@ def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None
     check_not_read(out_path, files_read(
         model_path, float_model, cfg.source, [spec.config.data_list_path for spec in specs],
         [path for paths in dataset.lists.values() for path in paths],
-        [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file]))
+        [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file]),
+        also_writes)
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
     return Prepared(model_path, out_path, float_model, specs, dataset,
                     registry("platform").get(cfg.quantization.platform),
@@ -132,10 +134,12 @@ def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None
 
 
 def run(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
-        output: str | os.PathLike | None = None, progress: ProgressFactory | None = None) -> QuantizationResult:
-    """Run the whole pipeline; raise an :class:`XQuantError` on bad input."""
+        output: str | os.PathLike | None = None, progress: ProgressFactory | None = None,
+        also_writes: Mapping[Path, str] | None = None) -> QuantizationResult:
+    """Run the whole pipeline; raise an :class:`XQuantError` on bad input. ``also_writes``: see
+    :func:`prepare`."""
     started = time.perf_counter()
-    prepared = prepare(cfg, model, output)
+    prepared = prepare(cfg, model, output, also_writes)
     out_path, float_model, dataset = prepared.out_path, prepared.float_model, prepared.dataset
     if not cfg.model.skip_onnxsim:
         with _stage(progress, "onnxsim"):
