@@ -232,6 +232,47 @@ def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives
     assert got == pytest.approx(errors[0], rel=0.1)
 
 
+def test_held_back_samples_carry_the_headline_and_the_next_step(spiky, tmp_path):
+    """Issue 15: samples listed after the first calibration_step are never calibrated on; the report's
+    output figures use every one of them and say how many, and its candidates are measured on them,
+    so the stated error is what the INT8 model gives on data calibration never saw."""
+    from xquant_core import fallback
+
+    config = json.loads(json.dumps(spiky["config"]))
+    config["calibration_parameters"]["calibration_step"] = 8  # 12 listed: 4 held back
+    plain = xquant.quantize_onnx_model(config, output=tmp_path / "plain.q.onnx")
+    config["quantization_parameters"]["analysis_enable"] = True
+    summary, path = tmp_path / "summary.json", tmp_path / "cfg.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "xquant", "-c", str(path), "-o", str(tmp_path / "spiky.q.onnx"),
+                             "--summary-json", str(summary)], text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    quant = onnx.load(str(tmp_path / "spiky.q.onnx"))
+    assert quant.graph == plain.graph  # the held-back samples changed nothing in the model
+    held_back = spiky["batches"][8:]
+    reference = fallback.model_outputs(spiky["float"], held_back)
+    now = fallback.output_errors(quant, held_back, reference)["logits"]
+    text = (tmp_path / "spiky.q_report.md").read_text(encoding="utf-8")
+    match = re.search(r"Model output `logits`: SNR ([0-9.e-]+), cosine [0-9.]+.*\(every element, ([^\n]*)\)$", text, re.MULTILINE)
+    assert match and match.group(2) == "4 held-back sample(s)", text[:2000]
+    assert float(match.group(1)) == pytest.approx(now, rel=1e-3)
+    assert "on 4 held-back sample(s) (listed after the first calibration_step: never calibrated on)" in text
+    assert f"({analysis._num(now)} now)" in text
+    assert "no sample is held back" not in text
+    figures = json.loads(summary.read_text(encoding="utf-8"))["analysis"]
+    assert figures["outputs_measured_on"] == "4 held-back sample(s)"
+    assert figures["outputs"]["logits"]["snr"] == pytest.approx(now, rel=1e-3)
+    check = subprocess.run([sys.executable, "-m", "xquant", "check", "-c", str(path)], text=True,
+                           capture_output=True)
+    assert check.returncode == 0 and "4 more listed sample(s) held back" in check.stdout + check.stderr
+
+
+def test_without_held_back_samples_the_report_says_so(spiky):
+    text = spiky["report"].read_text(encoding="utf-8")
+    assert "(every element, 8 calibration batch(es))" in text
+    assert "no sample is held back" in text
+
+
 def test_chart_opens(spiky):
     import cv2
 
@@ -437,7 +478,7 @@ def test_sample_report_numbers_and_chart(sample_report):
     assert match, "no model output line"
     assert float(match.group(1)) < 0.05 and float(match.group(2)) > 0.98  # README: SNR 0.013, cosine 0.994
     image = cv2.imread(str(sample_report["report"].with_suffix(".png")))
-    assert image is not None and image.shape[:2] == (600, 1200)
+    assert image is not None and image.shape[:2] == (760, 1200)
     fraction = sample_report["analysis_seconds"] / sample_report["quantize_seconds"]
     assert fraction < MAX_TIME_FRACTION, (sample_report["analysis_seconds"], sample_report["quantize_seconds"])
 

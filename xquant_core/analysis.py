@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,10 @@ FLAG_COSINE = 0.99
 DEFAULT_MAX_BATCHES = 8
 #: calibration batches the "Next step" candidates are measured on at most
 CANDIDATE_BATCHES = 16
+#: held-back samples (listed after the first ``calibration_step``) the headline outputs are measured on at most
+HELD_BACK_MAX = 256
+#: ... and the "Next step" candidates
+HELD_BACK_CANDIDATES = 32
 #: elements per tensor in its float histogram at most (over all batches)
 DEFAULT_MAX_ELEMENTS = 65536
 #: after the first batch, run only as many batches as fit in this fraction of the quantization time
@@ -369,6 +373,10 @@ class Measurement:
     max_elements: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    #: what the model outputs' figures are over
+    outputs_on: str = ""
+    #: what the "Next step" candidates are measured on
+    candidates_on: str = ""
 
 
 def _instrumented(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
@@ -573,7 +581,30 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     stats = {probe: acc.result() for probe, acc in accumulators.items() if probe not in skipped and acc.count}
     outputs = {name: acc.result() for name, acc in output_accumulators.items() if acc.count}
     return Measurement(graph, ops, stats, outputs, used, len(batches), max_elements,
-                       time.perf_counter() - started, notes)
+                       time.perf_counter() - started, notes, f"{used} calibration batch(es)")
+
+
+def held_back_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                      held_back: Iterable[dict[str, np.ndarray]], count: int, keep: int,
+                      max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """Every held-back sample through both models, once: the outputs' statistics over every
+    element, and ``keep`` of the samples spread over them with the float model's outputs (for
+    the "Next step" candidates). ``count``: how many samples ``held_back`` yields."""
+    names = [value.name for value in float_model.graph.output]
+    float_session, quant_session = _session(float_model.SerializeToString()), _session(quant_model.SerializeToString())
+    accumulators = {name: _Accumulator() for name in names}
+    sampler, picks = _Sampler(math.ceil(max_elements / max(count, 1))), set(spread(count, keep))
+    kept, reference = [], []
+    for index, batch in enumerate(held_back):
+        f_values, q_values = _run(float_session, batch), _run(quant_session, batch)
+        for name, acc in accumulators.items():
+            f, q = f_values[name], q_values.get(name)
+            if q is not None and f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
+                acc.add(q, f, sampler.picks(f.size))
+        if index in picks:
+            kept.append(batch)
+            reference.append({name: f_values[name] for name in names})
+    return {name: acc.result() for name, acc in accumulators.items() if acc.count}, kept, reference
 
 
 # --------------------------------------------------------------------------- findings
@@ -760,7 +791,7 @@ def _measured_next_step(measurement: Measurement, rows: list[Row], candidates: S
     best = candidates[0]
     now = f"{_num(baseline)} now" if baseline is not None else "as exported"
     lines = [f"Each subgraph below was kept in float (the same calibration; `float_after_calibration`) and the "
-             f"model run with onnxruntime on {candidates[0].batches} calibration batch(es) spread over the list: "
+             f"model run with onnxruntime on {measurement.candidates_on}: "
              f"the mean SNR of its outputs against the float model ({now}), lowest first.", ""]
     lines += _table(
         ["#", "keep in float", "proposed as", "ops in float (Conv/MatMul/Gemm)", "output SNR", "change"],
@@ -812,7 +843,7 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
     for name, out in measurement.outputs.items():
         flag = f" **flagged ({out.flags})**" if out.flagged else ""
         lines.append(f"- Model output {_cell(name)}: SNR {_num(out.snr)}, cosine {_cos(out.cosine)}{flag} "
-                     f"(every element, {measurement.batches_used} calibration batch(es))")
+                     f"(every element, {measurement.outputs_on})")
     lines.append(f"- Flagged tensors: {flagged} of {tensors} (in {len(rows)} rows: a tensor is a row "
                  "for its producer and for each consumer)")
     if rows:
@@ -874,62 +905,75 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
     return "\n".join(lines)
 
 
-def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (1200, 600)) -> np.ndarray:
-    """A BGR image: per-op SNR (log scale) in graph order, flagged ops red, worst ops labelled."""
+def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (1200, 760),
+                 float_ops: Iterable[str] = ()) -> np.ndarray:
+    """A BGR image of what the flags use, per quantized op in graph order: SNR (top panel) and
+    1 - cosine (bottom), both log scale, each with its flag threshold dashed; flagged ops red,
+    the worst ops numbered and named below; ``float_ops`` (the Next step's #1) shaded green."""
     import cv2
 
     width, height = size
     image = np.full((height, width, 3), 255, np.uint8)
-    font = cv2.FONT_HERSHEY_SIMPLEX
     ops = [op for op in measurement.ops if any(p in measurement.stats for p in op.inputs + op.outputs)]
-    values = [op_snr(op, measurement.stats) for op in ops]
-    left, right, top, bottom = 80, 20, 64, 60 + 22 * CHART_LABELS
-    plot_w, plot_h = width - left - right, height - top - bottom
+    snr = [op_snr(op, measurement.stats) for op in ops]
+    gap = [1.0 - min(measurement.stats[p].cosine for p in op.inputs + op.outputs if p in measurement.stats)
+           for op in ops]
+    left, right, top = 80, 20, 70
+    legend_h = 50 + 22 * CHART_LABELS
+    panel_h = (height - top - legend_h - 44) // 2
+    plot_w = width - left - right
+    step = plot_w / max(len(ops), 1)
+    float_ops = set(float_ops)
 
     def text(s: str, org: tuple[int, int], scale: float = 0.45, color=(40, 40, 40), thick: int = 1) -> None:
-        cv2.putText(image, s.encode("ascii", "replace").decode(), org, font, scale, color, thick, cv2.LINE_AA)
+        cv2.putText(image, _ascii(s), org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
 
-    text(_ascii(f"Per-op SNR along the graph (cumulative, lower is better): {title}")[:110], (left, 30), 0.6,
-         thick=1)
-    logs = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
-    low = max(-6, math.floor(min(logs))) if logs else -4
-    high = max(0, math.ceil(max(logs))) if logs else 0
-    if high <= low:
-        high = low + 1
+    def panel(values: list[float], y0: int, name: str, threshold: float) -> Callable[[float], int]:
+        logs = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
+        low = max(-6, math.floor(min(logs + [math.log10(threshold)])))
+        high = max(0, math.ceil(max(logs))) if logs else 0
 
-    def y_of(value: float) -> int:
-        if not (value > 0):
-            return top + plot_h
-        level = (min(max(math.log10(min(value, 1e300)), low), high) - low) / (high - low)
-        return round(top + plot_h - level * plot_h)
+        def y_of(value: float) -> int:
+            if not value > 0:
+                return y0 + panel_h
+            level = (min(max(math.log10(min(value, 1e300)), low), high) - low) / (high - low)
+            return round(y0 + panel_h - level * panel_h)
 
-    for exponent in range(low, high + 1):
-        y = y_of(10.0 ** exponent)
-        cv2.line(image, (left, y), (left + plot_w, y), (225, 225, 225), 1)
-        text(f"1e{exponent}", (8, y + 5))
-    threshold = y_of(FLAG_SNR)
-    for x in range(left, left + plot_w, 12):
-        cv2.line(image, (x, threshold), (min(x + 6, left + plot_w), threshold), (0, 0, 200), 1)
-    text(f"red: flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}); dashed: SNR = {FLAG_SNR}; "
-         "bar: the op's worst output", (left, 50), 0.45, (0, 0, 200))
-    cv2.line(image, (left, top), (left, top + plot_h), (0, 0, 0), 1)
-    cv2.line(image, (left, top + plot_h), (left + plot_w, top + plot_h), (0, 0, 0), 1)
-    text(f"quantized ops in graph order ({len(ops)})", (left + plot_w // 2 - 120, top + plot_h + 22))
+        for i, op in enumerate(ops):  # the Next step's #1 behind the bars
+            if op.name in float_ops:
+                cv2.rectangle(image, (int(left + i * step), y0), (int(left + (i + 1) * step), y0 + panel_h),
+                              (200, 235, 200), -1)
+        for exponent in range(low, high + 1):
+            y = y_of(10.0 ** exponent)
+            cv2.line(image, (left, y), (left + plot_w, y), (225, 225, 225), 1)
+            text(f"1e{exponent}", (8, y + 5))
+        text(name, (left + 6, y0 + 14), 0.5, (0, 0, 0))
+        y = y_of(threshold)
+        for x in range(left, left + plot_w, 12):
+            cv2.line(image, (x, y), (min(x + 6, left + plot_w), y), (0, 0, 200), 1)
+        for i, (op, value) in enumerate(zip(ops, values)):
+            x0 = int(left + i * step + (1 if step > 3 else 0))
+            x1 = max(x0, int(left + (i + 1) * step) - (1 if step > 3 else 0) - 1)
+            color = (40, 40, 220) if _op_flagged(op, measurement.stats) else (180, 130, 60)
+            cv2.rectangle(image, (x0, y_of(value)), (x1, y0 + panel_h), color, -1)
+        cv2.line(image, (left, y0), (left, y0 + panel_h), (0, 0, 0), 1)
+        cv2.line(image, (left, y0 + panel_h), (left + plot_w, y0 + panel_h), (0, 0, 0), 1)
+        return y_of
 
-    count = max(len(ops), 1)
-    step = plot_w / count
-    worst = sorted(range(len(ops)), key=lambda i: (-_finite(values[i]), i))[:CHART_LABELS]
-    for i, (op, value) in enumerate(zip(ops, values)):
-        x0 = int(left + i * step + (1 if step > 3 else 0))
-        x1 = max(x0, int(left + (i + 1) * step) - (1 if step > 3 else 0) - 1)
-        color = (40, 40, 220) if _op_flagged(op, measurement.stats) else (180, 130, 60)
-        cv2.rectangle(image, (x0, y_of(value)), (x1, top + plot_h), color, -1)
+    text(f"Per-op error along the graph (cumulative, lower is better): {title}"[:110], (left, 28), 0.6)
+    shaded = "; green: kept in float by the Next step's #1" if float_ops & {op.name for op in ops} else ""
+    text(f"red: flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}); dashed: the thresholds; bar: the op's "
+         f"worst tensor{shaded}", (left, 52), 0.45, (0, 0, 200))
+    snr_y = panel(snr, top, "SNR", FLAG_SNR)
+    panel(gap, top + panel_h + 24, "1 - cosine", 1.0 - FLAG_COSINE)
+    bottom = top + 2 * panel_h + 24
+    text(f"quantized ops in graph order ({len(ops)})", (left + plot_w // 2 - 120, bottom + 22))
+    worst = sorted(range(len(ops)), key=lambda i: (-_finite(snr[i]), i))[:CHART_LABELS]
     for rank, i in enumerate(worst, 1):
         x = int(left + (i + 0.5) * step)
-        y = y_of(values[i])
-        text(str(rank), (x - 4, max(top + 12, y - 6)), 0.5, (0, 0, 0), 2)
-        legend_y = top + plot_h + 44 + 22 * (rank - 1)
-        text(_ascii(f"{rank}: {ops[i].label}  SNR {_num(values[i])}")[:140], (left, legend_y))
+        text(str(rank), (x - 4, max(top + 12, snr_y(snr[i]) - 6)), 0.5, (0, 0, 0), 2)
+        text(f"{rank}: {ops[i].label}  SNR {_num(snr[i])}  cosine {_cos(1.0 - gap[i])}"[:140],
+             (left, bottom + 44 + 22 * (rank - 1)))
     return image
 
 
@@ -945,7 +989,7 @@ def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, 
     outputs = ", ".join(f"{name} SNR {_num(s.snr)} cosine {_cos(s.cosine)}"
                         for name, s in measurement.outputs.items())
     if outputs:
-        lines.append(f"analysis: model output {outputs} (SNR: lower is better)")
+        lines.append(f"analysis: model output {outputs} on {measurement.outputs_on} (SNR: lower is better)")
     flagged = sum(1 for row in rows if row.stats.flagged)
     lines.append(f"analysis: {flagged} of {len(measurement.stats)} tensors flagged "
                  f"(SNR > {FLAG_SNR} or cosine < {FLAG_COSINE})")
@@ -977,6 +1021,7 @@ def summary_figures(measurement: Measurement, rows: list[Row], candidates: Seque
         "outputs": {name: {"snr": _json_number(out.snr), "cosine": _json_number(out.cosine)}
                     for name, out in measurement.outputs.items()},
         "batches": measurement.batches_used,
+        "outputs_measured_on": measurement.outputs_on,
         "tensors_flagged": sum(1 for row in rows if row.stats.flagged),
         "tensors": len(measurement.stats),
         "worst": None if worst is None else {"op": worst.op.label, "tensor": worst.probe.var,
@@ -984,6 +1029,7 @@ def summary_figures(measurement: Measurement, rows: list[Row], candidates: Seque
         "next_step": None if candidates is None else {
             "mean_output_snr_now": baseline,
             "batches": candidates[0].batches if candidates else 0,
+            "measured_on": measurement.candidates_on,
             "candidates": [{**c.custom_setting(), "proposed_as": c.proposal.why, "ops": c.ops,
                             "compute_ops": c.compute_ops, "mean_output_snr": _json_number(c.error),
                             "output_snr": {name: _json_number(v) for name, v in c.output_errors.items()}}
@@ -1003,7 +1049,7 @@ class Report:
 def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
                  report_path: Path, settings: dict, quantize_seconds: float,
                  sections: Sequence[str] = (), trial: fallback.Trial | None = None,
-                 progress: Any = None) -> Report:
+                 progress: Any = None, held_back: Sequence[dict[str, np.ndarray]] | None = None) -> Report:
     """Measure the exported QDQ model against the float model; write the report and its chart.
 
     ``float_model`` is the model that was quantized (after onnxsim), ``quant_model`` the
@@ -1015,6 +1061,8 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     Markdown lines added after the settings (e.g. the auto-precision result). With ``trial``
     (the engine's quantized graph), the "Next step" measures its float-fallback candidates
     (:mod:`xquant_core.fallback`); without it, it lists the unmeasured growth suggestions.
+    ``held_back``: samples never calibrated on (listed after the first ``calibration_step``); when
+    given, the model outputs' figures and the candidates are measured on them, not on ``batches``.
     """
     import cv2
 
@@ -1025,9 +1073,22 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
     candidates, baseline = None, None
+    used, reference = list(batches)[:CANDIDATE_BATCHES], None
+    measurement.candidates_on = f"{len(used)} calibration batch(es) spread over the list"
+    if held_back:
+        measurement.outputs, used, reference = held_back_outputs(
+            float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES)
+        total = getattr(held_back, "total", len(held_back))
+        measurement.outputs_on = (f"{len(held_back)} held-back sample(s)"
+                                  + (f" spread over the {total} listed" if total > len(held_back) else ""))
+        measurement.candidates_on = (f"{len(used)} held-back sample(s) (listed after the first calibration_step: "
+                                     "never calibrated on)")
+    else:
+        measurement.notes.append("no sample is held back: the model outputs and the Next step are measured on "
+                                 "calibration batches; list more samples than calibration_step and the report "
+                                 "measures them on the rest, which calibration never saw")
     if trial is not None:
-        used = list(batches)[:CANDIDATE_BATCHES]
-        reference = fallback.model_outputs(float_model, used)
+        reference = reference if reference is not None else fallback.model_outputs(float_model, used)
         baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
         proposals = [fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
                      for s in suggestions] + fallback.stem_proposals(float_model)
@@ -1038,7 +1099,8 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
             bar.close()
     chart_path = report_path.with_suffix(".png")
     title = report_path.stem.removesuffix("_report")
-    image = render_chart(measurement, title)
+    helps = candidates and (baseline is None or candidates[0].error < baseline)
+    image = render_chart(measurement, title, float_ops=candidates[0].op_names if helps else ())
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise RuntimeError("OpenCV could not encode the chart as PNG")

@@ -1,12 +1,13 @@
 """``xquant check -c cfg.json``: everything a run checks before it quantizes, and nothing more.
 
-The config (schema and plugin names), the model and its inputs, every calibration sample read
+The config (schema and plugin names), the model and its inputs, every listed sample (held-back ones too) read
 and preprocessed once (shape, dtype, finite values), the output paths: the same messages and
 exit codes as a run, in seconds, without importing PPQ or torch.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -37,7 +38,8 @@ def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None =
     else:
         low = {spec.name: np.inf for spec in prepared.specs}
         high = {spec.name: -np.inf for spec in prepared.specs}
-        for batch in dataset:
+        held_back = (dataset.held_back_batch(index) for index in range(dataset.held_back_count))
+        for batch in itertools.chain(dataset, held_back):
             for name, array in batch.items():
                 if array.size:
                     low[name] = min(low[name], float(array.min()))
@@ -47,6 +49,9 @@ def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None =
             lines.append(f"input {spec.name} {list(spec.shape)} {spec.dtype}: {dataset.count} sample(s) from "
                          f"{os.path.normpath(spec.config.data_list_path)} ({spec.config.file_type}, preprocess {source}), values "
                          f"{low[spec.name]:.6g} .. {high[spec.name]:.6g}")
+        if dataset.held_back_count:
+            lines.append(f"{dataset.held_back_count} more listed sample(s) held back: never calibrated on, the "
+                         "report measures the model outputs and its Next step on them")
     lines.append(f"output {prepared.out_path} can be written")
     lines.append(f"ok: ready to quantize ({time.perf_counter() - started:.1f} s)")
     return lines

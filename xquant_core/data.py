@@ -255,6 +255,8 @@ class CalibrationDataset:
                         samples, available, available)
         self.count = min(samples, available)
         self.lists = {name: paths[: self.count] for name, paths in lists.items()}
+        #: the samples listed after the first ``calibration_step``: never calibrated on, the report measures on them
+        self.held_back_lists = {name: paths[self.count:] for name, paths in lists.items()}
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._cache_bytes = 0
 
@@ -276,6 +278,14 @@ class CalibrationDataset:
             self._cache[index] = batch
             self._cache_bytes += size
         return batch
+
+    @property
+    def held_back_count(self) -> int:
+        return len(next(iter(self.held_back_lists.values()), []))
+
+    def held_back_batch(self, index: int) -> dict[str, np.ndarray]:
+        """Held-back sample ``index`` as a batch of one (read each time: they are not cached)."""
+        return {spec.name: self._load(spec, self.held_back_lists[spec.name][index:index + 1]) for spec in self.specs}
 
     def _load(self, spec: InputSpec, paths: list[Path]) -> np.ndarray:
         pre = self.preprocessors[spec.name]

@@ -62,6 +62,7 @@ class Candidate:
     error: float  #: mean output SNR with the subgraph in float
     output_errors: dict[str, float]
     batches: int  #: how many batches it was measured on
+    op_names: frozenset[str] = frozenset()  #: the ops kept in float
 
     def custom_setting(self) -> dict[str, Any]:
         return {"input_names": list(self.proposal.input_names), "output_names": list(self.proposal.output_names),
@@ -135,5 +136,5 @@ def measure_candidates(float_model: onnx.ModelProto, proposals: Sequence[Proposa
             if progress is not None:
                 progress()
         measured.append(Candidate(proposal, len(ops), len(ops & compute), float(np.mean(list(errors.values()))),
-                                  errors, len(batches)))
+                                  errors, len(batches), frozenset(ops)))
     return sorted(measured, key=lambda candidate: (candidate.error, candidate.ops))

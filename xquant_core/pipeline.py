@@ -124,7 +124,7 @@ def prepare(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
     check_not_read(out_path, files_read(
         model_path, float_model, cfg.source, [spec.config.data_list_path for spec in specs],
-        [path for paths in dataset.lists.values() for path in paths],
+        [path for lists in (dataset.lists, dataset.held_back_lists) for paths in lists.values() for path in paths],
         [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file]),
         also_writes)
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
@@ -245,13 +245,13 @@ class _Search:
 
 
 class _Subset:
-    """Some batches of a dataset, re-iterable and sized."""
+    """Some batches of a dataset, re-iterable and sized: ``load(index)`` reads one."""
 
-    def __init__(self, dataset: CalibrationDataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, load: Callable[[int], dict], indices: list[int]):
+        self.load, self.indices = load, indices
 
     def __iter__(self):
-        return (self.dataset.batch(index) for index in self.indices)
+        return (self.load(index) for index in self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -274,7 +274,7 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     metric = registry("metric").get(auto.metric)
     indices = list(range(len(dataset)))
     held_back = [dataset.batch(index) for index in indices if index % HOLD_BACK_EVERY == 0]
-    training = _Subset(dataset, [index for index in indices if index % HOLD_BACK_EVERY])
+    training = _Subset(dataset.batch, [index for index in indices if index % HOLD_BACK_EVERY])
     if not len(training):
         raise DataError(f"auto_precision needs at least 2 calibration samples (one is held back); "
                         f"{dataset.count} found")
@@ -401,7 +401,7 @@ def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, 
             device: str, sections: tuple[str, ...] = (), trial=None,
             progress: ProgressFactory | None = None) -> tuple[Path | None, tuple[str, ...], dict | None]:
     """Write ``<prefix>_report.md`` (+ chart); a failure costs a warning, never the model."""
-    from .analysis import CANDIDATE_BATCHES, DEFAULT_MAX_BATCHES, spread, write_report
+    from .analysis import CANDIDATE_BATCHES, DEFAULT_MAX_BATCHES, HELD_BACK_MAX, spread, write_report
 
     report_path = out_path.with_name(f"{out_path.stem}_report.md")
     settings = {
@@ -420,8 +420,9 @@ def analyse(cfg: XQuantConfig, float_model, quantized, dataset, out_path: Path, 
     try:
         wanted = CANDIDATE_BATCHES if trial is not None else DEFAULT_MAX_BATCHES
         batches = [dataset.batch(index) for index in spread(len(dataset), wanted)]
+        held_back = _Subset(dataset.held_back_batch, spread(dataset.held_back_count, HELD_BACK_MAX))
         report = write_report(float_model, quantized, batches, report_path, settings, seconds, sections, trial,
-                              progress)
+                              progress, held_back if len(held_back) else None)
     except OutputError:
         raise  # the folder cannot take files (a full disk): the model would not be written either
     except Exception as exc:  # the analysis is advice: never lose the quantized model over it
