@@ -754,7 +754,8 @@ def test_init_writes_a_config_that_checks_and_quantizes_and_overwrites_nothing(t
     out = result.stdout.splitlines()
     assert out[0] == "xquant: init: wrote start/cfg.json for model.onnx"
     assert out[1] == ("xquant: init: input input [1, 3, 16, 16] float32, NCHW (guessed: 3 channels in dim 1): npy "
-                      "files, 10 for calibration in start/cfg_calib.txt, 2 held out in start/cfg_holdout.txt")
+                      "files, 10 for calibration then 2 held back in start/cfg_calib.txt (the report measures on "
+                      "those), the held-back ones alone in start/cfg_holdout.txt")
     config = json.loads((project / "start" / "cfg.json").read_text())
     assert config["model_parameters"]["onnx_model"] == str(project / "model.onnx")
     (entry,) = config["calibration_parameters"]["input_parametres"]
@@ -762,8 +763,9 @@ def test_init_writes_a_config_that_checks_and_quantizes_and_overwrites_nothing(t
                      "data_list_path": "cfg_calib.txt"}
     calib = (project / "start" / "cfg_calib.txt").read_text().split()
     held = (project / "start" / "cfg_holdout.txt").read_text().split()
-    assert len(calib) == 10 and held == [str(project / "data" / f"s{i:03d}.npy") for i in (4, 9)]
-    assert not set(calib) & set(held)
+    assert held == [str(project / "data" / f"s{i:03d}.npy") for i in (4, 9)]
+    assert len(calib) == 12 and calib[10:] == held and not set(calib[:10]) & set(held)
+    assert config["calibration_parameters"]["calibration_step"] == 10
 
     assert run_xquant("check", "-c", "start/cfg.json", cwd=project).returncode == 0
     assert run_xquant("-c", "start/cfg.json", cwd=project).returncode == 0

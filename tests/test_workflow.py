@@ -53,6 +53,12 @@ def _day(run_xquant, folder: Path, model: str, data: str, edit: dict | None = No
     compared = run_xquant("compare", model, str(quantized), "-c", "cfg.json",
                           *[arg for path in held_out for arg in ("--data", path)], cwd=folder)
     assert compared.returncode == 0, compared.stderr
+    # the report measured the outputs on the held-back samples: the figure compare gives on them
+    report = (folder / "output" / f"{Path(model).stem}.q_report.md").read_text(encoding="utf-8")
+    stated = re.search(r"Model output `[^`]+`: SNR ([0-9.e+-]+), .*\(every element, (\d+) held-back sample", report)
+    assert stated, report[:1500]
+    assert int(stated.group(2)) == len((folder / held_out[0]).read_text().split())
+    assert float(stated.group(1)) == pytest.approx(_snr(compared.stdout), rel=2e-3)
     return compared.stdout
 
 

@@ -2,8 +2,9 @@
 
 Every input's name, shape and dtype come from the model (NCHW/NHWC guessed from where the
 channels are, and said); with DATA_DIR, the file type comes from the files' extensions and two
-lists are written beside the config: one for calibration and, every fifth file, one held out
-for ``xquant compare``. What only the user can know (mean/std, colour order) is printed with
+lists are written beside the config: the calibration list, with every fifth file held back at
+its end (``calibration_step`` stops before them, so calibration never sees them and the report
+measures on them), and those held-back files alone for ``xquant compare``. What only the user can know (mean/std, colour order) is printed with
 the common presets. Nothing existing is overwritten.
 """
 
@@ -46,9 +47,10 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
         entry = {"input_name": value.name, "input_shape": shape, "dtype": dtype}
         described = f"input {value.name} {shape} {dtype}" + (f", {layout}" if layout else "")
         if value.name in lists:
-            kind, calib, held = lists[value.name]
+            kind, calib, held, used = lists[value.name]
             entry.update({"file_type": kind, "data_list_path": _ref(calib, out.parent)})
-            described += f": {kind} files, {_count(calib)} for calibration in {calib}, {_count(held)} held out in {held}"
+            described += (f": {kind} files, {used} for calibration then {_count(held)} held back in {calib} "
+                          f"(the report measures on those), the held-back ones alone in {held}")
             if kind == "img":
                 entry["color_format"] = "bgr"
                 todo.append(f"{value.name}: mean_value/std_value and color_format (now bgr, raw 0-255 values); "
@@ -61,7 +63,7 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
             todo.append(f"{value.name}: input_shape has unknown dims {shape}: give them")
         entries.append(entry)
         lines.append(described)
-    steps = max((_count(lists[name][1]) for name in lists), default=100)
+    steps = max((lists[name][3] for name in lists), default=100)
     config = {"model_parameters": {"onnx_model": _ref(Path(model_path), out.parent),
                                    "working_dir": "output"},
               "calibration_parameters": {"calibration_step": steps, "calibration_device": "cpu",
@@ -91,8 +93,9 @@ def _layout(shape: list) -> str:
     return "layout not clear from the shape"
 
 
-def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str, Path, Path]]:
-    """Per input: file type, calibration list, held-out list (written beside the config). One
+def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str, Path, Path, int]]:
+    """Per input: file type, calibration list (held-back files last), held-out list (written beside
+    the config), how many files calibrate. One
     input reads DATA_DIR itself; several read DATA_DIR/<input name>/ where it exists."""
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give the folder of calibration samples")
@@ -118,11 +121,11 @@ def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str,
         kept = [path for index, path in enumerate(files)
                 if index % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1 or len(files) < HOLD_OUT_EVERY]
         held_out = [path for path in files if path not in kept]
-        for path, members in ((calib, kept), (held, held_out)):
+        for path, members in ((calib, kept + held_out), (held, held_out)):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(f"{_ref(member, path.parent)}\n"
                                     for member in members), encoding="utf-8")
-        found[name] = (kind, calib, held)
+        found[name] = (kind, calib, held, len(kept))
     return found
 
 
