@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up from scratch and run the test suite.
+# Set up from scratch, lint (ruff, mypy) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/lint.sh
 .venv/bin/python -m pytest -q "$@"

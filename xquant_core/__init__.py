@@ -13,7 +13,6 @@ if not _os.environ.get("ORT_DISABLE_TELEMETRY"):
     _os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 from ._version import __version__
-
 from .hookspecs import hookimpl
 
 __all__ = ["__version__", "hookimpl", "quantize_onnx_model"]

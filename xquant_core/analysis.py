@@ -140,8 +140,9 @@ class _QdqGraph:
         float_constants = {init.name for init in fgraph.initializer}
         float_constants |= {out for node in fgraph.node if node.op_type == "Constant" for out in node.output}
         self.float_constants = float_constants
-        self.float_names = ({value.name for value in fgraph.input} | {out for node in fgraph.node
-                                                                     for out in node.output if out})
+        self.float_names = {value.name for value in fgraph.input} | {
+            out for node in fgraph.node for out in node.output if out
+        }
         self.float_names -= float_constants
 
     def _node(self, name: str) -> onnx.NodeProto | None:
@@ -233,8 +234,11 @@ class _QdqGraph:
             for name in node.output:
                 if not name:
                     continue
-                leaves = (name in self.graph_outputs or self.forward_dq(name) in self.graph_outputs
-                          or any(c not in members for c in self.consumer_nodes(name)))
+                leaves = (
+                    name in self.graph_outputs
+                    or self.forward_dq(name) in self.graph_outputs
+                    or any(c not in members for c in self.consumer_nodes(name))
+                )
                 var = self.float_name(name)
                 if leaves and var is not None and var not in outputs:
                     outputs.append(var)
@@ -249,8 +253,9 @@ class _QdqGraph:
         return index
 
 
-def quantized_ops(quant_model: onnx.ModelProto, float_model: onnx.ModelProto,
-                  index: _QdqGraph | None = None) -> list[QuantizedOp]:
+def quantized_ops(
+    quant_model: onnx.ModelProto, float_model: onnx.ModelProto, index: _QdqGraph | None = None
+) -> list[QuantizedOp]:
     """The quantized ops of ``quant_model`` in graph order, with their probes."""
     index = index or _QdqGraph(quant_model, float_model)
     ops = []
@@ -275,8 +280,16 @@ def quantized_ops(quant_model: onnx.ModelProto, float_model: onnx.ModelProto,
             if after is not None:
                 raw_outputs.append(Probe(name, var))
         if inputs or outputs:
-            ops.append(QuantizedOp(position, node.name or f"node_{position}", node.op_type,
-                                   tuple(inputs), tuple(outputs), tuple(raw_outputs)))
+            ops.append(
+                QuantizedOp(
+                    position,
+                    node.name or f"node_{position}",
+                    node.op_type,
+                    tuple(inputs),
+                    tuple(outputs),
+                    tuple(raw_outputs),
+                )
+            )
     return ops
 
 
@@ -347,8 +360,17 @@ class _Accumulator:
             cosine = 1.0 if self.f2 == self.q2 else 0.0
         samples = np.concatenate(self.samples) if self.samples else np.zeros(0, np.float32)
         histogram = _histogram(samples, self.f_min, self.f_max)
-        return TensorStats(snr, self.d2 / max(self.count, 1), cosine, self.q_min, self.q_max,
-                           self.f_min, self.f_max, histogram, self.count)
+        return TensorStats(
+            snr,
+            self.d2 / max(self.count, 1),
+            cosine,
+            self.q_min,
+            self.q_max,
+            self.f_min,
+            self.f_max,
+            histogram,
+            self.count,
+        )
 
 
 def _histogram(values: np.ndarray, low: float, high: float) -> tuple[int, ...]:
@@ -494,8 +516,12 @@ def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
         scale = np.where(f_c > 0, rf_c / f_c, 1.0)
         residual = np.where(r_c > 0, (r_c - 2 * scale * rf_c + scale * scale * f_c) / r_c, 1.0)
     support = np.count_nonzero(f, axis=axes)
-    good = ((support >= RESCALE_MIN_VALUES) & (r_c > 0) & (residual < RESCALE_FIT)
-            & ((scale > RESCALE_MIN_FACTOR) | ((scale > 0) & (scale < 1 / RESCALE_MIN_FACTOR))))
+    good = (
+        (support >= RESCALE_MIN_VALUES)
+        & (r_c > 0)
+        & (residual < RESCALE_FIT)
+        & ((scale > RESCALE_MIN_FACTOR) | ((scale > 0) & (scale < 1 / RESCALE_MIN_FACTOR)))
+    )
     if np.count_nonzero(good) < 2:  # one channel alone is no evidence of equalization
         return None
     shape = [1] * f.ndim
@@ -503,9 +529,15 @@ def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
     return np.where(good, scale, 1.0).reshape(shape).astype(np.float32)
 
 
-def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
-            batches: Sequence[dict[str, np.ndarray]], *, max_batches: int = DEFAULT_MAX_BATCHES,
-            max_elements: int = DEFAULT_MAX_ELEMENTS, time_budget: float | None = None) -> Measurement:
+def measure(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    time_budget: float | None = None,
+) -> Measurement:
     """Run both models on the batches and compare every probe of every quantized op.
 
     ``time_budget``: seconds; after the first batch, stop before a batch that would exceed
@@ -516,8 +548,9 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
         raise ValueError("no calibration batches to analyse")
     graph = _QdqGraph(quant_model, float_model)
     ops = quantized_ops(quant_model, float_model, graph)
-    probes = sorted({probe for op in ops for probe in op.inputs + op.outputs + op.raw_outputs},
-                    key=lambda p: (p.var, p.quant))
+    probes = sorted(
+        {probe for op in ops for probe in op.inputs + op.outputs + op.raw_outputs}, key=lambda p: (p.var, p.quant)
+    )
     model_outputs = [value.name for value in float_model.graph.output]
     quant_outputs = {value.name for value in quant_model.graph.output}
     model_outputs = [name for name in model_outputs if name in quant_outputs]
@@ -552,8 +585,14 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
             if probe in skipped:
                 continue
             f, q = f_values.get(probe.var), q_values.get(probe.quant)
-            if (f is None or q is None or f.shape != q.shape or f.size == 0
-                    or not np.issubdtype(f.dtype, np.floating) or not np.issubdtype(q.dtype, np.floating)):
+            if (
+                f is None
+                or q is None
+                or f.shape != q.shape
+                or f.size == 0
+                or not np.issubdtype(f.dtype, np.floating)
+                or not np.issubdtype(q.dtype, np.floating)
+            ):
                 skipped.add(probe)
                 continue
             if probe in scales:
@@ -567,26 +606,44 @@ def measure(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
         per_batch = time.perf_counter() - batch_started
         elapsed = time.perf_counter() - started
         if time_budget is not None and used < planned and elapsed + per_batch > time_budget:
-            notes.append(f"stopped after {used} of {planned} batches to stay within the time budget "
-                         f"({time_budget:.1f} s)")
+            notes.append(
+                f"stopped after {used} of {planned} batches to stay within the time budget ({time_budget:.1f} s)"
+            )
             break
     row_probes = {p for op in ops for p in op.inputs + op.outputs}
     rescaled = {p.var for p in row_probes if p in scales}
     if rescaled:
-        notes.append(f"{len(rescaled)} tensor(s) have channels rescaled by cross-layer equalization: they are "
-                     "compared with the float tensor in the equalized scale (F columns too)")
+        notes.append(
+            f"{len(rescaled)} tensor(s) have channels rescaled by cross-layer equalization: they are "
+            "compared with the float tensor in the equalized scale (F columns too)"
+        )
     skipped_rows = row_probes & skipped
     if skipped_rows:
         notes.append(f"{len(skipped_rows)} tensor(s) not compared (not float, or shapes differ between the models)")
     stats = {probe: acc.result() for probe, acc in accumulators.items() if probe not in skipped and acc.count}
     outputs = {name: acc.result() for name, acc in output_accumulators.items() if acc.count}
-    return Measurement(graph, ops, stats, outputs, used, len(batches), max_elements,
-                       time.perf_counter() - started, notes, f"{used} calibration batch(es)")
+    return Measurement(
+        graph,
+        ops,
+        stats,
+        outputs,
+        used,
+        len(batches),
+        max_elements,
+        time.perf_counter() - started,
+        notes,
+        f"{used} calibration batch(es)",
+    )
 
 
-def held_back_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
-                      held_back: Iterable[dict[str, np.ndarray]], count: int, keep: int,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS):
+def held_back_outputs(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    held_back: Iterable[dict[str, np.ndarray]],
+    count: int,
+    keep: int,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+):
     """Every held-back sample through both models, once: the outputs' statistics over every
     element, and ``keep`` of the samples spread over them with the float model's outputs (for
     the "Next step" candidates). ``count``: how many samples ``held_back`` yields."""
@@ -666,8 +723,7 @@ class Suggestion:
     clipped: Probe | None = None  # an output (cause "output") or input whose INT8 range clips the float range
 
     def custom_setting(self) -> dict[str, Any]:
-        return {"input_names": list(self.input_names), "output_names": list(self.output_names),
-                "precision_level": 3}
+        return {"input_names": list(self.input_names), "output_names": list(self.output_names), "precision_level": 3}
 
 
 def _clips(stats: TensorStats, factor: float = 1.5) -> bool:
@@ -710,8 +766,13 @@ def suggest(measurement: Measurement, limit: int = MAX_SUGGESTIONS) -> list[Sugg
         node = graph.nodes[op.index]
         seeds = {op.index}
         if cause == "input":
-            seeds.update(i for name in node.input if name and not graph.is_constant(name)
-                         for i in [graph.origin_node(name)] if i is not None)
+            seeds.update(
+                i
+                for name in node.input
+                if name and not graph.is_constant(name)
+                for i in [graph.origin_node(name)]
+                if i is not None
+            )
         else:
             seeds.update(i for name in node.output if name for i in graph.consumer_nodes(name))
         members, inputs, outputs = graph.subgraph(seeds)
@@ -777,41 +838,69 @@ def _explain(suggestion: Suggestion, stats: dict[Probe, TensorStats]) -> str:
     clipped = suggestion.clipped
     if clipped is not None:
         s = stats[clipped]
-        text += (f" The INT8 range of {_cell(clipped.var)} [{_num(s.q_min)}, {_num(s.q_max)}] clips its float "
-                 f"range [{_num(s.f_min)}, {_num(s.f_max)}]: the same entry with `\"calibration_type\": "
-                 "\"minmax\"` instead of `precision_level` may fix it and keep INT8.")
+        text += (
+            f" The INT8 range of {_cell(clipped.var)} [{_num(s.q_min)}, {_num(s.q_max)}] clips its float "
+            f'range [{_num(s.f_min)}, {_num(s.f_max)}]: the same entry with `"calibration_type": '
+            '"minmax"` instead of `precision_level` may fix it and keep INT8.'
+        )
     elif suggestion.cause == "input":
-        text += (" Their rounding step is too coarse for this op (a rare outlier that sets the step shows "
-                 "here, in the consumer, not in the tensor itself, whose power the outlier dominates).")
+        text += (
+            " Their rounding step is too coarse for this op (a rare outlier that sets the step shows "
+            "here, in the consumer, not in the tensor itself, whose power the outlier dominates)."
+        )
     return text
 
 
-def _measured_next_step(measurement: Measurement, rows: list[Row], candidates: Sequence[fallback.Candidate],
-                        baseline: float | None) -> list[str]:
+def _measured_next_step(
+    measurement: Measurement, rows: list[Row], candidates: Sequence[fallback.Candidate], baseline: float | None
+) -> list[str]:
     best = candidates[0]
     now = f"{_num(baseline)} now" if baseline is not None else "as exported"
-    lines = [f"Each subgraph below was kept in float (the same calibration; `float_after_calibration`) and the "
-             f"model run with onnxruntime on {measurement.candidates_on}: "
-             f"the mean SNR of its outputs against the float model ({now}), lowest first.", ""]
+    lines = [
+        f"Each subgraph below was kept in float (the same calibration; `float_after_calibration`) and the "
+        f"model run with onnxruntime on {measurement.candidates_on}: "
+        f"the mean SNR of its outputs against the float model ({now}), lowest first.",
+        "",
+    ]
     lines += _table(
         ["#", "keep in float", "proposed as", "ops in float (Conv/MatMul/Gemm)", "output SNR", "change"],
-        ([str(number), f"{', '.join(_cell(n) for n in c.proposal.input_names)} -> "
-                       f"{', '.join(_cell(n) for n in c.proposal.output_names)}", c.proposal.why,
-          f"{c.ops} ({c.compute_ops})", _num(c.error),
-          f"{(c.error - baseline) / baseline:+.0%}" if baseline else ""]
-         for number, c in enumerate(candidates, 1)),
-        ["--:", "---", "---", "--:", "--:", "--:"])
+        (
+            [
+                str(number),
+                f"{', '.join(_cell(n) for n in c.proposal.input_names)} -> "
+                f"{', '.join(_cell(n) for n in c.proposal.output_names)}",
+                c.proposal.why,
+                f"{c.ops} ({c.compute_ops})",
+                _num(c.error),
+                f"{(c.error - baseline) / baseline:+.0%}" if baseline else "",
+            ]
+            for number, c in enumerate(candidates, 1)
+        ),
+        ["--:", "---", "---", "--:", "--:", "--:"],
+    )
     if baseline is not None and not best.error < baseline:
-        lines += ["", "None of them lowers the output error: keeping ops in float will not help this model; "
-                      "try another `calibration_type` or more calibration samples."]
+        lines += [
+            "",
+            "None of them lowers the output error: keeping ops in float will not help this model; "
+            "try another `calibration_type` or more calibration samples.",
+        ]
         return lines
-    lines += ["", f"To keep #1 in float, add this to `quantization_parameters` in the config (merge with an "
-                  f"existing `custom_setting` list) and quantize again:", "", "```json",
-              json.dumps({"custom_setting": [best.custom_setting()]}, indent=2)[1:-1].strip("\n"), "```"]
+    lines += [
+        "",
+        "To keep #1 in float, add this to `quantization_parameters` in the config (merge with an "
+        "existing `custom_setting` list) and quantize again:",
+        "",
+        "```json",
+        json.dumps({"custom_setting": [best.custom_setting()]}, indent=2)[1:-1].strip("\n"),
+        "```",
+    ]
     if rows and rows[0].probe.var not in best.proposal.output_names + best.proposal.input_names:
-        lines += ["", f"Why not the worst tensor ({_cell(rows[0].probe.var)})? Errors add up along the graph: the "
-                      "tensor where the error is largest mostly carries what earlier ops added, so keeping its own "
-                      "op in float buys little. The table measures what each fallback buys."]
+        lines += [
+            "",
+            f"Why not the worst tensor ({_cell(rows[0].probe.var)})? Errors add up along the graph: the "
+            "tensor where the error is largest mostly carries what earlier ops added, so keeping its own "
+            "op in float buys little. The table measures what each fallback buys.",
+        ]
     return lines
 
 
@@ -820,48 +909,75 @@ def verdict(measurement: Measurement) -> str:
     bad = [(name, out) for name, out in measurement.outputs.items() if out.flagged]
     if bad:
         name, out = max(bad, key=lambda item: item[1].snr)
-        return (f"The model needs attention: its output {_cell(name)} departs from float (SNR {_num(out.snr)}, "
-                f"cosine {_cos(out.cosine)}; flagged above SNR {FLAG_SNR} or below cosine {FLAG_COSINE}).")
-    return (f"By its outputs the model is close to float (every output SNR <= {FLAG_SNR}, cosine >= "
-            f"{FLAG_COSINE}): flagged tensors inside it are no reason to act by themselves; check the task "
-            "metric on your own data (`xquant compare`).")
+        return (
+            f"The model needs attention: its output {_cell(name)} departs from float (SNR {_num(out.snr)}, "
+            f"cosine {_cos(out.cosine)}; flagged above SNR {FLAG_SNR} or below cosine {FLAG_COSINE})."
+        )
+    return (
+        f"By its outputs the model is close to float (every output SNR <= {FLAG_SNR}, cosine >= "
+        f"{FLAG_COSINE}): flagged tensors inside it are no reason to act by themselves; check the task "
+        "metric on your own data (`xquant compare`)."
+    )
 
 
-def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list[Suggestion],
-                    settings: dict, quantize_seconds: float, analysis_seconds: float, chart_name: str,
-                    title: str, sections: Sequence[str] = (),
-                    candidates: Sequence[fallback.Candidate] | None = None, baseline: float | None = None) -> str:
+def render_markdown(
+    measurement: Measurement,
+    rows: list[Row],
+    suggestions: list[Suggestion],
+    settings: dict,
+    quantize_seconds: float,
+    analysis_seconds: float,
+    chart_name: str,
+    title: str,
+    sections: Sequence[str] = (),
+    candidates: Sequence[fallback.Candidate] | None = None,
+    baseline: float | None = None,
+) -> str:
     stats = measurement.stats
     flagged = sum(1 for row in rows if row.stats.flagged)
     tensors = len(stats)
     lines = [f"# Quantization analysis: {title}", ""]
-    lines.append("SNR is the noise-to-signal power ratio sum((q - f)^2) / sum(f^2) of the INT8 model's "
-                 "tensor q against the float model's f: **lower is better, not decibels**. Errors are "
-                 "cumulative (the whole INT8 graph against the whole float graph), measured with "
-                 f"onnxruntime on the exported model. Flagged: SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}.")
+    lines.append(
+        "SNR is the noise-to-signal power ratio sum((q - f)^2) / sum(f^2) of the INT8 model's "
+        "tensor q against the float model's f: **lower is better, not decibels**. Errors are "
+        "cumulative (the whole INT8 graph against the whole float graph), measured with "
+        f"onnxruntime on the exported model. Flagged: SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}."
+    )
     lines += ["", "## Summary", "", verdict(measurement), ""]
     for name, out in measurement.outputs.items():
         flag = f" **flagged ({out.flags})**" if out.flagged else ""
-        lines.append(f"- Model output {_cell(name)}: SNR {_num(out.snr)}, cosine {_cos(out.cosine)}{flag} "
-                     f"(every element, {measurement.outputs_on})")
-    lines.append(f"- Flagged tensors: {flagged} of {tensors} (in {len(rows)} rows: a tensor is a row "
-                 "for its producer and for each consumer)")
+        lines.append(
+            f"- Model output {_cell(name)}: SNR {_num(out.snr)}, cosine {_cos(out.cosine)}{flag} "
+            f"(every element, {measurement.outputs_on})"
+        )
+    lines.append(
+        f"- Flagged tensors: {flagged} of {tensors} (in {len(rows)} rows: a tensor is a row "
+        "for its producer and for each consumer)"
+    )
     if rows:
         worst = rows[0]
-        lines.append(f"- Worst: {_cell(worst.op.label)} {worst.role} {_cell(worst.probe.var)}: "
-                     f"SNR {_num(worst.stats.snr)}, cosine {_cos(worst.stats.cosine)}")
+        lines.append(
+            f"- Worst: {_cell(worst.op.label)} {worst.role} {_cell(worst.probe.var)}: "
+            f"SNR {_num(worst.stats.snr)}, cosine {_cos(worst.stats.cosine)}"
+        )
     fraction = analysis_seconds / quantize_seconds if quantize_seconds > 0 else math.nan
-    lines.append(f"- Time: analysis {analysis_seconds:.2f} s = {fraction:.0%} of the quantization time "
-                 f"({quantize_seconds:.2f} s); {measurement.batches_used} of {measurement.batches_given} "
-                 f"calibration batch(es), every element compared (histograms of at most {measurement.max_elements}) "
-                 f"(budget: {DEFAULT_MAX_BATCHES} batches, {TIME_FRACTION:.0%} of the quantization time "
-                 "after the first batch)")
+    lines.append(
+        f"- Time: analysis {analysis_seconds:.2f} s = {fraction:.0%} of the quantization time "
+        f"({quantize_seconds:.2f} s); {measurement.batches_used} of {measurement.batches_given} "
+        f"calibration batch(es), every element compared (histograms of at most {measurement.max_elements}) "
+        f"(budget: {DEFAULT_MAX_BATCHES} batches, {TIME_FRACTION:.0%} of the quantization time "
+        "after the first batch)"
+    )
     for note in measurement.notes:
         lines.append(f"- Note: {note}")
     lines += ["", "### Settings", ""]
-    lines += _table(["setting", "value"],
-                    ([_cell(str(key)), _cell(json.dumps(value) if not isinstance(value, str) else value)]
-                     for key, value in settings.items()))
+    lines += _table(
+        ["setting", "value"],
+        (
+            [_cell(str(key)), _cell(json.dumps(value) if not isinstance(value, str) else value)]
+            for key, value in settings.items()
+        ),
+    )
     if sections:
         lines += [""] + list(sections)
     lines += ["", "## Next step", ""]
@@ -869,44 +985,85 @@ def render_markdown(measurement: Measurement, rows: list[Row], suggestions: list
         lines += _measured_next_step(measurement, rows, candidates, baseline)
     elif suggestions:
         if flagged:
-            lines.append("The error jumps most in the subgraph(s) below. If the model's accuracy is not good "
-                         "enough, keep them in float: add this to `quantization_parameters` in the config "
-                         "(merge with an existing `custom_setting` list) and quantize again.")
+            lines.append(
+                "The error jumps most in the subgraph(s) below. If the model's accuracy is not good "
+                "enough, keep them in float: add this to `quantization_parameters` in the config "
+                "(merge with an existing `custom_setting` list) and quantize again."
+            )
         else:
-            lines.append("Nothing is flagged. If the model's accuracy is still not good enough, the subgraph "
-                         "where the error grows most is below; to keep it in float, add this to "
-                         "`quantization_parameters` in the config and quantize again.")
+            lines.append(
+                "Nothing is flagged. If the model's accuracy is still not good enough, the subgraph "
+                "where the error grows most is below; to keep it in float, add this to "
+                "`quantization_parameters` in the config and quantize again."
+            )
         lines.append("")
         for suggestion in suggestions:
-            lines.append(f"- {_explain(suggestion, measurement.stats)} Subgraph: "
-                         f"{', '.join(_cell(label) for label in suggestion.op_labels)}.")
+            lines.append(
+                f"- {_explain(suggestion, measurement.stats)} Subgraph: "
+                f"{', '.join(_cell(label) for label in suggestion.op_labels)}."
+            )
         snippet = json.dumps({"custom_setting": [s.custom_setting() for s in suggestions]}, indent=2)
         lines += ["", "```json", snippet[1:-1].strip("\n"), "```"]
     else:
         lines.append("No quantized op was measured: nothing to suggest.")
-    lines += ["", "## Per-op SNR along the graph", "",
-              f"![per-op SNR along the graph, worst ops labelled]({chart_name})", "",
-              "## Tensors, worst first", ""]
-    header = ["#", "Op", "Var", "I/O", "SNR", "MSE", "Cosine", "Q min", "Q max", "F min", "F max",
-              "F histogram", "Flag"]
+    lines += [
+        "",
+        "## Per-op SNR along the graph",
+        "",
+        f"![per-op SNR along the graph, worst ops labelled]({chart_name})",
+        "",
+        "## Tensors, worst first",
+        "",
+    ]
+    header = [
+        "#",
+        "Op",
+        "Var",
+        "I/O",
+        "SNR",
+        "MSE",
+        "Cosine",
+        "Q min",
+        "Q max",
+        "F min",
+        "F max",
+        "F histogram",
+        "Flag",
+    ]
     align = ["--:", "---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"]
     body = []
     for number, row in enumerate(rows, 1):
         s = row.stats
-        body.append([str(number), _cell(row.op.label), _cell(row.probe.var),
-                     "out" if row.role == "output" else "in", _num(s.snr), _num(s.mse), _cos(s.cosine),
-                     _num(s.q_min), _num(s.q_max), _num(s.f_min), _num(s.f_max), f"`{sparkline(s.histogram)}`",
-                     f"**{s.flags}**" if s.flags else ""])
+        body.append(
+            [
+                str(number),
+                _cell(row.op.label),
+                _cell(row.probe.var),
+                "out" if row.role == "output" else "in",
+                _num(s.snr),
+                _num(s.mse),
+                _cos(s.cosine),
+                _num(s.q_min),
+                _num(s.q_max),
+                _num(s.f_min),
+                _num(s.f_max),
+                f"`{sparkline(s.histogram)}`",
+                f"**{s.flags}**" if s.flags else "",
+            ]
+        )
     lines += _table(header, body, align)
-    legend = (f"F histogram: {HISTOGRAM_BINS} bins from F min to F max of the float tensor, log scale "
-              f"(`{_SPARK_EMPTY}` = empty bin); SNR, MSE, cosine, min and max over all "
-              "elements of the batches used.")
+    legend = (
+        f"F histogram: {HISTOGRAM_BINS} bins from F min to F max of the float tensor, log scale "
+        f"(`{_SPARK_EMPTY}` = empty bin); SNR, MSE, cosine, min and max over all "
+        "elements of the batches used."
+    )
     lines += ["", legend, ""]
     return "\n".join(lines)
 
 
-def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (1200, 760),
-                 float_ops: Iterable[str] = ()) -> np.ndarray:
+def render_chart(
+    measurement: Measurement, title: str, size: tuple[int, int] = (1200, 760), float_ops: Iterable[str] = ()
+) -> np.ndarray:
     """A BGR image of what the flags use, per quantized op in graph order: SNR (top panel) and
     1 - cosine (bottom), both log scale, each with its flag threshold dashed; flagged ops red,
     the worst ops numbered and named below; ``float_ops`` (the Next step's #1) shaded green."""
@@ -916,8 +1073,9 @@ def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (
     image = np.full((height, width, 3), 255, np.uint8)
     ops = [op for op in measurement.ops if any(p in measurement.stats for p in op.inputs + op.outputs)]
     snr = [op_snr(op, measurement.stats) for op in ops]
-    gap = [1.0 - min(measurement.stats[p].cosine for p in op.inputs + op.outputs if p in measurement.stats)
-           for op in ops]
+    gap = [
+        1.0 - min(measurement.stats[p].cosine for p in op.inputs + op.outputs if p in measurement.stats) for op in ops
+    ]
     left, right, top = 80, 20, 70
     legend_h = 50 + 22 * CHART_LABELS
     panel_h = (height - top - legend_h - 44) // 2
@@ -941,10 +1099,11 @@ def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (
 
         for i, op in enumerate(ops):  # the Next step's #1 behind the bars
             if op.name in float_ops:
-                cv2.rectangle(image, (int(left + i * step), y0), (int(left + (i + 1) * step), y0 + panel_h),
-                              (200, 235, 200), -1)
+                cv2.rectangle(
+                    image, (int(left + i * step), y0), (int(left + (i + 1) * step), y0 + panel_h), (200, 235, 200), -1
+                )
         for exponent in range(low, high + 1):
-            y = y_of(10.0 ** exponent)
+            y = y_of(10.0**exponent)
             cv2.line(image, (left, y), (left + plot_w, y), (225, 225, 225), 1)
             text(f"1e{exponent}", (8, y + 5))
         text(name, (left + 6, y0 + 14), 0.5, (0, 0, 0))
@@ -962,8 +1121,13 @@ def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (
 
     text(f"Per-op error along the graph (cumulative, lower is better): {title}"[:110], (left, 28), 0.6)
     shaded = "; green: kept in float by the Next step's #1" if float_ops & {op.name for op in ops} else ""
-    text(f"red: flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}); dashed: the thresholds; bar: the op's "
-         f"worst tensor{shaded}", (left, 52), 0.45, (0, 0, 200))
+    text(
+        f"red: flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}); dashed: the thresholds; bar: the op's "
+        f"worst tensor{shaded}",
+        (left, 52),
+        0.45,
+        (0, 0, 200),
+    )
     snr_y = panel(snr, top, "SNR", FLAG_SNR)
     panel(gap, top + panel_h + 24, "1 - cosine", 1.0 - FLAG_COSINE)
     bottom = top + 2 * panel_h + 24
@@ -972,8 +1136,10 @@ def render_chart(measurement: Measurement, title: str, size: tuple[int, int] = (
     for rank, i in enumerate(worst, 1):
         x = int(left + (i + 0.5) * step)
         text(str(rank), (x - 4, max(top + 12, snr_y(snr[i]) - 6)), 0.5, (0, 0, 0), 2)
-        text(f"{rank}: {ops[i].label}  SNR {_num(snr[i])}  cosine {_cos(1.0 - gap[i])}"[:140],
-             (left, bottom + 44 + 22 * (rank - 1)))
+        text(
+            f"{rank}: {ops[i].label}  SNR {_num(snr[i])}  cosine {_cos(1.0 - gap[i])}"[:140],
+            (left, bottom + 44 + 22 * (rank - 1)),
+        )
     return image
 
 
@@ -982,58 +1148,92 @@ def _ascii(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def summary_lines(measurement: Measurement, rows: list[Row], report_path: Path, quantize_seconds: float,
-                  analysis_seconds: float, candidates: Sequence[fallback.Candidate] | None = None,
-                  baseline: float | None = None) -> list[str]:
+def summary_lines(
+    measurement: Measurement,
+    rows: list[Row],
+    report_path: Path,
+    quantize_seconds: float,
+    analysis_seconds: float,
+    candidates: Sequence[fallback.Candidate] | None = None,
+    baseline: float | None = None,
+) -> list[str]:
     lines = [f"analysis: {verdict(measurement)}".replace("`", "")]
-    outputs = ", ".join(f"{name} SNR {_num(s.snr)} cosine {_cos(s.cosine)}"
-                        for name, s in measurement.outputs.items())
+    outputs = ", ".join(f"{name} SNR {_num(s.snr)} cosine {_cos(s.cosine)}" for name, s in measurement.outputs.items())
     if outputs:
         lines.append(f"analysis: model output {outputs} on {measurement.outputs_on} (SNR: lower is better)")
     flagged = sum(1 for row in rows if row.stats.flagged)
-    lines.append(f"analysis: {flagged} of {len(measurement.stats)} tensors flagged "
-                 f"(SNR > {FLAG_SNR} or cosine < {FLAG_COSINE})")
+    lines.append(
+        f"analysis: {flagged} of {len(measurement.stats)} tensors flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE})"
+    )
     if rows:
         worst = rows[0]
-        lines.append(f"analysis: worst {worst.op.label} {worst.probe.var}: SNR {_num(worst.stats.snr)}, "
-                     f"cosine {_cos(worst.stats.cosine)}")
+        lines.append(
+            f"analysis: worst {worst.op.label} {worst.probe.var}: SNR {_num(worst.stats.snr)}, "
+            f"cosine {_cos(worst.stats.cosine)}"
+        )
     hint = "; a custom_setting to keep the worst subgraph in float is in it" if flagged else ""
     if candidates and baseline is not None and candidates[0].error < baseline:
         best = candidates[0]
-        lines.append(f"analysis: keeping {', '.join(best.proposal.input_names)} -> "
-                     f"{', '.join(best.proposal.output_names)} in float ({best.ops} ops) measured mean output SNR "
-                     f"{_num(baseline)} -> {_num(best.error)}")
+        lines.append(
+            f"analysis: keeping {', '.join(best.proposal.input_names)} -> "
+            f"{', '.join(best.proposal.output_names)} in float ({best.ops} ops) measured mean output SNR "
+            f"{_num(baseline)} -> {_num(best.error)}"
+        )
         hint = "; its custom_setting is in it"
     lines.append(f"analysis: report {report_path}{hint}")
     fraction = analysis_seconds / quantize_seconds if quantize_seconds > 0 else math.nan
-    lines.append(f"analysis: took {analysis_seconds:.1f} s = {fraction:.0%} of the quantization time "
-                 f"({quantize_seconds:.1f} s)")
+    lines.append(
+        f"analysis: took {analysis_seconds:.1f} s = {fraction:.0%} of the quantization time ({quantize_seconds:.1f} s)"
+    )
     return lines
 
 
-def summary_figures(measurement: Measurement, rows: list[Row], candidates: Sequence[fallback.Candidate] | None,
-                    baseline: float | None, analysis_seconds: float) -> dict[str, Any]:
+def summary_figures(
+    measurement: Measurement,
+    rows: list[Row],
+    candidates: Sequence[fallback.Candidate] | None,
+    baseline: float | None,
+    analysis_seconds: float,
+) -> dict[str, Any]:
     """The summary's figures for scripts (``--summary-json``): what the console lines say, as numbers."""
     worst = rows[0] if rows else None
     return {
         "verdict": verdict(measurement).replace("`", ""),
         "needs_attention": any(out.flagged for out in measurement.outputs.values()),
-        "outputs": {name: {"snr": _json_number(out.snr), "cosine": _json_number(out.cosine)}
-                    for name, out in measurement.outputs.items()},
+        "outputs": {
+            name: {"snr": _json_number(out.snr), "cosine": _json_number(out.cosine)}
+            for name, out in measurement.outputs.items()
+        },
         "batches": measurement.batches_used,
         "outputs_measured_on": measurement.outputs_on,
         "tensors_flagged": sum(1 for row in rows if row.stats.flagged),
         "tensors": len(measurement.stats),
-        "worst": None if worst is None else {"op": worst.op.label, "tensor": worst.probe.var,
-                                             "snr": _json_number(worst.stats.snr), "cosine": _json_number(worst.stats.cosine)},
-        "next_step": None if candidates is None else {
+        "worst": None
+        if worst is None
+        else {
+            "op": worst.op.label,
+            "tensor": worst.probe.var,
+            "snr": _json_number(worst.stats.snr),
+            "cosine": _json_number(worst.stats.cosine),
+        },
+        "next_step": None
+        if candidates is None
+        else {
             "mean_output_snr_now": baseline,
             "batches": candidates[0].batches if candidates else 0,
             "measured_on": measurement.candidates_on,
-            "candidates": [{**c.custom_setting(), "proposed_as": c.proposal.why, "ops": c.ops,
-                            "compute_ops": c.compute_ops, "mean_output_snr": _json_number(c.error),
-                            "output_snr": {name: _json_number(v) for name, v in c.output_errors.items()}}
-                           for c in candidates]},
+            "candidates": [
+                {
+                    **c.custom_setting(),
+                    "proposed_as": c.proposal.why,
+                    "ops": c.ops,
+                    "compute_ops": c.compute_ops,
+                    "mean_output_snr": _json_number(c.error),
+                    "output_snr": {name: _json_number(v) for name, v in c.output_errors.items()},
+                }
+                for c in candidates
+            ],
+        },
         "seconds": analysis_seconds,
     }
 
@@ -1046,21 +1246,30 @@ class Report:
     figures: dict[str, Any]
 
 
-def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
-                 report_path: Path, settings: dict, quantize_seconds: float,
-                 sections: Sequence[str] = (), trial: fallback.Trial | None = None,
-                 progress: Any = None, held_back: Sequence[dict[str, np.ndarray]] | None = None) -> Report:
+def write_report(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    batches: list[dict[str, np.ndarray]],
+    report_path: Path,
+    settings: dict,
+    quantize_seconds: float,
+    sections: Sequence[str] = (),
+    trial: fallback.Trial | None = None,
+    progress: Any = None,
+    held_back: Sequence[dict[str, np.ndarray]] | None = None,
+) -> Report:
     """Measure the exported QDQ model against the float model; write the report and its chart.
 
     ``float_model`` is the model that was quantized (after onnxsim), ``quant_model`` the
     exported QDQ model, ``batches`` calibration batches ``{input_name: array}`` (at most
     :data:`DEFAULT_MAX_BATCHES` are used). Writes ``report_path`` (Markdown) and
     ``report_path.with_suffix('.png')`` (the chart), each atomically, and returns the
-    summary lines for the console and the summary's figures (:func:`summary_figures`). Neither model is modified. Raises on failure: the
-    caller decides (the pipeline warns and keeps the quantized model). ``sections`` are
-    Markdown lines added after the settings (e.g. the auto-precision result). With ``trial``
-    (the engine's quantized graph), the "Next step" measures its float-fallback candidates
-    (:mod:`xquant_core.fallback`); without it, it lists the unmeasured growth suggestions.
+    summary lines for the console and the summary's figures (:func:`summary_figures`).
+    Neither model is modified. Raises on failure: the caller decides (the pipeline warns and
+    keeps the quantized model). ``sections`` are Markdown lines added after the settings (e.g.
+    the auto-precision result). With ``trial`` (the engine's quantized graph), the "Next step"
+    measures its float-fallback candidates (:mod:`xquant_core.fallback`); without it, it lists
+    the unmeasured growth suggestions.
     ``held_back``: samples never calibrated on (listed after the first ``calibration_step``); when
     given, the model outputs' figures and the candidates are measured on them, not on ``batches``.
     """
@@ -1077,40 +1286,64 @@ def write_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, bat
     measurement.candidates_on = f"{len(used)} calibration batch(es) spread over the list"
     if held_back:
         measurement.outputs, used, reference = held_back_outputs(
-            float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES)
+            float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES
+        )
         total = getattr(held_back, "total", len(held_back))
-        measurement.outputs_on = (f"{len(held_back)} held-back sample(s)"
-                                  + (f" spread over the {total} listed" if total > len(held_back) else ""))
-        measurement.candidates_on = (f"{len(used)} held-back sample(s) (listed after the first calibration_step: "
-                                     "never calibrated on)")
+        measurement.outputs_on = f"{len(held_back)} held-back sample(s)" + (
+            f" spread over the {total} listed" if total > len(held_back) else ""
+        )
+        measurement.candidates_on = (
+            f"{len(used)} held-back sample(s) (listed after the first calibration_step: never calibrated on)"
+        )
     else:
-        measurement.notes.append("no sample is held back: the model outputs and the Next step are measured on "
-                                 "calibration batches; list more samples than calibration_step and the report "
-                                 "measures them on the rest, which calibration never saw")
+        measurement.notes.append(
+            "no sample is held back: the model outputs and the Next step are measured on "
+            "calibration batches; list more samples than calibration_step and the report "
+            "measures them on the rest, which calibration never saw"
+        )
     if trial is not None:
         reference = reference if reference is not None else fallback.model_outputs(float_model, used)
         baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
-        proposals = [fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
-                     for s in suggestions] + fallback.stem_proposals(float_model)
+        proposals = [
+            fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
+            for s in suggestions
+        ] + fallback.stem_proposals(float_model)
         bar = progress("analysis: float-fallback candidates", len(proposals)) if progress else None
-        candidates = fallback.measure_candidates(float_model, proposals, trial, used, reference,
-                                                 bar.update if bar is not None else None)
+        candidates = fallback.measure_candidates(
+            float_model, proposals, trial, used, reference, bar.update if bar is not None else None
+        )
         if bar is not None:
             bar.close()
     chart_path = report_path.with_suffix(".png")
     title = report_path.stem.removesuffix("_report")
     helps = candidates and (baseline is None or candidates[0].error < baseline)
-    image = render_chart(measurement, title, float_ops=candidates[0].op_names if helps else ())
+    image = render_chart(measurement, title, float_ops=candidates[0].op_names if candidates and helps else ())
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise RuntimeError("OpenCV could not encode the chart as PNG")
     write_bytes_atomically(chart_path, png.tobytes())
     analysis_seconds = time.perf_counter() - started
-    text = render_markdown(measurement, rows, suggestions, settings, quantize_seconds, analysis_seconds,
-                           chart_path.name, title, sections, candidates, baseline)
+    text = render_markdown(
+        measurement,
+        rows,
+        suggestions,
+        settings,
+        quantize_seconds,
+        analysis_seconds,
+        chart_path.name,
+        title,
+        sections,
+        candidates,
+        baseline,
+    )
     write_bytes_atomically(report_path, text.encode("utf-8"))
     lines = summary_lines(measurement, rows, report_path, quantize_seconds, analysis_seconds, candidates, baseline)
     figures = summary_figures(measurement, rows, candidates, baseline, analysis_seconds)
-    log.debug("analysis: %d ops, %d tensors, %d batches in %.2f s", len(measurement.ops),
-              len(measurement.stats), measurement.batches_used, analysis_seconds)
+    log.debug(
+        "analysis: %d ops, %d tensors, %d batches in %.2f s",
+        len(measurement.ops),
+        len(measurement.stats),
+        measurement.batches_used,
+        analysis_seconds,
+    )
     return Report(lines, figures)

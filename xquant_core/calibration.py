@@ -37,8 +37,14 @@ class TensorStatistics:
     consumers: tuple[str, ...] = ()
     is_graph_output: bool = False
 
+    def counts(self) -> np.ndarray:
+        """The histogram as float64 counts (an algorithm that reads it set ``needs_histogram``)."""
+        if self.histogram is None:
+            raise ValueError(f"no histogram was collected for {self.name}: set needs_histogram = True")
+        return self.histogram.astype(np.float64)
+
     def bin_edges(self) -> np.ndarray:
-        return np.linspace(self.min, self.max, len(self.histogram) + 1)
+        return np.linspace(self.min, self.max, len(self.counts()) + 1)
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class CalibrationAlgorithm(ABC):
 
 def percentile_range(stats: TensorStatistics, percentile: float) -> tuple[float, float]:
     """Clip range keeping ``percentile`` of the values on each side of the histogram."""
-    counts = stats.histogram.astype(np.float64)
+    counts = stats.counts()
     total = counts.sum()
     if total <= 0 or stats.max <= stats.min:
         return stats.min, stats.max

@@ -20,8 +20,9 @@ from .engine.forms import default_opset
 from .pipeline import prepare
 
 
-def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None,
-          output: str | os.PathLike | None = None) -> list[str]:
+def check(
+    cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None = None, output: str | os.PathLike | None = None
+) -> list[str]:
     """Run every check of :func:`xquant_core.pipeline.prepare` and read every sample; return the
     summary lines (raises the run's :class:`XQuantError` on the first problem)."""
     started = time.perf_counter()
@@ -30,8 +31,10 @@ def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None =
     opset = default_opset(prepared.float_model)
     compute = control_flow.count_quantized_ops(prepared.float_model)[1]
     where = os.path.normpath(prepared.model_path) if prepared.model_path else "given in memory"
-    lines = [f"model {where}: opset {opset}, {len(prepared.specs)} input(s), "
-             f"{len(graph.output)} output(s), {compute} Conv/ConvTranspose/Gemm/MatMul op(s)"]
+    lines = [
+        f"model {where}: opset {opset}, {len(prepared.specs)} input(s), "
+        f"{len(graph.output)} output(s), {compute} Conv/ConvTranspose/Gemm/MatMul op(s)"
+    ]
     dataset = prepared.dataset
     if dataset is None:
         lines.append("precision_level 3: dynamic quantization, no calibration data is read")
@@ -46,12 +49,17 @@ def check(cfg: XQuantConfig, model: str | os.PathLike | onnx.ModelProto | None =
                     high[name] = max(high[name], float(array.max()))
         for spec in prepared.specs:
             source = spec.config.preprocess_file
-            lines.append(f"input {spec.name} {list(spec.shape)} {spec.dtype}: {dataset.count} sample(s) from "
-                         f"{os.path.normpath(spec.config.data_list_path)} ({spec.config.file_type}, preprocess {source}), values "
-                         f"{low[spec.name]:.6g} .. {high[spec.name]:.6g}")
+            lines.append(
+                f"input {spec.name} {list(spec.shape)} {spec.dtype}: {dataset.count} sample(s) from "
+                f"{os.path.normpath(spec.config.data_list_path)} ({spec.config.file_type}, preprocess {source}), "
+                "values "
+                f"{low[spec.name]:.6g} .. {high[spec.name]:.6g}"
+            )
         if dataset.held_back_count:
-            lines.append(f"{dataset.held_back_count} more listed sample(s) held back: never calibrated on, the "
-                         "report measures the model outputs and its Next step on them")
+            lines.append(
+                f"{dataset.held_back_count} more listed sample(s) held back: never calibrated on, the "
+                "report measures the model outputs and its Next step on them"
+            )
     lines.append(f"output {prepared.out_path} can be written")
     lines.append(f"ok: ready to quantize ({time.perf_counter() - started:.1f} s)")
     return lines

@@ -1,5 +1,7 @@
-"""Command line: ``xquant -c cfg.json [-i in.onnx] [-o out.onnx] [--summary-json S.json]``,
-``xquant check``, ``xquant init``, ``xquant compare`` and ``xquant plugins``.
+"""The command line: quantize, check, init, compare, plugins.
+
+``xquant -c cfg.json [-i in.onnx] [-o out.onnx] [--summary-json S.json]``, ``xquant check``,
+``xquant init``, ``xquant compare`` and ``xquant plugins``.
 
 Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
 3 internal error (a bug: the log file has the traceback), 130 interrupted.
@@ -26,8 +28,9 @@ LOG_DIR: Path | None = None
 
 def write_error_log(details: str) -> Path:
     """Write a traceback to a new ``xquant-error-*.log``: concurrent failures keep their own logs."""
-    handle, name = tempfile.mkstemp(prefix="xquant-error-", suffix=".log",
-                                    dir=str(LOG_DIR) if LOG_DIR is not None else None)
+    handle, name = tempfile.mkstemp(
+        prefix="xquant-error-", suffix=".log", dir=str(LOG_DIR) if LOG_DIR is not None else None
+    )
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
         stream.write(details)
     return Path(name)
@@ -37,17 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xquant",
         description="Post-training INT8 quantization of ONNX models for SpacemiT chips, from an "
-                    "XQuant-compatible JSON config.",
+        "XQuant-compatible JSON config.",
         epilog="commands:\n  (none)    quantize the model the config describes (needs -c)\n"
-               "  check     check the config, the model, every calibration sample and the output path\n"
-               "            without quantizing (needs -c)\n"
-               "  init MODEL.onnx [DATA_DIR] [-o cfg.json]\n"
-               "            write a config for the model (and calibration/held-out lists of DATA_DIR)\n"
-               "  compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)\n"
-               "            INT8 against FP32 on the listed samples: SNR, cosine, max |diff|, top-1\n"
-               "  plugins   list the installed plugins and the names they register\n\n"
-               "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
-               "130 interrupted",
+        "  check     check the config, the model, every calibration sample and the output path\n"
+        "            without quantizing (needs -c)\n"
+        "  init MODEL.onnx [DATA_DIR] [-o cfg.json]\n"
+        "            write a config for the model (and calibration/held-out lists of DATA_DIR)\n"
+        "  compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)\n"
+        "            INT8 against FP32 on the listed samples: SNR, cosine, max |diff|, top-1\n"
+        "  plugins   list the installed plugins and the names they register\n\n"
+        "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
+        "130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", nargs="?", choices=["plugins", "check", "compare", "init"], help=argparse.SUPPRESS)
@@ -55,13 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="the JSON config file")
     parser.add_argument("-i", "--input", help="float ONNX model (overrides model_parameters.onnx_model)")
     parser.add_argument("-o", "--output", help="output model path (overrides <working_dir>/<output_prefix>.onnx)")
-    parser.add_argument("--data", action="append", default=[], metavar="LIST",
-                        help="compare: a list of samples (npy without -c), one per model input")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="LIST",
+        help="compare: a list of samples (npy without -c), one per model input",
+    )
     parser.add_argument("--json", action="store_true", help="compare: print the figures as JSON")
     parser.add_argument("--fail-snr", type=float, metavar="X", help="compare: exit 1 when an output's SNR exceeds X")
-    parser.add_argument("--summary-json", metavar="PATH",
-                        help="also write the run's summary figures (outputs' SNR, the report's verdict and "
-                             "measured candidates, stage times) to PATH as JSON")
+    parser.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        help="also write the run's summary figures (outputs' SNR, the report's verdict and "
+        "measured candidates, stage times) to PATH as JSON",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"xquant {__version__}")
@@ -70,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose
-                                           else "xquant: %(levelname)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "xquant: %(levelname)s: %(message)s")
+    )
     root = logging.getLogger("xquant")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -91,7 +103,7 @@ class Stages:
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.times: list[tuple[str, float]] = []
 
-    def __call__(self, label: str, total: int | None) -> "_Stage":
+    def __call__(self, label: str, total: int | None) -> _Stage:
         return _Stage(self, label, total)
 
     def seconds(self) -> dict[str, float]:
@@ -155,8 +167,9 @@ def cmd_init(args) -> int:
     if not 1 <= len(args.models) <= 2:
         print("xquant: error: init needs the model: xquant init MODEL.onnx [DATA_DIR] [-o cfg.json]", file=sys.stderr)
         return EXIT_USAGE
-    for line in write_config(args.models[0], args.models[1] if len(args.models) > 1 else None,
-                             args.output or "cfg.json"):
+    for line in write_config(
+        args.models[0], args.models[1] if len(args.models) > 1 else None, args.output or "cfg.json"
+    ):
         print(f"xquant: init: {line}")
     return EXIT_OK
 
@@ -168,10 +181,13 @@ def cmd_compare(args) -> int:
     from .compare import compare, comparison_config, render
 
     if len(args.models) != 2:
-        print("xquant: error: compare needs two models: xquant compare FLOAT.onnx INT8.onnx (-c cfg.json | --data "
-              "LIST)", file=sys.stderr)
+        print(
+            "xquant: error: compare needs two models: xquant compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    figures, samples = compare(*args.models, comparison_config(args.models[0], args.config, args.data))
+    float_path, int8_path = args.models
+    figures, samples = compare(float_path, int8_path, comparison_config(float_path, args.config, args.data))
     if args.json:
         print(json.dumps({"samples": samples, "outputs": [dataclasses.asdict(item) for item in figures]}, indent=1))
     else:
@@ -199,17 +215,26 @@ def cmd_quantize(args) -> int:
         also_writes[summary_path] = "the --summary-json file"
     stages = Stages(quiet=args.quiet)
     result = run(cfg, model=args.input, output=args.output, progress=stages, also_writes=also_writes)
-    how = (f"{result.samples} calibration samples on {result.device}" if result.samples
-           else "dynamic quantization, no calibration")
+    how = (
+        f"{result.samples} calibration samples on {result.device}"
+        if result.samples
+        else "dynamic quantization, no calibration"
+    )
     for line in result.summary:
         print(f"xquant: {line}")
     print(f"xquant: wrote {result.output_path} ({how}) in {result.seconds:.1f} s")
     if stages.times:
         print(f"xquant: {stages.summary()}")
     if summary_path is not None:
-        figures = {"model": str(result.output_path), "seconds": result.seconds, "samples": result.samples,
-                   "device": result.device, "report": str(result.report_path) if result.report_path else None,
-                   "stages": stages.seconds(), "analysis": result.analysis}
+        figures = {
+            "model": str(result.output_path),
+            "seconds": result.seconds,
+            "samples": result.samples,
+            "device": result.device,
+            "report": str(result.report_path) if result.report_path else None,
+            "stages": stages.seconds(),
+            "analysis": result.analysis,
+        }
         write_bytes_atomically(summary_path, (json.dumps(figures, indent=2) + "\n").encode("utf-8"))
         print(f"xquant: summary figures in {summary_path}")
     return EXIT_OK

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -37,8 +37,9 @@ def comparison_config(float_model: str, config: str | None, data: Sequence[str])
     """The raw config that feeds the comparison: ``config`` with its lists replaced by ``data``
     (one list per model input, in order), or npy lists alone; every listed sample is used."""
     if config is None and not data:
-        raise ConfigError(["give -c cfg.json (its inputs and preprocessing) or --data LIST (npy files)"],
-                          source="compare")
+        raise ConfigError(
+            ["give -c cfg.json (its inputs and preprocessing) or --data LIST (npy files)"], source="compare"
+        )
     if config is not None:
         path = Path(config)
         try:
@@ -63,8 +64,13 @@ def comparison_config(float_model: str, config: str | None, data: Sequence[str])
     entries = raw["calibration_parameters"]["input_parametres"]
     if data:
         if len(data) != len(entries):
-            raise ConfigError([f"--data is given {len(data)} time(s) but the config has {len(entries)} input(s): "
-                               "one list per input, in the config's order"], source="compare")
+            raise ConfigError(
+                [
+                    f"--data is given {len(data)} time(s) but the config has {len(entries)} input(s): "
+                    "one list per input, in the config's order"
+                ],
+                source="compare",
+            )
         for entry, listed in zip(entries, data):
             entry["data_list_path"] = str(Path(listed).resolve())
     raw.setdefault("model_parameters", {})["onnx_model"] = str(Path(float_model).resolve())
@@ -85,8 +91,10 @@ def compare(float_path: str, int8_path: str, raw_config: dict) -> tuple[list[Out
     sessions = [onnxruntime_session(float_model), onnxruntime_session(int8_model)]
     names = [value.name for value in float_model.graph.output]
     if [value.name for value in int8_model.graph.output] != names:
-        raise ModelError(f"{int8_path} has outputs {[v.name for v in int8_model.graph.output]}, "
-                         f"{float_path} has {names}: are they the same model?")
+        raise ModelError(
+            f"{int8_path} has outputs {[v.name for v in int8_model.graph.output]}, "
+            f"{float_path} has {names}: are they the same model?"
+        )
     pairs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in names]
     for feed in dataset:
         fp32, int8 = (session.run(names, {spec.name: feed[spec.name] for spec in specs}) for session in sessions)
@@ -108,11 +116,11 @@ def _load(path: str):
 
 def _figures(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> OutputComparison:
     noise = sum(float(((q - f) ** 2).sum()) for f, q in pairs)
-    power = sum(float((f ** 2).sum()) for f, _ in pairs)
+    power = sum(float((f**2).sum()) for f, _ in pairs)
     cosines = [float((f.ravel() @ q.ravel()) / (np.linalg.norm(f) * np.linalg.norm(q) + 1e-30)) for f, q in pairs]
     max_abs = max(float(np.abs(q - f).max()) if f.size else 0.0 for f, q in pairs)
     scores = all(f.ndim == 2 and f.shape[1] >= 2 for f, _ in pairs)
-    agreement = (float(np.mean([np.array_equal(f.argmax(1), q.argmax(1)) for f, q in pairs])) if scores else None)
+    agreement = float(np.mean([np.array_equal(f.argmax(1), q.argmax(1)) for f, q in pairs])) if scores else None
     return OutputComparison(name, noise / power if power else 0.0, float(np.mean(cosines)), max_abs, agreement)
 
 
@@ -120,7 +128,9 @@ def render(figures: list[OutputComparison], samples: int) -> list[str]:
     lines = []
     for item in figures:
         top1 = f", top-1 agreement {100 * item.top1_agreement:.1f} %" if item.top1_agreement is not None else ""
-        lines.append(f"output {item.name}: SNR {item.snr:.5g} (lower is better), cosine {item.cosine:.5f}, "
-                     f"max |diff| {item.max_abs:.5g}{top1}")
+        lines.append(
+            f"output {item.name}: SNR {item.snr:.5g} (lower is better), cosine {item.cosine:.5f}, "
+            f"max |diff| {item.max_abs:.5g}{top1}"
+        )
     lines.append(f"{samples} sample(s)")
     return lines

@@ -13,10 +13,11 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -134,13 +135,20 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], *, check_plugins:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError([f"cannot read the config file: {exc}"], source=source) from None
         if not text.strip():
-            raise ConfigError(["the config file is empty: it must hold a JSON object with model_parameters, "
-                               "calibration_parameters and quantization_parameters"], source=source)
+            raise ConfigError(
+                [
+                    "the config file is empty: it must hold a JSON object with model_parameters, "
+                    "calibration_parameters and quantization_parameters"
+                ],
+                source=source,
+            )
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError([f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-                               f"{_json_hint(text, exc.pos)}"], source=source) from None
+            raise ConfigError(
+                [f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{_json_hint(text, exc.pos)}"],
+                source=source,
+            ) from None
         except RecursionError:
             raise ConfigError([TOO_DEEP], source=source) from None
         base_dir = path.resolve().parent
@@ -201,8 +209,12 @@ def _describe(error, schema: dict) -> list[tuple[str, str]]:
         for key in extra:
             hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-            out.append((_json_path(list(error.absolute_path) + [key]),
-                        f"unknown key '{key}'.{did_you_mean} Allowed keys: {', '.join(allowed)}"))
+            out.append(
+                (
+                    _json_path(list(error.absolute_path) + [key]),
+                    f"unknown key '{key}'.{did_you_mean} Allowed keys: {', '.join(allowed)}",
+                )
+            )
         return out
     if error.validator == "not" and error.schema.get("not", {}).get("required") == list(INPUTS_KEYS):
         return [(path, "give either 'input_parametres' or 'input_parameters', not both")]
@@ -210,15 +222,25 @@ def _describe(error, schema: dict) -> list[tuple[str, str]]:
         best = min(error.context, key=lambda e: len(list(e.absolute_path)))
         return _describe(best, schema)
     if error.validator == "type" and path == "$":
-        return [(path, "the config must be a JSON object with model_parameters, calibration_parameters and "
-                       f"quantization_parameters, not {_short(error.instance)}")]
+        return [
+            (
+                path,
+                "the config must be a JSON object with model_parameters, calibration_parameters and "
+                f"quantization_parameters, not {_short(error.instance)}",
+            )
+        ]
     if error.validator == "type":
         expected = error.validator_value
         expected = ", ".join(repr(t) for t in expected) if isinstance(expected, list) else repr(expected)
         return [(path, f"{_short(error.instance)} is not of type {expected}")]
     if error.validator == "pattern" and path.endswith(".output_prefix"):
-        return [(path, f"{error.instance!r} is not a file name: output_prefix must not contain '/' or '\\'; "
-                       "put the folder in working_dir")]
+        return [
+            (
+                path,
+                f"{error.instance!r} is not a file name: output_prefix must not contain '/' or '\\'; "
+                "put the folder in working_dir",
+            )
+        ]
     if error.validator == "minItems" and path.endswith(INPUTS_KEYS) and not error.instance:
         return [(path, "must not be empty: give one entry per model input, each with at least data_list_path")]
     return [(path, error.message)]
@@ -228,8 +250,9 @@ def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     if len(text) <= limit:
         return text
-    kind = {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
-    return f"{kind} ({text[:limit - 5]}...)"
+    kinds: dict[type, str] = {dict: "an object", list: "an array"}
+    kind = kinds.get(type(value), type(value).__name__)
+    return f"{kind} ({text[: limit - 5]}...)"
 
 
 def _json_path(parts) -> str:
@@ -239,42 +262,73 @@ def _json_path(parts) -> str:
     return out
 
 
-def _inputs_key(calib: dict) -> str:
-    return next((key for key in INPUTS_KEYS if key in calib), VENDOR_INPUTS_KEY)
+def _inputs_key(calib: Any) -> str:
+    return (
+        next((key for key in INPUTS_KEYS if key in calib), VENDOR_INPUTS_KEY)
+        if isinstance(calib, dict)
+        else VENDOR_INPUTS_KEY
+    )
+
+
+def _section(raw: dict, name: str) -> dict:
+    """``raw[name]`` when it is an object, else an empty one (the schema reports the wrong type)."""
+    value = raw.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
     problems = []
     calib = raw.get("calibration_parameters")
     if calib is None or (isinstance(calib, dict) and not any(key in calib for key in INPUTS_KEYS)):
-        problems.append(("$.calibration_parameters",
-                         f"'{VENDOR_INPUTS_KEY}' is required: one entry per model input, "
-                         "each with at least data_list_path"))
+        problems.append(
+            (
+                "$.calibration_parameters",
+                f"'{VENDOR_INPUTS_KEY}' is required: one entry per model input, each with at least data_list_path",
+            )
+        )
     quant = raw.get("quantization_parameters")
     settings = quant.get("custom_setting") if isinstance(quant, dict) else None
     for index, item in enumerate(settings if isinstance(settings, list) else []):
         if isinstance(item, dict) and (not item.get("input_names") or not item.get("output_names")):
-            problems.append((f"$.quantization_parameters.custom_setting[{index}]",
-                             "input_names and output_names should be set."))
+            problems.append(
+                (f"$.quantization_parameters.custom_setting[{index}]", "input_names and output_names should be set.")
+            )
     for index, item in enumerate(_inputs(raw)):
         mean, std = item.get("mean_value"), item.get("std_value")
         if isinstance(mean, list) and isinstance(std, list) and len(mean) != len(std):
-            problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}]",
-                             f"mean_value has {len(mean)} values but std_value has {len(std)}"))
+            problems.append(
+                (
+                    f"$.calibration_parameters.{_inputs_key(calib)}[{index}]",
+                    f"mean_value has {len(mean)} values but std_value has {len(std)}",
+                )
+            )
         spec = item.get("preprocess_file")
         if isinstance(spec, str) and ":" in spec and not spec.rsplit(":", 1)[1].isidentifier():
-            problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}].preprocess_file",
-                             f"'{spec}' is not of the form 'path/to/file.py:function'"))
+            problems.append(
+                (
+                    f"$.calibration_parameters.{_inputs_key(calib)}[{index}].preprocess_file",
+                    f"'{spec}' is not of the form 'path/to/file.py:function'",
+                )
+            )
         for position, value in enumerate(std if isinstance(std, list) else []):
             if isinstance(value, (int, float)) and 0 < value < FLOAT32_TINY:
-                problems.append((f"$.calibration_parameters.{_inputs_key(calib)}[{index}].std_value[{position}]",
-                                 f"{value} is too small to divide by in float32 (the std of 0-255 pixel values, "
-                                 "e.g. 58.4, is what goes here)"))
+                problems.append(
+                    (
+                        f"$.calibration_parameters.{_inputs_key(calib)}[{index}].std_value[{position}]",
+                        f"{value} is too small to divide by in float32 (the std of 0-255 pixel values, "
+                        "e.g. 58.4, is what goes here)",
+                    )
+                )
     for path, value in _non_finite(raw, "$"):
         text = json.dumps(value)
         text = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
-        problems.append((path, f"{text} is not a finite number: give a number (JSON has no NaN or Infinity, "
-                               "and a number must fit a double)"))
+        problems.append(
+            (
+                path,
+                f"{text} is not a finite number: give a number (JSON has no NaN or Infinity, "
+                "and a number must fit a double)",
+            )
+        )
     if check_plugins:
         problems.extend(_plugin_problems(raw))
     return problems
@@ -314,18 +368,21 @@ def _plugin_problems(raw: dict) -> list[tuple[str, str]]:
     from .plugins import registry
 
     checks: list[tuple[str, str, Any]] = []
-    calib = raw.get("calibration_parameters") if isinstance(raw.get("calibration_parameters"), dict) else {}
-    quant = raw.get("quantization_parameters") if isinstance(raw.get("quantization_parameters"), dict) else {}
+    calib, quant = _section(raw, "calibration_parameters"), _section(raw, "quantization_parameters")
     checks.append(("calibration", "$.calibration_parameters.calibration_type", calib.get("calibration_type")))
     checks.append(("platform", "$.quantization_parameters.platform", quant.get("platform")))
-    auto = raw.get("auto_precision") if isinstance(raw.get("auto_precision"), dict) else {}
-    target = auto.get("target") if isinstance(auto.get("target"), dict) else {}
+    target = _section(_section(raw, "auto_precision"), "target")
     checks.append(("metric", "$.auto_precision.target.metric", target.get("metric")))
     settings = quant.get("custom_setting")
     for index, item in enumerate(settings if isinstance(settings, list) else []):
         if isinstance(item, dict):
-            checks.append(("calibration", f"$.quantization_parameters.custom_setting[{index}].calibration_type",
-                           item.get("calibration_type")))
+            checks.append(
+                (
+                    "calibration",
+                    f"$.quantization_parameters.custom_setting[{index}].calibration_type",
+                    item.get("calibration_type"),
+                )
+            )
     key = _inputs_key(calib)
     for index, item in enumerate(_inputs(raw)):
         prefix = f"$.calibration_parameters.{key}[{index}]"
@@ -351,9 +408,7 @@ def _input_defaults() -> dict:
     return {key: value["default"] for key, value in props.items() if "default" in value}
 
 
-def _resolve(base_dir: Path, value: str | None) -> Path | None:
-    if value is None:
-        return None
+def _resolve(base_dir: Path, value: str) -> Path:
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else (base_dir / path)
 
@@ -380,24 +435,26 @@ def _build(raw: dict, source: str, base_dir: Path) -> XQuantConfig:
     inputs = []
     for index, item in enumerate(calib[_inputs_key(calib)]):
         item = {**_input_defaults(), **item}
-        inputs.append(InputConfig(
-            index=index,
-            data_list_path=_resolve(base_dir, item["data_list_path"]),
-            input_name=item.get("input_name"),
-            input_shape=tuple(_int(dim) for dim in item["input_shape"]) if item.get("input_shape") else None,
-            dtype=item.get("dtype"),
-            file_type=item["file_type"],
-            color_format=item["color_format"],
-            mean_value=tuple(float(v) for v in item["mean_value"]) if item.get("mean_value") else None,
-            std_value=tuple(float(v) for v in item["std_value"]) if item.get("std_value") else None,
-            preprocess_file=_resolve_preprocess(base_dir, item.get("preprocess_file")),
-        ))
+        inputs.append(
+            InputConfig(
+                index=index,
+                data_list_path=_resolve(base_dir, item["data_list_path"]),
+                input_name=item.get("input_name"),
+                input_shape=tuple(_int(dim) for dim in item["input_shape"]) if item.get("input_shape") else None,
+                dtype=item.get("dtype"),
+                file_type=item["file_type"],
+                color_format=item["color_format"],
+                mean_value=tuple(float(v) for v in item["mean_value"]) if item.get("mean_value") else None,
+                std_value=tuple(float(v) for v in item["std_value"]) if item.get("std_value") else None,
+                preprocess_file=_resolve_preprocess(base_dir, item.get("preprocess_file")),
+            )
+        )
 
     return XQuantConfig(
         model=ModelConfig(
-            onnx_model=_resolve(base_dir, model.get("onnx_model")),
+            onnx_model=_resolve(base_dir, model["onnx_model"]) if model.get("onnx_model") is not None else None,
             output_prefix=model.get("output_prefix"),
-            working_dir=_resolve(base_dir, model.get("working_dir")),
+            working_dir=_resolve(base_dir, model["working_dir"]) if model.get("working_dir") is not None else None,
             skip_onnxsim=model["skip_onnxsim"],
         ),
         calibration=CalibrationConfig(
@@ -435,5 +492,8 @@ def _auto_precision(raw: dict | None) -> AutoPrecisionConfig | None:
     if raw is None:
         return None
     raw = {**_defaults("auto_precision"), **raw}
-    return AutoPrecisionConfig(metric=raw["target"]["metric"], target_value=float(raw["target"]["value"]),
-                               max_float_ops=_int(raw["max_float_ops"]))
+    return AutoPrecisionConfig(
+        metric=raw["target"]["metric"],
+        target_value=float(raw["target"]["value"]),
+        max_float_ops=_int(raw["max_float_ops"]),
+    )

@@ -21,8 +21,9 @@ iteration to iteration; they are reported too).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -52,21 +53,29 @@ class BranchReport:
         if self.quantized:
             lines.append(f"control flow: {len(self.quantized)} If branch(es) quantized: {', '.join(self.quantized)}")
         if self.float_no_samples:
-            lines.append(f"control flow: no calibration sample takes {', '.join(self.float_no_samples)}: "
-                         "left in float (calibrate with samples that take it to quantize it)")
+            lines.append(
+                f"control flow: no calibration sample takes {', '.join(self.float_no_samples)}: "
+                "left in float (calibrate with samples that take it to quantize it)"
+            )
         if self.float_other:
-            lines.append(f"control flow: {', '.join(self.float_other)} left in float (xquant quantizes If "
-                         "branches; Loop/Scan bodies run in float)")
+            lines.append(
+                f"control flow: {', '.join(self.float_other)} left in float (xquant quantizes If "
+                "branches; Loop/Scan bodies run in float)"
+            )
         return lines
 
 
 def has_control_flow(model: onnx.ModelProto) -> bool:
-    return any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for node in model.graph.node for attribute in node.attribute)
+    return any(
+        attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for attribute in node.attribute
+    )
 
 
-def quantize_branches(model: onnx.ModelProto, feeds: Feeds, quantize: Quantize,
-                      report: BranchReport | None = None, path: str = "") -> tuple[onnx.ModelProto, BranchReport]:
+def quantize_branches(
+    model: onnx.ModelProto, feeds: Feeds, quantize: Quantize, report: BranchReport | None = None, path: str = ""
+) -> tuple[onnx.ModelProto, BranchReport]:
     """``model`` with the branches of its Ifs quantized (recursively); the outer graph stays as it is."""
     report = report if report is not None else BranchReport()
     if not has_control_flow(model):
@@ -79,17 +88,30 @@ def quantize_branches(model: onnx.ModelProto, feeds: Feeds, quantize: Quantize,
     for node in graph.node:
         if node.op_type != "If" and any(attribute.type == onnx.AttributeProto.GRAPH for attribute in node.attribute):
             report.float_other.append(f"{path}{node.name or node.op_type} ({node.op_type})")
-    wanted = list(dict.fromkeys([node.input[0] for node in ifs] + [
-        name for node in ifs for attribute in node.attribute if attribute.type == onnx.AttributeProto.GRAPH
-        for name in free_names(attribute.g) if name not in constants]))
+    wanted = list(
+        dict.fromkeys(
+            [node.input[0] for node in ifs]
+            + [
+                name
+                for node in ifs
+                for attribute in node.attribute
+                if attribute.type == onnx.AttributeProto.GRAPH
+                for name in free_names(attribute.g)
+                if name not in constants
+            ]
+        )
+    )
     captured = _capture(model, feeds, wanted)
     for node in ifs:
         for attribute in node.attribute:
             if attribute.type != onnx.AttributeProto.GRAPH:
                 continue
             where = f"{path}{node.name or 'If'}/{attribute.name}"
-            taken = [values for values in captured if bool(np.asarray(values[node.input[0]]).reshape(-1)[0])
-                     == (attribute.name == "then_branch")]
+            taken = [
+                values
+                for values in captured
+                if bool(np.asarray(values[node.input[0]]).reshape(-1)[0]) == (attribute.name == "then_branch")
+            ]
             if not taken:
                 if _worth_quantizing(attribute.g):
                     report.float_no_samples.append(where)
@@ -107,8 +129,11 @@ def _worth_quantizing(graph: onnx.GraphProto, own_level: bool = False) -> bool:
     for node in graph.node:
         if node.op_type in COMPUTE_OPS:
             return True
-        if not own_level and any(_worth_quantizing(attribute.g) for attribute in node.attribute
-                                 if attribute.type == onnx.AttributeProto.GRAPH):
+        if not own_level and any(
+            _worth_quantizing(attribute.g)
+            for attribute in node.attribute
+            if attribute.type == onnx.AttributeProto.GRAPH
+        ):
             return True
     return False
 
@@ -134,8 +159,9 @@ def _capture(model: onnx.ModelProto, feeds: Feeds, names: list[str]) -> list[dic
     probe.CopyFrom(model)
     outputs = {value.name for value in probe.graph.output}
     inputs = {value.name for value in probe.graph.input}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names
-                              if name not in outputs and name not in inputs)
+    probe.graph.output.extend(
+        onnx.ValueInfoProto(name=name) for name in names if name not in outputs and name not in inputs
+    )
     session = onnxruntime_session(probe, threads=1)  # what calibration sees: the same on every machine
     fetched = [name for name in names if name not in inputs]
     captured = []
@@ -146,8 +172,12 @@ def _capture(model: onnx.ModelProto, feeds: Feeds, names: list[str]) -> list[dic
     return captured
 
 
-def _lift(branch: onnx.GraphProto, outer: onnx.ModelProto, constants: dict[str, onnx.TensorProto],
-          taken: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+def _lift(
+    branch: onnx.GraphProto,
+    outer: onnx.ModelProto,
+    constants: dict[str, onnx.TensorProto],
+    taken: list[dict[str, np.ndarray]],
+) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
     """A branch as a model: its outer reads become inputs (symbolic dims) or copied constants."""
     free = free_names(branch)
     inputs = [name for name in free if name not in constants]
@@ -158,8 +188,11 @@ def _lift(branch: onnx.GraphProto, outer: onnx.ModelProto, constants: dict[str, 
     sample = taken[0]
     for name in inputs:
         array = np.asarray(sample[name])
-        graph.input.append(helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(array.dtype), [f"{name}_d{axis}" for axis in range(array.ndim)]))
+        graph.input.append(
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(array.dtype), [f"{name}_d{axis}" for axis in range(array.ndim)]
+            )
+        )
     graph.initializer.extend(constants[name] for name in free if name in constants)
     model = helper.make_model(graph, opset_imports=list(outer.opset_import))
     model.ir_version = outer.ir_version
@@ -213,5 +246,3 @@ def count_quantized_ops(model: onnx.ModelProto) -> tuple[int, int]:
 
     walk(model.graph)
     return reading, compute
-
-

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -117,8 +118,10 @@ def read_list(spec_config: InputConfig, name: str) -> list[Path]:
     """Sample paths of a list file: one per line, relative to the list's folder."""
     list_path = spec_config.data_list_path
     if list_path.is_dir():
-        raise DataError(f"Calibration input {name}: data_list_path {list_path} is a folder: give the path of the "
-                        "list file (one sample path per line)")
+        raise DataError(
+            f"Calibration input {name}: data_list_path {list_path} is a folder: give the path of the "
+            "list file (one sample path per line)"
+        )
     if not list_path.is_file():
         raise DataError(f"Calibration input {name}: data_list_path {list_path} does not exist.")
     try:
@@ -156,23 +159,30 @@ class PathFunctionPreprocessor:
         module_name = f"xquant_preprocess_{abs(hash(str(self.file)))}"
         try:
             spec = importlib.util.spec_from_file_location(module_name, self.file)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{self.file} cannot be loaded as a Python module")
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise DataError(f"preprocess_file {self.file}:{self.func_name}: importing {self.file} failed: "
-                            f"{type(exc).__name__}: {exc}") from None
+            raise DataError(
+                f"preprocess_file {self.file}:{self.func_name}: importing {self.file} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         func = getattr(module, self.func_name, None)
         if not callable(func):
-            raise DataError(f"preprocess_file {self.file}:{self.func_name}: {self.file} has no function "
-                            f"'{self.func_name}'")
+            raise DataError(
+                f"preprocess_file {self.file}:{self.func_name}: {self.file} has no function '{self.func_name}'"
+            )
         return func
 
     def batch(self, paths: Sequence[Path], spec: InputSpec) -> np.ndarray:
         try:
             result = self.func([str(p) for p in paths], spec.vendor_dict())
         except Exception as exc:
-            raise DataError(f"preprocess_file {self.file}:{self.func_name} raised {type(exc).__name__}: {exc} "
-                            f"(first file: {paths[0]})") from None
+            raise DataError(
+                f"preprocess_file {self.file}:{self.func_name} raised {type(exc).__name__}: {exc} "
+                f"(first file: {paths[0]})"
+            ) from None
         if hasattr(result, "detach"):  # torch tensor
             result = result.detach().cpu().numpy()
         return np.asarray(result)
@@ -188,8 +198,9 @@ def conform(array: np.ndarray, spec: InputSpec, count: int, origin: str) -> np.n
         if array.ndim == 1 or squeezed == tuple(dim for dim in expected if dim != 1):
             array = array.reshape(expected)
     if array.shape != expected:
-        raise DataError(f"Calibration input {spec.name}: {origin} gives shape {list(array.shape)}, "
-                        f"expected {list(expected)}")
+        raise DataError(
+            f"Calibration input {spec.name}: {origin} gives shape {list(array.shape)}, expected {list(expected)}"
+        )
     return np.ascontiguousarray(cast_to_input_dtype(array, spec, origin))
 
 
@@ -204,8 +215,9 @@ def cast_to_input_dtype(array: np.ndarray, spec: InputSpec, origin: str) -> np.n
     if array.dtype == target:
         return array
     if array.dtype.kind not in "iubf":
-        raise DataError(f"Calibration input {spec.name}: {origin} holds {array.dtype} data, "
-                        f"the model input is {target}")
+        raise DataError(
+            f"Calibration input {spec.name}: {origin} holds {array.dtype} data, the model input is {target}"
+        )
     if target.kind in "iub" and array.size:
         if target.kind == "b":
             low, high = 0, 1
@@ -220,8 +232,10 @@ def cast_to_input_dtype(array: np.ndarray, spec: InputSpec, origin: str) -> np.n
         elif array.min() < low or array.max() > high:
             bad = f"values in [{array.min()}, {array.max()}] outside [{low}, {high}]"
         if bad:
-            raise DataError(f"Calibration input {spec.name}: {origin} holds {array.dtype} data with {bad}; "
-                            f"the model input is {target} and casting would change them")
+            raise DataError(
+                f"Calibration input {spec.name}: {origin} holds {array.dtype} data with {bad}; "
+                f"the model input is {target} and casting would change them"
+            )
     return array.astype(target, copy=False)
 
 
@@ -233,13 +247,21 @@ class CalibrationDataset:
     re-read on each pass, so peak memory is bounded whatever the sample count.
     """
 
-    def __init__(self, specs: Sequence[InputSpec], readers: dict[str, Reader],
-                 preprocessors: dict[str, Any], samples: int, batch_size: int = 1):
+    def __init__(
+        self,
+        specs: Sequence[InputSpec],
+        readers: dict[str, Reader],
+        preprocessors: dict[str, Any],
+        samples: int,
+        batch_size: int = 1,
+    ):
         self.specs = list(specs)
         unbatched = [spec.name for spec in self.specs if not spec.batched]
         if batch_size > 1 and unbatched:
-            raise DataError(f"input(s) {', '.join(unbatched)} have no leading batch dimension of 1: "
-                            "calibrate them one sample at a time")
+            raise DataError(
+                f"input(s) {', '.join(unbatched)} have no leading batch dimension of 1: "
+                "calibrate them one sample at a time"
+            )
         self.readers = readers
         self.preprocessors = preprocessors
         self.batch_size = batch_size
@@ -247,16 +269,19 @@ class CalibrationDataset:
         lengths = {name: len(paths) for name, paths in lists.items()}
         if len(set(lengths.values())) > 1:
             detail = ", ".join(f"{name}: {n}" for name, n in lengths.items())
-            raise DataError(f"Calibration inputs have data lists of different lengths ({detail}); "
-                            "line k of each list must belong to the same sample")
+            raise DataError(
+                f"Calibration inputs have data lists of different lengths ({detail}); "
+                "line k of each list must belong to the same sample"
+            )
         available = next(iter(lengths.values()))
         if available < samples:
-            log.warning("calibration_step is %d but only %d sample(s) are listed: using all %d",
-                        samples, available, available)
+            log.warning(
+                "calibration_step is %d but only %d sample(s) are listed: using all %d", samples, available, available
+            )
         self.count = min(samples, available)
         self.lists = {name: paths[: self.count] for name, paths in lists.items()}
         #: the samples listed after the first ``calibration_step``: never calibrated on, the report measures on them
-        self.held_back_lists = {name: paths[self.count:] for name, paths in lists.items()}
+        self.held_back_lists = {name: paths[self.count :] for name, paths in lists.items()}
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._cache_bytes = 0
 
@@ -285,34 +310,41 @@ class CalibrationDataset:
 
     def held_back_batch(self, index: int) -> dict[str, np.ndarray]:
         """Held-back sample ``index`` as a batch of one (read each time: they are not cached)."""
-        return {spec.name: self._load(spec, self.held_back_lists[spec.name][index:index + 1]) for spec in self.specs}
+        return {spec.name: self._load(spec, self.held_back_lists[spec.name][index : index + 1]) for spec in self.specs}
 
     def _load(self, spec: InputSpec, paths: list[Path]) -> np.ndarray:
         pre = self.preprocessors[spec.name]
         if isinstance(pre, PathFunctionPreprocessor):
             where = f"{pre.file}:{pre.func_name}"
-            return _finite(conform(pre.batch(paths, spec), spec, len(paths), where), spec,
-                           f"the batch {where} made of {', '.join(str(path) for path in paths)}")
+            return _finite(
+                conform(pre.batch(paths, spec), spec, len(paths), where),
+                spec,
+                f"the batch {where} made of {', '.join(str(path) for path in paths)}",
+            )
         reader = self.readers[spec.name]
         samples = []
         for path in paths:
             if not path.is_file():
-                raise DataError(f"Calibration input {spec.name}: file {path} listed in "
-                                f"{spec.config.data_list_path} does not exist")
+                raise DataError(
+                    f"Calibration input {spec.name}: file {path} listed in {spec.config.data_list_path} does not exist"
+                )
             try:
                 raw = reader.read(path, spec)
             except DataError:
                 raise
             except Exception as exc:  # a plugin's reader should raise DataError; name the file anyway
-                raise DataError(f"Calibration input {spec.name}: reading {path} with file_type "
-                                f"{spec.config.file_type} failed: {type(exc).__name__}: {exc}") from None
+                raise DataError(
+                    f"Calibration input {spec.name}: reading {path} with file_type "
+                    f"{spec.config.file_type} failed: {type(exc).__name__}: {exc}"
+                ) from None
             try:
                 sample = pre(raw, spec, reader)
             except DataError:
                 raise
             except Exception as exc:
-                raise DataError(f"Calibration input {spec.name}: preprocessing {path} failed: "
-                                f"{type(exc).__name__}: {exc}") from None
+                raise DataError(
+                    f"Calibration input {spec.name}: preprocessing {path} failed: {type(exc).__name__}: {exc}"
+                ) from None
             samples.append(_finite(conform(sample, spec, 1, str(path)), spec, str(path)))
         return np.concatenate(samples) if spec.batched else samples[0]
 
@@ -321,8 +353,10 @@ def _finite(sample: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     """Calibration needs finite numbers: one inf made every output of a minmax-calibrated model NaN."""
     if sample.dtype.kind in "fc" and not np.isfinite(sample).all():
         nan, inf = int(np.isnan(sample).sum()), int(np.isinf(sample).sum())
-        raise DataError(f"Calibration input {spec.name}: {where} holds {nan} NaN and {inf} infinite value(s) "
-                        "after preprocessing: calibration needs finite numbers")
+        raise DataError(
+            f"Calibration input {spec.name}: {where} holds {nan} NaN and {inf} infinite value(s) "
+            "after preprocessing: calibration needs finite numbers"
+        )
     return sample
 
 

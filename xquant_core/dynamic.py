@@ -38,13 +38,13 @@ def quantize_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
         level = root.level
         root.setLevel(logging.ERROR)  # onnxruntime's quantizer logs advice on the root logger
         try:
-            ort_quantize_dynamic(source, target, op_types_to_quantize=DYNAMIC_OPS, per_channel=True,
-                                 weight_type=QuantType.QInt8)
+            ort_quantize_dynamic(
+                source, target, op_types_to_quantize=DYNAMIC_OPS, per_channel=True, weight_type=QuantType.QInt8
+            )
         finally:
             root.setLevel(level)
         quantized = onnx.load(target)
     quantized.producer_name = "xquant"
     quantized.producer_version = __version__
-    onnx.helper.set_model_props(quantized, {"xquant_version": __version__,
-                                            "xquant_mode": "dynamic"})
+    onnx.helper.set_model_props(quantized, {"xquant_version": __version__, "xquant_mode": "dynamic"})
     return quantized

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx
@@ -65,8 +66,12 @@ class Candidate:
     op_names: frozenset[str] = frozenset()  #: the ops kept in float
 
     def custom_setting(self) -> dict[str, Any]:
-        return {"input_names": list(self.proposal.input_names), "output_names": list(self.proposal.output_names),
-                "precision_level": 3, "float_after_calibration": True}
+        return {
+            "input_names": list(self.proposal.input_names),
+            "output_names": list(self.proposal.output_names),
+            "precision_level": 3,
+            "float_after_calibration": True,
+        }
 
 
 def stem_proposals(float_model: onnx.ModelProto) -> list[Proposal]:
@@ -84,8 +89,9 @@ def stem_proposals(float_model: onnx.ModelProto) -> list[Proposal]:
         site = compute[count].input[0]  # what the next compute op reads: the stem's output
         if site in produced and site not in seen:
             seen.add(site)
-            proposals.append(Proposal(inputs, (site,), f"the stem: the first {count} of {len(compute)} "
-                                                         "Conv/MatMul/Gemm ops"))
+            proposals.append(
+                Proposal(inputs, (site,), f"the stem: the first {count} of {len(compute)} Conv/MatMul/Gemm ops")
+            )
     return proposals
 
 
@@ -94,12 +100,12 @@ def model_outputs(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray
     session = onnxruntime_session(model)
     names = [value.name for value in model.graph.output]
     wanted = {value.name for value in session.get_inputs()}
-    return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted})))
-            for batch in batches]
+    return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted}))) for batch in batches]
 
 
-def output_errors(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]],
-                  reference: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+def output_errors(
+    model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]]
+) -> dict[str, float]:
     """SNR ``sum((q - f)^2) / sum(f^2)`` of each output of ``model`` over the batches."""
     names = list(reference[0])
     noise, power = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
@@ -107,14 +113,18 @@ def output_errors(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray
         for name in names:
             f, q = expected[name].astype(np.float64), got[name].astype(np.float64)
             noise[name] += float(np.sum((q - f) ** 2))
-            power[name] += float(np.sum(f ** 2))
+            power[name] += float(np.sum(f**2))
     return {name: noise[name] / power[name] if power[name] > 0 else math.inf for name in names}
 
 
-def measure_candidates(float_model: onnx.ModelProto, proposals: Sequence[Proposal], trial: Trial,
-                       batches: Sequence[dict[str, np.ndarray]],
-                       reference: Sequence[dict[str, np.ndarray]] | None = None,
-                       progress: Callable[[], None] | None = None) -> list[Candidate]:
+def measure_candidates(
+    float_model: onnx.ModelProto,
+    proposals: Sequence[Proposal],
+    trial: Trial,
+    batches: Sequence[dict[str, np.ndarray]],
+    reference: Sequence[dict[str, np.ndarray]] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[Candidate]:
     """Each proposal measured with its subgraph in float, the lowest output error first. A
     proposal the engine cannot keep float (no op between its boundaries) is left out."""
     reference = reference if reference is not None else model_outputs(float_model, batches)
@@ -126,15 +136,26 @@ def measure_candidates(float_model: onnx.ModelProto, proposals: Sequence[Proposa
             if not ops or frozenset(ops) in seen:
                 continue
             seen.add(frozenset(ops))
-            errors = output_errors(trial.exported_with_float(proposal.input_names, proposal.output_names),
-                                   batches, reference)
+            errors = output_errors(
+                trial.exported_with_float(proposal.input_names, proposal.output_names), batches, reference
+            )
         except Exception as exc:  # advice: a candidate that cannot be measured is not offered
-            log.debug("float-fallback candidate %s -> %s not measured: %s", proposal.input_names,
-                      proposal.output_names, exc)
+            log.debug(
+                "float-fallback candidate %s -> %s not measured: %s", proposal.input_names, proposal.output_names, exc
+            )
             continue
         finally:
             if progress is not None:
                 progress()
-        measured.append(Candidate(proposal, len(ops), len(ops & compute), float(np.mean(list(errors.values()))),
-                                  errors, len(batches), frozenset(ops)))
+        measured.append(
+            Candidate(
+                proposal,
+                len(ops),
+                len(ops & compute),
+                float(np.mean(list(errors.values()))),
+                errors,
+                len(batches),
+                frozenset(ops),
+            )
+        )
     return sorted(measured, key=lambda candidate: (candidate.error, candidate.ops))

@@ -4,8 +4,8 @@ Every input's name, shape and dtype come from the model (NCHW/NHWC guessed from 
 channels are, and said); with DATA_DIR, the file type comes from the files' extensions and two
 lists are written beside the config: the calibration list, with every fifth file held back at
 its end (``calibration_step`` stops before them, so calibration never sees them and the report
-measures on them), and those held-back files alone for ``xquant compare``. What only the user can know (mean/std, colour order) is printed with
-the common presets. Nothing existing is overwritten.
+measures on them), and those held-back files alone for ``xquant compare``. What only the
+user can know (mean/std, colour order) is printed with the common presets. Nothing existing is overwritten.
 """
 
 from __future__ import annotations
@@ -19,14 +19,26 @@ import onnx
 from . import model as model_io
 from .errors import ConfigError, DataError
 
-EXTENSIONS = {".jpg": "img", ".jpeg": "img", ".png": "img", ".bmp": "img", ".webp": "img", ".tif": "img",
-              ".tiff": "img", ".npy": "npy", ".raw": "raw", ".bin": "raw"}
+EXTENSIONS = {
+    ".jpg": "img",
+    ".jpeg": "img",
+    ".png": "img",
+    ".bmp": "img",
+    ".webp": "img",
+    ".tif": "img",
+    ".tiff": "img",
+    ".npy": "npy",
+    ".raw": "raw",
+    ".bin": "raw",
+}
 HOLD_OUT_EVERY = 5
-PRESETS = ("torchvision/timm ImageNet models: \"color_format\": \"rgb\", \"mean_value\": [123.675, 116.28, 103.53], "
-           "\"std_value\": [58.395, 57.12, 57.375]",
-           "models trained on [-1, 1] inputs (PaddleOCR, MobileNet TF): \"mean_value\": [127.5, 127.5, 127.5], "
-           "\"std_value\": [127.5, 127.5, 127.5]",
-           "models trained on [0, 1] inputs (YOLO): \"mean_value\": [0, 0, 0], \"std_value\": [255, 255, 255]")
+PRESETS = (
+    'torchvision/timm ImageNet models: "color_format": "rgb", "mean_value": [123.675, 116.28, 103.53], '
+    '"std_value": [58.395, 57.12, 57.375]',
+    'models trained on [-1, 1] inputs (PaddleOCR, MobileNet TF): "mean_value": [127.5, 127.5, 127.5], '
+    '"std_value": [127.5, 127.5, 127.5]',
+    'models trained on [0, 1] inputs (YOLO): "mean_value": [0, 0, 0], "std_value": [255, 255, 255]',
+)
 
 
 def write_config(model_path: str, data_dir: str | None, config_path: str) -> list[str]:
@@ -49,26 +61,37 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
         if value.name in lists:
             kind, calib, held, used = lists[value.name]
             entry.update({"file_type": kind, "data_list_path": _ref(calib, out.parent)})
-            described += (f": {kind} files, {used} for calibration then {_count(held)} held back in {calib} "
-                          f"(the report measures on those), the held-back ones alone in {held}")
+            described += (
+                f": {kind} files, {used} for calibration then {_count(held)} held back in {calib} "
+                f"(the report measures on those), the held-back ones alone in {held}"
+            )
             if kind == "img":
                 entry["color_format"] = "bgr"
-                todo.append(f"{value.name}: mean_value/std_value and color_format (now bgr, raw 0-255 values); "
-                            "common presets:\n    " + "\n    ".join(PRESETS))
+                todo.append(
+                    f"{value.name}: mean_value/std_value and color_format (now bgr, raw 0-255 values); "
+                    "common presets:\n    " + "\n    ".join(PRESETS)
+                )
         else:
             entry.update({"file_type": "npy", "data_list_path": f"{value.name}_list.txt"})
-            todo.append(f"{value.name}: data_list_path (a list file, one sample per line; npy samples of shape "
-                        f"{shape} or without its leading 1)")
+            todo.append(
+                f"{value.name}: data_list_path (a list file, one sample per line; npy samples of shape "
+                f"{shape} or without its leading 1)"
+            )
         if any(dim is None for dim in shape):
             todo.append(f"{value.name}: input_shape has unknown dims {shape}: give them")
         entries.append(entry)
         lines.append(described)
     steps = max((lists[name][3] for name in lists), default=100)
-    config = {"model_parameters": {"onnx_model": _ref(Path(model_path), out.parent),
-                                   "working_dir": "output"},
-              "calibration_parameters": {"calibration_step": steps, "calibration_device": "cpu",
-                                         "calibration_type": "default", "input_parametres": entries},
-              "quantization_parameters": {"analysis_enable": True, "precision_level": 0, "finetune_level": 1}}
+    config = {
+        "model_parameters": {"onnx_model": _ref(Path(model_path), out.parent), "working_dir": "output"},
+        "calibration_parameters": {
+            "calibration_step": steps,
+            "calibration_device": "cpu",
+            "calibration_type": "default",
+            "input_parametres": entries,
+        },
+        "quantization_parameters": {"analysis_enable": True, "precision_level": 0, "finetune_level": 1},
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     lines.insert(0, f"wrote {out} for {model_path}")
@@ -99,8 +122,9 @@ def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str,
     input reads DATA_DIR itself; several read DATA_DIR/<input name>/ where it exists."""
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give the folder of calibration samples")
-    sources = {names[0]: folder} if len(names) == 1 else {name: folder / name for name in names
-                                                          if (folder / name).is_dir()}
+    sources = (
+        {names[0]: folder} if len(names) == 1 else {name: folder / name for name in names if (folder / name).is_dir()}
+    )
     planned = []
     for name, source in sources.items():
         files = sorted(path for path in source.iterdir() if path.suffix.lower() in EXTENSIONS)
@@ -113,18 +137,21 @@ def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str,
         calib, held = config.parent / f"{stem}_calib.txt", config.parent / f"{stem}_holdout.txt"
         for path in (calib, held):
             if path.exists():
-                raise ConfigError([f"{path} exists: xquant init does not overwrite files; give another -o"],
-                                  source="init")
+                raise ConfigError(
+                    [f"{path} exists: xquant init does not overwrite files; give another -o"], source="init"
+                )
         planned.append((name, kinds[0], calib, held, files))
     found = {}
     for name, kind, calib, held, files in planned:  # written only once every check passed
-        kept = [path for index, path in enumerate(files)
-                if index % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1 or len(files) < HOLD_OUT_EVERY]
+        kept = [
+            path
+            for index, path in enumerate(files)
+            if index % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1 or len(files) < HOLD_OUT_EVERY
+        ]
         held_out = [path for path in files if path not in kept]
         for path, members in ((calib, kept + held_out), (held, held_out)):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(f"{_ref(member, path.parent)}\n"
-                                    for member in members), encoding="utf-8")
+            path.write_text("".join(f"{_ref(member, path.parent)}\n" for member in members), encoding="utf-8")
         found[name] = (kind, calib, held, len(kept))
     return found
 

@@ -10,7 +10,8 @@ accuracy). The search keeps ops in float until ``target`` is reached.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 

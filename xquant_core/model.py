@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -21,11 +21,18 @@ from .errors import ModelError
 
 log = logging.getLogger("xquant.model")
 
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-           "DynamicQuantizeLinear"}
+QDQ_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeLinear",
+}
 
 
-def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Load and sanity-check a float ONNX model (a path or an in-memory proto); opset < 13 is converted to 13."""
     if isinstance(source, onnx.ModelProto):
         model = source
@@ -45,28 +52,37 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"{where} has an empty graph: is it an ONNX model?")
     quantized = sorted({node.op_type for node in model.graph.node if node.op_type in QDQ_OPS})
     if quantized:
-        raise ModelError(f"{where} is already quantized (it contains {', '.join(quantized)}); "
-                         "give xquant the float model")
+        raise ModelError(
+            f"{where} is already quantized (it contains {', '.join(quantized)}); give xquant the float model"
+        )
     half = _half_precision(model)
     if half:
-        raise ModelError(f"{where} is a float16/bfloat16 model ({', '.join(half[:3])}"
-                         f"{' ...' if len(half) > 3 else ''}): xquant quantizes float32 models; "
-                         "give it the float32 model (or convert this one to float32 first)")
+        raise ModelError(
+            f"{where} is a float16/bfloat16 model ({', '.join(half[:3])}"
+            f"{' ...' if len(half) > 3 else ''}): xquant quantizes float32 models; "
+            "give it the float32 model (or convert this one to float32 first)"
+        )
     opset = default_opset(model)
     try:
         return at_least_opset_13(model)
     except Exception as exc:
-        raise ModelError(f"{where} is at opset {opset}; converting it to opset 13 failed "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
-                         "export it again at opset 13 or later") from None
+        raise ModelError(
+            f"{where} is at opset {opset}; converting it to opset 13 failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+            "export it again at opset 13 or later"
+        ) from None
 
 
 def _half_precision(model: onnx.ModelProto) -> list[str]:
     """Inputs, outputs and initializers stored as float16/bfloat16 (PPQ's float ops fail on them)."""
     half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     graph = model.graph
-    values = [f"{kind} {value.name}" for kind, group in (("input", graph.input), ("output", graph.output))
-              for value in group if value.type.tensor_type.elem_type in half]
+    values = [
+        f"{kind} {value.name}"
+        for kind, group in (("input", graph.input), ("output", graph.output))
+        for value in group
+        if value.type.tensor_type.elem_type in half
+    ]
     return values + [f"initializer {init.name}" for init in graph.initializer if init.data_type in half]
 
 
@@ -79,8 +95,11 @@ def simplify(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProt
         with _native_output_to_log("onnxsim"):
             simplified, ok = onnxsim.simplify(model)
     except Exception as exc:  # onnxsim raises many kinds of errors on exotic graphs
-        log.warning("onnxsim failed (%s: %s); going on with the original graph",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning(
+            "onnxsim failed (%s: %s); going on with the original graph",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         simplified, ok = model, True
     if not ok:
         log.warning("onnxsim could not validate the simplified model; going on with the original graph")
@@ -138,14 +157,17 @@ def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], input
         raise ModelError(
             "Calibration input_parametres size should equal to model inputs size. "
             f"The config has {len(configs)} entr{'y' if len(configs) == 1 else 'ies'} in {inputs_key}, "
-            f"the model has {len(values)} input(s): {', '.join(names)}")
+            f"the model has {len(values)} input(s): {', '.join(names)}"
+        )
     specs = []
     for cfg, value in zip(configs, values):
         where = f"{inputs_key}[{cfg.index}]"
         if cfg.input_name is not None:
             if cfg.input_name not in names:
-                raise ModelError(f"{where}.input_name '{cfg.input_name}' is not a model input; "
-                                 f"the model's inputs are: {', '.join(names)}")
+                raise ModelError(
+                    f"{where}.input_name '{cfg.input_name}' is not a model input; "
+                    f"the model's inputs are: {', '.join(names)}"
+                )
             value = values[names.index(cfg.input_name)]
         elem_type = value.type.tensor_type.elem_type
         try:
@@ -153,26 +175,31 @@ def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], input
         except Exception:
             raise ModelError(f"model input '{value.name}' has an unsupported element type {elem_type}") from None
         if cfg.dtype is not None and cfg.dtype != dtype:
-            raise ModelError(f"{where}.dtype is {cfg.dtype} but model input '{value.name}' is {dtype}; "
-                             "the model's type is used: remove dtype")
+            raise ModelError(
+                f"{where}.dtype is {cfg.dtype} but model input '{value.name}' is {dtype}; "
+                "the model's type is used: remove dtype"
+            )
         model_shape = _model_shape(value)
+        shape: tuple[int, ...]
         if cfg.input_shape is not None:
             shape = tuple(cfg.input_shape)
-            if len(shape) != len(model_shape) or any(
-                    isinstance(m, int) and m != s for m, s in zip(model_shape, shape)):
-                raise ModelError(f"{where}.input_shape {list(shape)} does not fit model input "
-                                 f"'{value.name}' of shape {model_shape}")
+            if len(shape) != len(model_shape) or any(isinstance(m, int) and m != s for m, s in zip(model_shape, shape)):
+                raise ModelError(
+                    f"{where}.input_shape {list(shape)} does not fit model input '{value.name}' of shape {model_shape}"
+                )
         else:
-            shape = []
+            dims: list[int] = []
             for axis, dim in enumerate(model_shape):
                 if isinstance(dim, int):
-                    shape.append(dim)
+                    dims.append(dim)
                 elif axis == 0:
-                    shape.append(1)  # symbolic batch
+                    dims.append(1)  # symbolic batch
                 else:
-                    raise ModelError(f"model input '{value.name}' has a symbolic dimension '{dim}' at axis {axis}; "
-                                     f"set {where}.input_shape")
-            shape = tuple(shape)
+                    raise ModelError(
+                        f"model input '{value.name}' has a symbolic dimension '{dim}' at axis {axis}; "
+                        f"set {where}.input_shape"
+                    )
+            shape = tuple(dims)
         specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, config=cfg))
     used = [spec.name for spec in specs]
     if len(set(used)) != len(used):
@@ -186,8 +213,11 @@ def fix_input_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx
     Not in a model with subgraphs: onnxruntime infers shapes in untaken If branches too, and
     a branch written for another rank (Silero VAD has one) makes the model fail to load.
     """
-    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in model.graph.node for attribute in node.attribute):
+    if any(
+        attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for attribute in node.attribute
+    ):
         return model
     by_name = {spec.name: spec for spec in specs}
     for value in model.graph.input:
@@ -218,8 +248,10 @@ def split_at(model: onnx.ModelProto, cut: Sequence[str]) -> tuple[onnx.ModelProt
     known = set(producers) | {value.name for value in model.graph.input}
     missing = [name for name in cut if name not in known]
     if missing:
-        raise ModelError(f"{TRUNCATE_FAILED} var name(s) not in the graph: {', '.join(missing)} "
-                         "(names are those of the model after onnxsim; set skip_onnxsim to keep every original name)")
+        raise ModelError(
+            f"{TRUNCATE_FAILED} var name(s) not in the graph: {', '.join(missing)} "
+            "(names are those of the model after onnxsim; set skip_onnxsim to keep every original name)"
+        )
     upper: set[int] = set()
     stack = [producers[name] for name in cut if name in producers]
     while stack:
@@ -232,17 +264,23 @@ def split_at(model: onnx.ModelProto, cut: Sequence[str]) -> tuple[onnx.ModelProt
     if not lower:
         raise ModelError(f"{TRUNCATE_FAILED} nothing lies below {', '.join(cut)}: the cut does not split the graph")
     if not upper:
-        raise ModelError(f"{TRUNCATE_FAILED} nothing lies above {', '.join(cut)} (a model input): "
-                         "nothing would be quantized; name tensors inside the graph")
+        raise ModelError(
+            f"{TRUNCATE_FAILED} nothing lies above {', '.join(cut)} (a model input): "
+            "nothing would be quantized; name tensors inside the graph"
+        )
     upper_outputs = {out for index in upper for out in model.graph.node[index].output}
     crossing = sorted({name for node in lower for name in node.input if name in upper_outputs} - set(cut))
     if crossing:
-        raise ModelError(f"{TRUNCATE_FAILED} tensor(s) {', '.join(crossing)} also cross from above the cut to below "
-                         "it: add them to truncate_var_names")
+        raise ModelError(
+            f"{TRUNCATE_FAILED} tensor(s) {', '.join(crossing)} also cross from above the cut to below "
+            "it: add them to truncate_var_names"
+        )
 
     inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {value.name: value for value in list(inferred.graph.value_info) + list(inferred.graph.output)
-             + list(inferred.graph.input)}
+    infos = {
+        value.name: value
+        for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    }
     graph_outputs = [value.name for value in model.graph.output]
     outputs = list(cut) + [name for name in graph_outputs if name in upper_outputs and name not in cut]
     for name in outputs:
@@ -251,16 +289,19 @@ def split_at(model: onnx.ModelProto, cut: Sequence[str]) -> tuple[onnx.ModelProt
     upper_nodes = [node for index, node in enumerate(model.graph.node) if index in upper]
     used = {name for node in upper_nodes for name in node.input}
     graph = onnx.helper.make_graph(
-        upper_nodes, model.graph.name + "_upper",
+        upper_nodes,
+        model.graph.name + "_upper",
         [value for value in model.graph.input if value.name in used],
         [infos[name] for name in outputs],
-        [init for init in model.graph.initializer if init.name in used])
+        [init for init in model.graph.initializer if init.name in used],
+    )
     upper_model = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return upper_model, lower
 
 
-def reattach(quantized_upper: onnx.ModelProto, original: onnx.ModelProto,
-             lower: Sequence[onnx.NodeProto]) -> onnx.ModelProto:
+def reattach(
+    quantized_upper: onnx.ModelProto, original: onnx.ModelProto, lower: Sequence[onnx.NodeProto]
+) -> onnx.ModelProto:
     """The quantized upper part plus the float nodes below the cut, with the original interface."""
     upper_names = {init.name for init in quantized_upper.graph.initializer}
     renamed: dict[str, str] = {}
@@ -283,15 +324,21 @@ def reattach(quantized_upper: onnx.ModelProto, original: onnx.ModelProto,
                 copy.input[position] = renamed[name]
         lower_nodes.append(copy)
     graph = onnx.helper.make_graph(
-        list(quantized_upper.graph.node) + lower_nodes, original.graph.name,
-        list(original.graph.input), list(original.graph.output),
+        list(quantized_upper.graph.node) + lower_nodes,
+        original.graph.name,
+        list(original.graph.input),
+        list(original.graph.output),
         list(quantized_upper.graph.initializer) + lower_inits,
-        value_info=list(quantized_upper.graph.value_info))
+        value_info=list(quantized_upper.graph.value_info),
+    )
     opsets: dict[str, int] = {}
     for opset in list(quantized_upper.opset_import) + list(original.opset_import):
         opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
-    merged = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
-                                    ir_version=quantized_upper.ir_version)
+    merged = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+        ir_version=quantized_upper.ir_version,
+    )
     merged.producer_name, merged.producer_version = quantized_upper.producer_name, quantized_upper.producer_version
     merged.metadata_props.extend(quantized_upper.metadata_props)
     return merged

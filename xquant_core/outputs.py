@@ -14,8 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .errors import XQuantError
 
@@ -27,14 +27,15 @@ class OutputError(XQuantError):
 def derived_paths(out_path: Path) -> dict[Path, str]:
     """Every file a run may write, with what it is."""
     stem = out_path.stem
-    return {out_path: "the output model",
-            out_path.with_name(f"{stem}_report.md"): "the analysis report",
-            out_path.with_name(f"{stem}_report.png"): "the analysis chart",
-            out_path.with_name(f"{stem}_custom_setting.json"): "the custom_setting file"}
+    return {
+        out_path: "the output model",
+        out_path.with_name(f"{stem}_report.md"): "the analysis report",
+        out_path.with_name(f"{stem}_report.png"): "the analysis chart",
+        out_path.with_name(f"{stem}_custom_setting.json"): "the custom_setting file",
+    }
 
 
-def check_not_read(out_path: Path, reads: Mapping[Path, str],
-                   also_writes: Mapping[Path, str] | None = None) -> None:
+def check_not_read(out_path: Path, reads: Mapping[Path, str], also_writes: Mapping[Path, str] | None = None) -> None:
     """Fail when an output would replace a file the run reads (``reads``: path -> what it is); the
     caller's ``also_writes`` (e.g. ``--summary-json``) must not be one of the run's outputs either."""
     read = {_key(path): what for path, what in reads.items()}
@@ -69,8 +70,14 @@ def check_folder(out_path: Path) -> None:
         raise OutputError(f"cannot {what} {folder}: {_reason(exc)}") from None
 
 
-def files_read(model_path: Path | None, model, config_source: str, lists: Iterable[Path] = (),
-               samples: Iterable[Path] = (), preprocess_files: Iterable[Path] = ()) -> dict[Path, str]:
+def files_read(
+    model_path: Path | None,
+    model,
+    config_source: str,
+    lists: Iterable[Path] = (),
+    samples: Iterable[Path] = (),
+    preprocess_files: Iterable[Path] = (),
+) -> dict[Path, str]:
     """The files a run reads, each with what it is (for :func:`check_not_read`); ``model`` is the
     loaded ``onnx.ModelProto`` of ``model_path`` (for the external-data files it names)."""
     reads: dict[Path, str] = {}
@@ -105,8 +112,9 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
-        raise OutputError(f"cannot write {path}: {_reason(exc)}"
-                          + (" (the previous file is unchanged)" if path.exists() else "")) from None
+        raise OutputError(
+            f"cannot write {path}: {_reason(exc)}" + (" (the previous file is unchanged)" if path.exists() else "")
+        ) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -137,7 +145,7 @@ def _external_data(model_path: Path, model) -> list[Path]:
     """The external-data files a model names."""
     import onnx
 
-    locations = set()
+    locations: set[str] = set()
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             locations.update(entry.value for entry in tensor.external_data if entry.key == "location")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pluggy
 
@@ -108,8 +109,9 @@ class PluginHost:
         self._registries: dict[str, Registry] | None = None
 
     # -- loading -------------------------------------------------------------
-    def register(self, plugin: object, name: str, distribution: str = "", version: str = "",
-                 builtin: bool = False) -> None:
+    def register(
+        self, plugin: object, name: str, distribution: str = "", version: str = "", builtin: bool = False
+    ) -> None:
         """Register a plugin object (module) under ``name``."""
         if self.manager.has_plugin(name):
             raise PluginError(f"a plugin named '{name}' is already registered")
@@ -117,14 +119,24 @@ class PluginHost:
         try:  # a misspelt hook (xquant_register_reader) would otherwise register and never be called
             self.manager.check_pending()
         except pluggy.PluginValidationError:
-            unknown = sorted(impl.__name__ for impl in vars(plugin).values() if callable(impl)
-                             and hasattr(impl, f"{hookspecs.PROJECT}_impl")
-                             and not hasattr(hookspecs, impl.__name__)) if hasattr(plugin, "__dict__") else []
+            unknown = (
+                sorted(
+                    impl.__name__
+                    for impl in vars(plugin).values()
+                    if callable(impl)
+                    and hasattr(impl, f"{hookspecs.PROJECT}_impl")
+                    and not hasattr(hookspecs, impl.__name__)
+                )
+                if hasattr(plugin, "__dict__")
+                else []
+            )
             self.manager.unregister(name=name)
             known = sorted(n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT}_"))
-            raise PluginError(f"plugin '{name}'{f' ({distribution})' if distribution else ''} implements "
-                              f"{', '.join(unknown) or 'a hook'} that xquant does not define; its hooks are: "
-                              f"{', '.join(known)}") from None
+            raise PluginError(
+                f"plugin '{name}'{f' ({distribution})' if distribution else ''} implements "
+                f"{', '.join(unknown) or 'a hook'} that xquant does not define; its hooks are: "
+                f"{', '.join(known)}"
+            ) from None
         self.infos[name] = PluginInfo(name, distribution or name, version, builtin)
         self._order.append(name)
         self._registries = None
@@ -136,7 +148,8 @@ class PluginHost:
         self._registries = None
 
     def load_entry_points(self) -> None:
-        builtins, third_party = [], []
+        builtins: list = []
+        third_party: list = []
         for ep in _entry_points():
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else "?"
@@ -153,8 +166,7 @@ class PluginHost:
         third_party.sort(key=lambda item: (_normalize(item[0]), item[1].name))
         if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() not in ("", "0"):
             if third_party:
-                log.info("%s is set: not loading %d third-party plugin(s)", DISABLE_AUTOLOAD_ENV,
-                         len(third_party))
+                log.info("%s is set: not loading %d third-party plugin(s)", DISABLE_AUTOLOAD_ENV, len(third_party))
             third_party = []
         for dist_name, ep, dist, is_builtin in builtins + third_party:
             version = dist.version if dist is not None else ""
@@ -184,8 +196,9 @@ class PluginHost:
                 if impl is None:
                     continue
 
-                def register(name: str, component: Any, *, override: bool = False,
-                             _kind: str = kind, _plugin: str = plugin_name) -> None:
+                def register(
+                    name: str, component: Any, *, override: bool = False, _kind: str = kind, _plugin: str = plugin_name
+                ) -> None:
                     registries[_kind].add(name, component, _plugin, override)
 
                 try:
@@ -204,8 +217,11 @@ class PluginHost:
         """Each plugin with the names it registered, per kind (for `xquant plugins`)."""
         for plugin_name in self._order:
             provided = {
-                kind: [reg.name + (f" (overrides {reg.overrides})" if reg.overrides else "")
-                       for reg in self.registry(kind).entries.values() if reg.plugin == plugin_name]
+                kind: [
+                    reg.name + (f" (overrides {reg.overrides})" if reg.overrides else "")
+                    for reg in self.registry(kind).entries.values()
+                    if reg.plugin == plugin_name
+                ]
                 for kind in KINDS
             }
             yield self.infos[plugin_name], {k: v for k, v in provided.items() if v}

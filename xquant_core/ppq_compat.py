@@ -90,10 +90,10 @@ def _install_onnx_mapping() -> None:
             table[value] = onnx.helper.tensor_dtype_to_np_dtype(value)
         except Exception:  # UNDEFINED, STRING and the like have no numpy type
             continue
-    module.TENSOR_TYPE_TO_NP_TYPE = table
-    module.NP_TYPE_TO_TENSOR_TYPE = {np_type: key for key, np_type in table.items()}
+    module.TENSOR_TYPE_TO_NP_TYPE = table  # type: ignore[attr-defined]
+    module.NP_TYPE_TO_TENSOR_TYPE = {np_type: key for key, np_type in table.items()}  # type: ignore[attr-defined]
     sys.modules["onnx.mapping"] = module
-    onnx.mapping = module
+    onnx.mapping = module  # type: ignore[attr-defined]
 
 
 def _route_ppq_messages() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -26,8 +26,10 @@ log = logging.getLogger("xquant.model")
 
 def _names_read(node: onnx.NodeProto) -> list[str]:
     """The tensors a node reads: its inputs, and the outer tensors its subgraphs name."""
-    return [*node.input, *(name for attribute in node.attribute for sub in subgraphs(attribute)
-                           for name in free_names(sub))]
+    return [
+        *node.input,
+        *(name for attribute in node.attribute for sub in subgraphs(attribute) for name in free_names(sub)),
+    ]
 
 
 class _Index:
@@ -52,8 +54,12 @@ class _Index:
 
     def is_scalar(self, name: str, value: float) -> bool:
         array = self.constants.get(name)
-        return array is not None and array.size == 1 and array.dtype.kind == "f" and math.isclose(
-            float(array.reshape(())), value, rel_tol=1e-6)
+        return (
+            array is not None
+            and array.size == 1
+            and array.dtype.kind == "f"
+            and math.isclose(float(array.reshape(())), value, rel_tol=1e-6)
+        )
 
 
 def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
@@ -61,9 +67,10 @@ def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
     used = {name for node in graph.node for name in _names_read(node)} | {value.name for value in graph.output}
     unused = candidates - used
     for field, values in (
-            ("node", [n for n in graph.node if n.op_type != "Constant" or n.output[0] not in unused]),
-            ("initializer", [i for i in graph.initializer if i.name not in unused]),
-            ("input", [v for v in graph.input if v.name not in unused])):
+        ("node", [n for n in graph.node if n.op_type != "Constant" or n.output[0] not in unused]),
+        ("initializer", [i for i in graph.initializer if i.name not in unused]),
+        ("input", [v for v in graph.input if v.name not in unused]),
+    ):
         del getattr(graph, field)[:]
         getattr(graph, field).extend(values)
 
@@ -81,31 +88,55 @@ def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = ()) -> o
 
     def sixth(node, name: str) -> bool:  # node computes name / 6 (or name * 1/6)
         rest = index.other_input(node, name)
-        return rest is not None and ((node.op_type == "Div" and node.input[0] == name and index.is_scalar(rest, 6.0))
-                                     or (node.op_type == "Mul" and index.is_scalar(rest, 1 / 6)))
+        return rest is not None and (
+            (node.op_type == "Div" and node.input[0] == name and index.is_scalar(rest, 6.0))
+            or (node.op_type == "Mul" and index.is_scalar(rest, 1 / 6))
+        )
 
     replaced: dict[int, list] = {}  # id of the chain's last node -> the nodes taking its place
     removed: set[int] = set()
     unused: set[str] = set()  # constants only the fused chains read
-    for clip in [node for node in graph.node if node.op_type == "Clip" and len(node.input) == 3]:
+    clips: list[onnx.NodeProto] = [node for node in graph.node if node.op_type == "Clip" and len(node.input) == 3]
+    for clip in clips:
         add = index.producer.get(clip.input[0])
-        if not (index.is_scalar(clip.input[1], 0.0) and index.is_scalar(clip.input[2], 6.0)) or add is None \
-                or add.op_type != "Add" or index.sole_reader(add.output[0]) is not clip:
+        if (
+            not (index.is_scalar(clip.input[1], 0.0) and index.is_scalar(clip.input[2], 6.0))
+            or add is None
+            or add.op_type != "Add"
+            or index.sole_reader(add.output[0]) is not clip
+        ):
             continue
         x = next((value for value in add.input if index.is_scalar(index.other_input(add, value) or "", 3.0)), None)
         user = index.sole_reader(clip.output[0])
         if x is None or user is None:
             continue
-        hard_sigmoid = helper.make_node("HardSigmoid", [x], [f"{clip.output[0]}_hardsigmoid"],
-                                        name=f"{clip.name or clip.output[0]}_hardsigmoid", alpha=1 / 6, beta=0.5)
+        hard_sigmoid = helper.make_node(
+            "HardSigmoid",
+            [x],
+            [f"{clip.output[0]}_hardsigmoid"],
+            name=f"{clip.name or clip.output[0]}_hardsigmoid",
+            alpha=1 / 6,
+            beta=0.5,
+        )
         if sixth(user, clip.output[0]):  # HardSigmoid
             hard_sigmoid.output[0] = user.output[0]
             chain, fused = [add, clip, user], [hard_sigmoid]
-        elif user.op_type == "Mul" and index.other_input(user, clip.output[0]) == x and \
-                (last := index.sole_reader(user.output[0])) is not None and sixth(last, user.output[0]):  # HardSwish
+        elif (
+            user.op_type == "Mul"
+            and index.other_input(user, clip.output[0]) == x
+            and (last := index.sole_reader(user.output[0])) is not None
+            and sixth(last, user.output[0])
+        ):  # HardSwish
             chain = [add, clip, user, last]
-            fused = [hard_sigmoid, helper.make_node("Mul", [x, hard_sigmoid.output[0]], [last.output[0]],
-                                                    name=f"{last.name or last.output[0]}_hardswish")]
+            fused = [
+                hard_sigmoid,
+                helper.make_node(
+                    "Mul",
+                    [x, hard_sigmoid.output[0]],
+                    [last.output[0]],
+                    name=f"{last.name or last.output[0]}_hardswish",
+                ),
+            ]
         else:
             continue
         removed.update(id(node) for node in chain)
@@ -113,8 +144,7 @@ def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = ()) -> o
         unused.update(name for node in chain for name in node.input if name in index.constants)
     if not removed:
         return model
-    nodes = [new for node in graph.node
-             for new in (replaced.get(id(node), []) if id(node) in removed else [node])]
+    nodes = [new for node in graph.node for new in (replaced.get(id(node), []) if id(node) in removed else [node])]
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused(graph, unused)
@@ -165,8 +195,9 @@ def fold_affine_into_conv(model: onnx.ModelProto, keep: Iterable[str] = ()) -> o
     return model
 
 
-def _fold_one(graph: onnx.GraphProto, index: _Index, node: onnx.NodeProto, touched: set[int],
-              gone: set[int]) -> str | None:
+def _fold_one(
+    graph: onnx.GraphProto, index: _Index, node: onnx.NodeProto, touched: set[int], gone: set[int]
+) -> str | None:
     """Apply the first rule that fits ``node`` (an elementwise op with one constant input): the
     nodes it changed go into ``touched``, those it absorbed into ``gone``; returns the rule's name."""
     x, constant = _split_constant(index, node)
@@ -176,7 +207,7 @@ def _fold_one(graph: onnx.GraphProto, index: _Index, node: onnx.NodeProto, touch
     if conv is not None and conv.op_type == "Conv" and index.sole_reader(x) is node and id(conv) not in touched:
         params = _conv_params(index, conv)
         vector = None if params is None else _per_channel(constant, params[0].shape[0], params[0].ndim)
-        if vector is not None and (node.op_type != "Div" or np.all(vector != 0)):
+        if params is not None and vector is not None and (node.op_type != "Div" or np.all(vector != 0)):
             weight, bias = params
             if node.op_type in _SHIFT_OPS:
                 bias = bias + vector if node.op_type == "Add" else bias - vector
@@ -248,8 +279,9 @@ def _conv_params(index: _Index, conv: onnx.NodeProto) -> tuple[np.ndarray, np.nd
     return weight.astype(np.float64), index.constants[conv.input[2]].astype(np.float64)
 
 
-def _set_conv_params(graph: onnx.GraphProto, index: _Index, conv: onnx.NodeProto, weight: np.ndarray,
-                     bias: np.ndarray) -> None:
+def _set_conv_params(
+    graph: onnx.GraphProto, index: _Index, conv: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray
+) -> None:
     """Store the new weight and bias in the Conv's constants (a new bias initializer if it had none)."""
     _set_constant(graph, conv.input[1], weight.astype(np.float32))
     if len(conv.input) > 2 and conv.input[2]:

@@ -24,7 +24,9 @@ def num_threads() -> int:
     return max(1, cores // 2)
 
 
-def onnxruntime_session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None, fused: bool = False):
+def onnxruntime_session(
+    model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None, fused: bool = False
+):
     """A CPU onnxruntime session: quiet (errors are raised, not logged), no telemetry, no spinning
     threads, and by default in exact int8 arithmetic.
 

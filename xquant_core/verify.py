@@ -7,7 +7,7 @@ nothing to quantize came out with no nodes, inputs or outputs).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -20,8 +20,9 @@ from .runtime import onnxruntime_session
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto,
-                 feed: Mapping[str, np.ndarray]) -> str | None:
+def verify_model(
+    quantized: onnx.ModelProto, float_model: onnx.ModelProto, feed: Mapping[str, np.ndarray]
+) -> str | None:
     """onnx's checker (unless the float model fails it too: a declared output without a shape),
     finite positive scales, the float model's output names and order, and one
     onnxruntime inference on ``feed`` with the float model's output shapes and dtypes, finite
@@ -41,11 +42,15 @@ def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto,
     outputs = _run(quantized, feed, "the quantized model")
     for name, expected, value in zip(want, reference, outputs):
         if value.shape != expected.shape or value.dtype != expected.dtype:
-            raise QuantizationError(f"output {name} of the quantized model is {value.dtype}{list(value.shape)}, "
-                                    f"the float model's {expected.dtype}{list(expected.shape)}")
+            raise QuantizationError(
+                f"output {name} of the quantized model is {value.dtype}{list(value.shape)}, "
+                f"the float model's {expected.dtype}{list(expected.shape)}"
+            )
         if value.dtype.kind == "f" and np.isfinite(expected).all() and not np.isfinite(value).all():
-            raise QuantizationError(f"output {name} of the quantized model holds NaN or Inf on the first "
-                                    "calibration batch, where the float model's is finite")
+            raise QuantizationError(
+                f"output {name} of the quantized model holds NaN or Inf on the first "
+                "calibration batch, where the float model's is finite"
+            )
     return fused_kernel_gap(quantized, feed, want, reference, outputs)
 
 
@@ -54,8 +59,13 @@ def verify_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto,
 FUSED_GAP = 1.5
 
 
-def fused_kernel_gap(quantized: onnx.ModelProto, feed: Mapping[str, np.ndarray], names: list[str],
-                     reference: list[np.ndarray], exact: list[np.ndarray]) -> str | None:
+def fused_kernel_gap(
+    quantized: onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    names: list[str],
+    reference: list[np.ndarray],
+    exact: list[np.ndarray],
+) -> str | None:
     """A warning when onnxruntime's default session on this CPU (fused int8 kernels) gives a
     clearly larger output error than exact int8 arithmetic (see
     :func:`xquant_core.runtime.onnxruntime_session`): an x86 CPU without VNNI saturates 16-bit
@@ -73,11 +83,13 @@ def fused_kernel_gap(quantized: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         exact_snr = float(np.square(good.astype(np.float64) - want).sum()) / power
         fused_snr = float(np.square(got.astype(np.float64) - want).sum()) / power
         if fused_snr > FUSED_GAP * exact_snr + 1e-4:
-            return (f"on this CPU onnxruntime's fused int8 kernels compute the model less exactly than the chip: "
-                    f"output {name} SNR {fused_snr:.4g} with a default onnxruntime session against "
-                    f"{exact_snr:.4g} in exact int8 arithmetic, on the first calibration batch (x86 CPUs "
-                    "without VNNI saturate 16-bit sums). The model is not at fault; to check it on this "
-                    "machine use xquant compare, or a session with graph_optimization_level=ORT_ENABLE_BASIC")
+            return (
+                f"on this CPU onnxruntime's fused int8 kernels compute the model less exactly than the chip: "
+                f"output {name} SNR {fused_snr:.4g} with a default onnxruntime session against "
+                f"{exact_snr:.4g} in exact int8 arithmetic, on the first calibration batch (x86 CPUs "
+                "without VNNI saturate 16-bit sums). The model is not at fault; to check it on this "
+                "machine use xquant compare, or a session with graph_optimization_level=ORT_ENABLE_BASIC"
+            )
     return None
 
 
@@ -96,9 +108,11 @@ def _check_scales(graph: onnx.GraphProto) -> None:
             scale = numpy_helper.to_array(initializers[node.input[1]])
             if not (np.isfinite(scale).all() and (scale > 0).all()):
                 bad = scale[~(np.isfinite(scale) & (scale > 0))].ravel()[:3].tolist()
-                raise QuantizationError(f"the quantization scale of {node.input[0]} ({node.op_type} "
-                                        f"{node.name or node.output[0]}) is {bad}: it must be finite and "
-                                        "positive (are the calibration values of that tensor finite?)")
+                raise QuantizationError(
+                    f"the quantization scale of {node.input[0]} ({node.op_type} "
+                    f"{node.name or node.output[0]}) is {bad}: it must be finite and "
+                    "positive (are the calibration values of that tensor finite?)"
+                )
         for attribute in node.attribute:
             for sub in subgraphs(attribute):
                 _check_scales(sub)
@@ -136,8 +150,12 @@ def diagnose_failure(float_model: onnx.ModelProto, dataset, error: BaseException
             try:
                 session.run(None, {name: feed[name] for name in names})
             except Exception as exc:  # onnxruntime raises its own exception types
-                files = ", ".join(str(path) for paths in dataset.lists.values()
-                                  for path in paths[index * dataset.batch_size:(index + 1) * dataset.batch_size])
-                return DataError(f"the float model itself fails on calibration sample {files}: "
-                                 f"onnxruntime says {_first_line(exc)}")
+                files = ", ".join(
+                    str(path)
+                    for paths in dataset.lists.values()
+                    for path in paths[index * dataset.batch_size : (index + 1) * dataset.batch_size]
+                )
+                return DataError(
+                    f"the float model itself fails on calibration sample {files}: onnxruntime says {_first_line(exc)}"
+                )
     return QuantizationError(f"quantization failed: {type(error).__name__}: {_first_line(error)}")

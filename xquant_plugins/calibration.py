@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from xquant_core import hookimpl
-from xquant_core.calibration import (CalibrationAlgorithm, CalibrationContext,
-                                     TensorStatistics, percentile_range)
+from xquant_core.calibration import CalibrationAlgorithm, CalibrationContext, TensorStatistics, percentile_range
 
 #: fractions of the observed range tried as clip windows
 SHRINK_FRACTIONS = np.linspace(0.25, 1.0, 61)
@@ -54,16 +53,18 @@ def candidate_windows(stats: TensorStatistics, ctx: CalibrationContext) -> np.nd
     return np.array([(min(lo, 0.0), max(hi, 0.0)) for lo, hi in windows], dtype=np.float64)
 
 
-def window_errors(stats: TensorStatistics, windows: np.ndarray, ctx: CalibrationContext) -> tuple[np.ndarray, np.ndarray]:
+def window_errors(
+    stats: TensorStatistics, windows: np.ndarray, ctx: CalibrationContext
+) -> tuple[np.ndarray, np.ndarray]:
     """Quantization MSE and KL divergence of each window, from the histogram."""
-    counts = stats.histogram.astype(np.float64)
+    counts = stats.counts()
     total = max(counts.sum(), 1.0)
     edges = stats.bin_edges()
     centers = (edges[:-1] + edges[1:]) / 2
     levels = ctx.quant_max - ctx.quant_min
     lows, highs = windows[:, :1], windows[:, 1:]
     scales = np.maximum((highs - lows) / levels, 1e-12)
-    steps = np.clip(np.round((centers[None, :] - lows) / scales), 0, levels)        # C x B
+    steps = np.clip(np.round((centers[None, :] - lows) / scales), 0, levels)  # C x B
     dequantized = lows + steps * scales
     mse = (counts[None, :] * (dequantized - centers[None, :]) ** 2).sum(axis=1) / total
 
@@ -99,8 +100,7 @@ class _WindowSearch(CalibrationAlgorithm):
             return stats.min, stats.max
         windows = candidate_windows(stats, ctx)
         mse, kl = window_errors(stats, windows, ctx)
-        score = (self.mse_weight * mse / max(mse.min(), 1e-20)
-                 + self.kl_weight * kl / max(kl.min(), 1e-12))
+        score = self.mse_weight * mse / max(mse.min(), 1e-20) + self.kl_weight * kl / max(kl.min(), 1e-12)
         low, high = windows[int(np.argmin(score))]
         return float(low), float(high)
 
@@ -160,8 +160,11 @@ class Default(CalibrationAlgorithm):
         if stats.is_graph_output:
             return [(stats.min, stats.max)]
         wider = 1.0 - (1.0 - ctx.max_percentile) / WIDER_PERCENTILE_FACTOR
-        return [self.compute_range(stats, ctx), self._rules(stats, percentile_range(stats, wider)),
-                self._rules(stats, _KLMSE.compute_range(stats, ctx))]
+        return [
+            self.compute_range(stats, ctx),
+            self._rules(stats, percentile_range(stats, wider)),
+            self._rules(stats, _KLMSE.compute_range(stats, ctx)),
+        ]
 
     @staticmethod
     def _rules(stats: TensorStatistics, window: tuple[float, float]) -> tuple[float, float]:

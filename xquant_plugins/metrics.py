@@ -17,7 +17,7 @@ class OutputSNR(Metric):
         noise = signal = 0.0
         for q, f in output_pairs(quantized, reference, feeds):
             noise += float(((q - f) ** 2).sum())
-            signal += float((f ** 2).sum())
+            signal += float((f**2).sum())
         return noise / signal if signal > 0 else 0.0
 
 

@@ -27,8 +27,9 @@ def normalize_and_layout(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     channels = image.shape[2]
     for values, what in ((cfg.mean_value, "mean_value"), (cfg.std_value, "std_value")):
         if values is not None and len(values) not in (1, channels):
-            raise DataError(f"Calibration input {spec.name}: {what} has {len(values)} values "
-                            f"but the image has {channels} channels")
+            raise DataError(
+                f"Calibration input {spec.name}: {what} has {len(values)} values but the image has {channels} channels"
+            )
     if cfg.mean_value is not None:
         image -= np.asarray(cfg.mean_value, dtype=np.float32)
     if cfg.std_value is not None:
@@ -39,7 +40,7 @@ def normalize_and_layout(image: np.ndarray, spec: InputSpec) -> np.ndarray:
 def center_crop(image: np.ndarray, height: int, width: int, rounding) -> np.ndarray:
     top = int(rounding((image.shape[0] - height) / 2.0))
     left = int(rounding((image.shape[1] - width) / 2.0))
-    return image[top:top + height, left:left + width]
+    return image[top : top + height, left : left + width]
 
 
 def torchvision_resize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -59,7 +60,7 @@ def torchvision_resize_crop(image: np.ndarray, height: int, width: int) -> np.nd
         new_h, new_w = int(short_target * h / w), short_target
     channels = image.shape[2]
     pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
-    resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
+    resized = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR))
     if resized.ndim == 2:
         resized = resized[:, :, None]
     return center_crop(resized, height, width, round)
@@ -114,8 +115,10 @@ class CropPreprocess:
 
     def __call__(self, sample: np.ndarray, spec: InputSpec, reader: Reader) -> np.ndarray:
         if not getattr(reader, "is_image", False):
-            raise DataError(f"Calibration input {spec.name}: preprocess_file {spec.config.preprocess_file} "
-                            f"needs images, but file_type is {spec.config.file_type}")
+            raise DataError(
+                f"Calibration input {spec.name}: preprocess_file {spec.config.preprocess_file} "
+                f"needs images, but file_type is {spec.config.file_type}"
+            )
         height, width = spec.height_width
         return normalize_and_layout(self.resize_crop(sample, height, width), spec)
 

@@ -43,16 +43,20 @@ class NpyReader:
         with open(path, "rb") as stream:
             magic = stream.read(6)
         if magic != b"\x93NUMPY":
-            raise DataError(f"Calibration input {spec.name}: {path} is not a .npy file (it does not start with "
-                            "the NumPy header; write samples with numpy.save)")
+            raise DataError(
+                f"Calibration input {spec.name}: {path} is not a .npy file (it does not start with "
+                "the NumPy header; write samples with numpy.save)"
+            )
         try:
             array = np.load(str(path), allow_pickle=False)
         except Exception as exc:
             raise DataError(f"Calibration input {spec.name}: {path} is not a readable .npy file: {exc}") from None
         accepted = spec.accepted_shapes()
         if array.shape not in accepted:
-            raise DataError(f"Calibration input {spec.name}: {path} holds shape {list(array.shape)}, expected "
-                            + " or ".join(str(list(shape)) for shape in accepted))
+            raise DataError(
+                f"Calibration input {spec.name}: {path} holds shape {list(array.shape)}, expected "
+                + " or ".join(str(list(shape)) for shape in accepted)
+            )
         return array.reshape(spec.sample_shape)
 
 
@@ -65,8 +69,10 @@ class RawReader:
         expected = int(np.prod(spec.sample_shape, dtype=np.int64)) * 4
         actual = path.stat().st_size
         if actual != expected:
-            raise DataError(f"Calibration input {spec.name}: {path} has {actual} bytes, expected {expected} "
-                            f"(float32 x {list(spec.sample_shape)})")
+            raise DataError(
+                f"Calibration input {spec.name}: {path} has {actual} bytes, expected {expected} "
+                f"(float32 x {list(spec.sample_shape)})"
+            )
         return np.fromfile(str(path), dtype=np.float32).reshape(spec.sample_shape)
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
 from .common import CHOICE_BATCHES, CHOICE_EVERY, clearly_lower, float_graph
 from .finetune import output_error
-
-if TYPE_CHECKING:
-    from .core import EnginePlan
+from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
 
@@ -22,13 +19,20 @@ log = logging.getLogger("xquant.engine")
 class _TensorObserver:
     """Collects min/max, then optionally a histogram, of one activation tensor."""
 
-    def __init__(self, name: str, configs: list, consumers: tuple[str, ...], is_output: bool,
-                 algorithm: CalibrationAlgorithm, context: CalibrationContext):
+    def __init__(
+        self,
+        name: str,
+        configs: list,
+        consumers: tuple[str, ...],
+        is_output: bool,
+        algorithm: CalibrationAlgorithm,
+        context: CalibrationContext,
+    ):
         self.name, self.configs, self.consumers, self.is_output = name, configs, consumers, is_output
         self.algorithm, self.context = algorithm, context
         self.phase = "minmax"
         self.low, self.high = float("inf"), float("-inf")
-        self.histogram = None
+        self.histogram: np.ndarray | None = None
         self.last_step = -1
         self.step = 0
 
@@ -44,8 +48,8 @@ class _TensorObserver:
             self.high = max(self.high, value.max().item())
 
         elif self.phase == "histogram" and self.high > self.low:
-            counts = torch.histc(value, bins=HISTOGRAM_BINS, min=self.low, max=self.high)
-            counts = counts.cpu().numpy().astype(np.float64)
+            counts = torch.histc(value, bins=HISTOGRAM_BINS, min=self.low, max=self.high).cpu().numpy()
+            counts = counts.astype(np.float64)
             self.histogram = counts if self.histogram is None else self.histogram + counts
 
     def statistics(self) -> TensorStatistics:
@@ -58,8 +62,11 @@ class _TensorObserver:
     def compute(self) -> int:
         """Work out the candidate ranges; return how many there are."""
         candidates = getattr(self.algorithm, "candidate_ranges", None)  # plugins may only duck-type
-        self.ranges = (candidates(self.statistics(), self.context) if candidates is not None
-                       else [self.algorithm.compute_range(self.statistics(), self.context)])
+        self.ranges = (
+            candidates(self.statistics(), self.context)
+            if candidates is not None
+            else [self.algorithm.compute_range(self.statistics(), self.context)]
+        )
         return len(self.ranges)
 
     def render(self, strategy: int = 0) -> None:
@@ -70,15 +77,20 @@ class _TensorObserver:
         low, high = self.ranges[min(strategy, len(self.ranges) - 1)]
         for config in self.configs:
             scale, offset = range_to_scale_offset(
-                low, high, config.quant_min, config.quant_max,
-                symmetric=config.policy.has_property(QuantizationProperty.SYMMETRICAL))
+                low,
+                high,
+                config.quant_min,
+                config.quant_max,
+                symmetric=config.policy.has_property(QuantizationProperty.SYMMETRICAL),
+            )
             config.scale = torch.tensor(scale, dtype=torch.float32)
             config.offset = torch.tensor(offset, dtype=torch.float32)
             config.state = QuantizationStates.ACTIVATED
 
 
-def range_to_scale_offset(low: float, high: float, quant_min: int, quant_max: int,
-                          symmetric: bool = False) -> tuple[float, float]:
+def range_to_scale_offset(
+    low: float, high: float, quant_min: int, quant_max: int, symmetric: bool = False
+) -> tuple[float, float]:
     """Scale and zero point so that [low, high] (widened to include 0) maps to the int range."""
     low, high = min(float(low), 0.0), max(float(high), 0.0)
     if symmetric:
@@ -135,7 +147,8 @@ class ActivationCalibration:
                     consumers = tuple(op.type for op in var.dest_ops)
                     algorithm, context = per_tensor.get(var.name, (self.plan.algorithm, self.plan.context))
                     observer = observers[var.name] = _TensorObserver(
-                        var.name, [], consumers, var.name in graph.outputs, algorithm, context)
+                        var.name, [], consumers, var.name in graph.outputs, algorithm, context
+                    )
                 observer.configs.append(config)
                 table[config] = observer
             if table:
@@ -158,8 +171,7 @@ class ActivationCalibration:
         for phase in phases:
             for observer in observers.values():
                 observer.phase = phase if (phase == "minmax" or observer.algorithm.needs_histogram) else "done"
-            self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress,
-                              f"calibration ({phase})")
+            self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress, f"calibration ({phase})")
         strategies = max(observer.compute() for observer in observers.values())
         if strategies > 1:
             bar = progress("strategy choice", strategies) if progress else None
@@ -196,8 +208,12 @@ class ActivationCalibration:
         named = (tuple(getattr(observer.algorithm, "strategies", ())) for observer in observers.values())
         names = next((names for names in named if len(names) == strategies), ())
         label = lambda index: names[index] if index < len(names) else f"strategy {index}"  # noqa: E731
-        log.info("calibration: output SNR on %d calibration batch(es): %s; keeping %s", len(batches),
-                 ", ".join(f"{label(index)} {error:.5g}" for index, error in enumerate(errors)), label(best))
+        log.info(
+            "calibration: output SNR on %d calibration batch(es): %s; keeping %s",
+            len(batches),
+            ", ".join(f"{label(index)} {error:.5g}" for index, error in enumerate(errors)),
+            label(best),
+        )
         for observer in observers.values():
             observer.render(best)
 

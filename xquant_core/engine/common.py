@@ -37,10 +37,16 @@ def keep_float(graph, names) -> Callable[[], None]:
 
     names = set(names)
     # ops already float stay out: undo must not quantize what an earlier call kept float
-    ops = [graph.operations[name] for name in names
-           if isinstance(graph.operations[name], QuantableOperation) and not graph.operations[name]._dequantized]
-    own = {id(config) for op in ops
-           for config in op.config.input_quantization_config + op.config.output_quantization_config}
+    ops = [
+        graph.operations[name]
+        for name in names
+        if isinstance(graph.operations[name], QuantableOperation) and not graph.operations[name]._dequantized
+    ]
+    own = {
+        id(config)
+        for op in ops
+        for config in op.config.input_quantization_config + op.config.output_quantization_config
+    }
     detached = []
     for other in graph.operations.values():
         # an op kept float by an earlier call reads float: detaching its input config would

@@ -24,12 +24,11 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import numpy as np
 
-from ..calibration import CalibrationAlgorithm, CalibrationContext
 from ..errors import ModelError
 from ..ppq_compat import import_ppq
 from . import forms
@@ -37,9 +36,8 @@ from .calibrate import ActivationCalibration
 from .common import Batches, keep_float
 from .equalize import equalize_depthwise_pairs
 from .finetune import correct_bias, fine_tune_worst_layers
-
-if TYPE_CHECKING:
-    from .search import FloatOpSearch
+from .plan import EnginePlan, SubgraphOverride
+from .search import FloatOpSearch
 
 log = logging.getLogger("xquant.engine")
 
@@ -52,31 +50,6 @@ FLOAT_OPS_BY_LEVEL = {
     1: frozenset({"Mul", "Div", "Sigmoid", "Softmax"}),
     2: frozenset({"Add", "Sub", "Mul", "Div", "Sigmoid", "Softmax"}),
 }
-
-
-@dataclass(frozen=True)
-class SubgraphOverride:
-    """One ``custom_setting`` entry, its names resolved to plugin objects."""
-
-    index: int
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    precision_level: int | None = None
-    algorithm: CalibrationAlgorithm | None = None
-    max_percentile: float | None = None
-    float_after_calibration: bool = False
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """Everything the engine needs to know, resolved from the config."""
-
-    algorithm: CalibrationAlgorithm
-    context: CalibrationContext
-    precision_level: int
-    finetune_level: int
-    device: str
-    overrides: tuple[SubgraphOverride, ...] = ()
 
 
 def cuda_available() -> bool:
@@ -110,10 +83,16 @@ class FloatTrial:
             undo()
 
 
-def quantize_graph(model, batches: Iterable[dict[str, np.ndarray]], num_batches: int,
-                   platform: Any, plan: EnginePlan,
-                   progress: Callable[[str, int], Any] | None = None, search: "FloatOpSearch | None" = None,
-                   keep_graph: bool = False):
+def quantize_graph(
+    model,
+    batches: Iterable[dict[str, np.ndarray]],
+    num_batches: int,
+    platform: Any,
+    plan: EnginePlan,
+    progress: Callable[[str, int], Any] | None = None,
+    search: FloatOpSearch | None = None,
+    keep_graph: bool = False,
+):
     """Quantize ``model`` (an ``onnx.ModelProto``) and return the exported ``onnx.ModelProto``.
 
     With ``search``, return its :class:`SearchResult` (which holds the exported model); with
@@ -152,6 +131,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         def feeds() -> Iterable[dict[str, Any]]:
             for batch in data:
                 yield {name: torch.from_numpy(array).to(plan.device) for name, array in batch.items()}
+
         return feeds
 
     feeds = feeds_of(batches)
@@ -167,8 +147,15 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     platform.finalize(graph)
     # the all-INT8 model, for a search that starts with ops already in float to compare against
     plain = forms.restore(platform.export(graph), model) if search is not None and search.already_float else None
-    keep_float(graph, {name for override, ops in regions
-                       if override.precision_level == 3 and override.float_after_calibration for name in ops})
+    keep_float(
+        graph,
+        {
+            name
+            for override, ops in regions
+            if override.precision_level == 3 and override.float_after_calibration
+            for name in ops
+        },
+    )
 
     def export():
         return forms.restore(platform.export(graph), model)
@@ -199,8 +186,13 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
         equalize_depthwise_pairs(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
-    _dispatch(graph, quantizer.quant_operation_types, plan, regions,
-              platform.float_ops(graph) if hasattr(platform, "float_ops") else set())
+    _dispatch(
+        graph,
+        quantizer.quant_operation_types,
+        plan,
+        regions,
+        platform.float_ops(graph) if hasattr(platform, "float_ops") else set(),
+    )
     executor = TorchExecutor(graph=graph, device=plan.device)
     first = next(iter(feeds()))
     executor.tracing_operation_meta(inputs=first)
@@ -211,18 +203,24 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     def apply(ppq_pass, data=None) -> None:
         data = Batches(feeds, num_batches) if data is None else data
         with _ppq_output_to_log():
-            ppq_pass.optimize(graph=graph, dataloader=data, executor=executor,
-                              calib_steps=len(data), collate_fn=None)
+            ppq_pass.optimize(graph=graph, dataloader=data, executor=executor, calib_steps=len(data), collate_fn=None)
 
     for name, operation in list(graph.operations.items()):
         if operation.platform == TargetPlatform.UNSPECIFIED:
-            operation.platform = (quantizer.target_platform if operation.type in quantizer.quant_operation_types
-                                  else TargetPlatform.FP32)
+            operation.platform = (
+                quantizer.target_platform if operation.type in quantizer.quant_operation_types else TargetPlatform.FP32
+            )
         if operation.platform not in {TargetPlatform.FP32, TargetPlatform.SOI}:
             quantizer.quantize_operation(name)
     executor.load_graph(graph)
-    apply(_ppq_pass("QuantizeFusionPass", activation_type=quantizer.activation_fusion_types, fuse_activation=True,
-                    fuse_passive_op=False))
+    apply(
+        _ppq_pass(
+            "QuantizeFusionPass",
+            activation_type=quantizer.activation_fusion_types,
+            fuse_activation=True,
+            fuse_passive_op=False,
+        )
+    )
     apply(_ppq_pass("QuantizeSimplifyPass"))
     platform.share_quantization(graph)
     apply(_ppq_pass("ParameterQuantizePass"))
@@ -309,19 +307,31 @@ def resolve_overrides(graph, overrides) -> list[tuple[SubgraphOverride, set[str]
         for field, names in (("input_names", override.input_names), ("output_names", override.output_names)):
             for name in names:
                 if name not in graph.variables:
-                    raise ModelError(f"{where}.{field}: var name {name} not in the graph. (Names are those of the "
-                                     "model after onnxsim; set skip_onnxsim to keep every original name.)")
-        downstream = _reachable({op for name in override.input_names for op in graph.variables[name].dest_ops},
-                                lambda op: [d for out in op.outputs for d in out.dest_ops])
+                    raise ModelError(
+                        f"{where}.{field}: var name {name} not in the graph. (Names are those of the "
+                        "model after onnxsim; set skip_onnxsim to keep every original name.)"
+                    )
+        downstream = _reachable(
+            {op for name in override.input_names for op in graph.variables[name].dest_ops},
+            lambda op: [d for out in op.outputs for d in out.dest_ops],
+        )
         boundary = set(override.input_names)  # walking up from the outputs stops at the inputs
-        upstream = _reachable({graph.variables[name].source_op for name in override.output_names
-                               if graph.variables[name].source_op is not None and name not in boundary},
-                              lambda op: [v.source_op for v in op.inputs
-                                          if v.source_op is not None and v.name not in boundary])
+        upstream = _reachable(
+            {
+                graph.variables[name].source_op
+                for name in override.output_names
+                if graph.variables[name].source_op is not None and name not in boundary
+            },
+            lambda op, boundary=boundary: [
+                v.source_op for v in op.inputs if v.source_op is not None and v.name not in boundary
+            ],
+        )
         ops = {op.name for op in downstream & upstream}
         if not ops:
-            raise ModelError(f"{where}: no op lies between input_names {list(override.input_names)} and "
-                             f"output_names {list(override.output_names)}")
+            raise ModelError(
+                f"{where}: no op lies between input_names {list(override.input_names)} and "
+                f"output_names {list(override.output_names)}"
+            )
         regions.append((override, ops))
     return regions
 
@@ -343,15 +353,18 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform_float
     from ppq.scheduler import DISPATCHER_TABLE
 
     dispatcher = DISPATCHER_TABLE["conservative"](graph)
-    table = dispatcher.dispatch(graph=graph, quant_types=quant_types,
-                                quant_platform=TargetPlatform.UNSPECIFIED,
-                                fp32_platform=TargetPlatform.FP32, SOI_platform=TargetPlatform.SOI)
+    table = dispatcher.dispatch(
+        graph=graph,
+        quant_types=quant_types,
+        quant_platform=TargetPlatform.UNSPECIFIED,
+        fp32_platform=TargetPlatform.FP32,
+        SOI_platform=TargetPlatform.SOI,
+    )
     for operation in graph.operations.values():
         # PPQ's dispatcher only quantizes what it reaches walking down from a computing op to an
         # end: a Conv whose input comes from a float op (Mish, Tanh) and that writes a model
         # output is not reached, and stayed float
-        if (operation.is_computing_op and operation.type in quant_types
-                and table[operation.name] == TargetPlatform.FP32):
+        if operation.is_computing_op and operation.type in quant_types and table[operation.name] == TargetPlatform.FP32:
             table[operation.name] = TargetPlatform.UNSPECIFIED
     levels = {name: plan.precision_level for name in graph.operations}
     for override, ops in regions:
@@ -363,6 +376,9 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform_float
     for operation in graph.operations.values():
         operation.platform = table[operation.name]
         level = levels[operation.name]
-        if (level >= 3 or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters)
-                or operation.name in platform_float):
+        if (
+            level >= 3
+            or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters)
+            or operation.name in platform_float
+        ):
             operation.platform = TargetPlatform.FP32

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, float_graph
-
-if TYPE_CHECKING:
-    from .core import EnginePlan
+from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
 
@@ -37,25 +34,43 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
     held_back = batches[::HOLD_BACK_EVERY]
     training = [batch for index, batch in enumerate(batches) if index % HOLD_BACK_EVERY]
     if not held_back or not training:
-        log.warning("finetune_level %d needs at least %d calibration samples; skipped", plan.finetune_level,
-                    HOLD_BACK_EVERY)
+        log.warning(
+            "finetune_level %d needs at least %d calibration samples; skipped", plan.finetune_level, HOLD_BACK_EVERY
+        )
         return
     ranking = rank_layers_by_error(graph, executor, lambda: iter(training), RANKING_BATCHES)
     worst = [name for name, _ in ranking[:layers]]
     before = output_error(graph, executor, held_back)
     saved = _snapshot(graph, worst)
-    apply(LearnedStepSizePass(interested_layers=worst, steps=steps, lr=LSQ_LEARNING_RATE, block_size=1,
-                              is_scale_trainable=True, collecting_device=plan.device), training)
+    apply(
+        LearnedStepSizePass(
+            interested_layers=worst,
+            steps=steps,
+            lr=LSQ_LEARNING_RATE,
+            block_size=1,
+            is_scale_trainable=True,
+            collecting_device=plan.device,
+        ),
+        training,
+    )
     apply(PassiveParameterQuantizePass())
     after = output_error(graph, executor, held_back)
     if clearly_lower(after, before):
-        log.info("fine-tuned %d layers (%s): held-back output error %.5f -> %.5f", len(worst), ", ".join(worst),
-                 before, after)
+        log.info(
+            "fine-tuned %d layers (%s): held-back output error %.5f -> %.5f",
+            len(worst),
+            ", ".join(worst),
+            before,
+            after,
+        )
     else:
         _restore(graph, saved)
         apply(PassiveParameterQuantizePass())
-        log.info("fine-tuning did not lower the held-back output error (%.5f -> %.5f): kept the layers as "
-                 "they were", before, after)
+        log.info(
+            "fine-tuning did not lower the held-back output error (%.5f -> %.5f): kept the layers as they were",
+            before,
+            after,
+        )
 
 
 def _snapshot(graph, op_names) -> list:
@@ -107,7 +122,7 @@ def output_error(graph, executor, batches, references=None) -> float:
                 if ref.ndim >= 3:
                     axis = min(range(1, ref.ndim), key=lambda dim: ref.shape[dim])
                     dims.remove(axis)
-                power = ((out - ref) ** 2).sum(dim=dims).reshape(-1), (ref ** 2).sum(dim=dims).reshape(-1)
+                power = ((out - ref) ** 2).sum(dim=dims).reshape(-1), (ref**2).sum(dim=dims).reshape(-1)
                 if position == len(noise):
                     noise.append(power[0])
                     signal.append(power[1])
@@ -138,11 +153,12 @@ def _magnitude_groups(power) -> list:
     cut = int(np.argmax(gaps))
     if gaps[cut] < np.log10(MAGNITUDE_GAP):
         return [order]
-    return [order[:cut + 1], order[cut + 1:]]
+    return [order[: cut + 1], order[cut + 1 :]]
 
 
-def rank_layers_by_error(graph, executor, feeds, max_batches: int,
-                         op_types: set | None = COMPUTING_OPS) -> list[tuple[str, float]]:
+def rank_layers_by_error(
+    graph, executor, feeds, max_batches: int, op_types: set | None = COMPUTING_OPS
+) -> list[tuple[str, float]]:
     """Quantized ops (of ``op_types``; all when None) sorted by the error they add, worst first.
 
     For each op, the noise-to-signal ratio of its output (quantized graph vs float graph,
@@ -165,8 +181,10 @@ def rank_layers_by_error(graph, executor, feeds, max_batches: int,
             reference[key] = value
         elif key in reference and reference[key].shape == value.shape:
             noise, signal = power.get(key, [0.0, 0.0])
-            power[key] = [noise + float(((value - reference[key]) ** 2).sum()),
-                          signal + float((reference[key] ** 2).sum())]
+            power[key] = [
+                noise + float(((value - reference[key]) ** 2).sum()),
+                signal + float((reference[key] ** 2).sum()),
+            ]
 
     class ErrorHook(QuantOPRuntimeHook):
         def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
@@ -220,9 +238,14 @@ def correct_bias(graph, executor, feeds, progress=None) -> None:
     from ppq.executor import QuantOPRuntimeHook
     from ppq.executor.base import OPERATION_FORWARD_TABLE
 
-    layers = [operation for operation in graph.operations.values()
-              if isinstance(operation, QuantableOperation) and operation.type in {"Conv", "ConvTranspose", "Gemm"}
-              and operation.num_of_input == 3 and operation.inputs[2].value is not None]
+    layers = [
+        operation
+        for operation in graph.operations.values()
+        if isinstance(operation, QuantableOperation)
+        and operation.type in {"Conv", "ConvTranspose", "Gemm"}
+        and operation.num_of_input == 3
+        and operation.inputs[2].value is not None
+    ]
     if not layers:
         return
     shifts: dict[str, torch.Tensor] = {}

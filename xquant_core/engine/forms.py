@@ -27,8 +27,9 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -39,9 +40,19 @@ OPAQUE = "XQuantOnnxNode"
 _NODE_ATTR, _OPSETS_ATTR = "xquant_node", "xquant_opsets"
 
 #: reduce ops whose ``axes`` moved from an attribute to an input at opset 18
-REDUCE_AXES_INPUT_AT_18 = frozenset({
-    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
-    "ReduceLogSumExp", "ReduceSumSquare"})
+REDUCE_AXES_INPUT_AT_18 = frozenset(
+    {
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    }
+)
 _PADDED = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"})
 
 
@@ -203,9 +214,12 @@ def _resize_supported(node: onnx.NodeProto, ctx: _Context) -> None:
     transform = _attr(node, "coordinate_transformation_mode", "half_pixel")
     if transform == "tf_crop_and_resize" or mode not in {"nearest", "linear", "cubic"}:
         raise _NoForm("Resize mode")
-    if mode == "cubic" and (transform not in {"half_pixel", "align_corners"} or _attr(node, "exclude_outside", 0)
-                            or abs(_attr(node, "cubic_coeff_a", -0.75) + 0.75) > 1e-6
-                            or len(ctx.shape(node.input[0], rank_only=True)) != 4):
+    if mode == "cubic" and (
+        transform not in {"half_pixel", "align_corners"}
+        or _attr(node, "exclude_outside", 0)
+        or abs(_attr(node, "cubic_coeff_a", -0.75) + 0.75) > 1e-6
+        or len(ctx.shape(node.input[0], rank_only=True)) != 4
+    ):
         raise _NoForm("cubic Resize")
 
 
@@ -235,8 +249,11 @@ def _drop_later_defaults(node: onnx.NodeProto, opset: int) -> None:
         if attribute.name in then.attributes:
             continue
         default = now.attributes[attribute.name].default_value if attribute.name in now.attributes else None
-        if default is None or not default.type or helper.get_attribute_value(default) != helper.get_attribute_value(
-                attribute):
+        if (
+            default is None
+            or not default.type
+            or helper.get_attribute_value(default) != helper.get_attribute_value(attribute)
+        ):
             raise _NoForm(f"attribute {attribute.name}")
         _drop_attr(node, attribute.name)
     limit = then.max_input
@@ -303,8 +320,13 @@ def opaque_inputs(node: onnx.NodeProto) -> list[str]:
 
 def _opaque(node: onnx.NodeProto, opsets: str) -> onnx.NodeProto:
     # base64: PPQ's parser decodes string attributes as UTF-8
-    return helper.make_node(OPAQUE, opaque_inputs(node), list(node.output), name=node.name or None,
-                            **{_NODE_ATTR: base64.b64encode(node.SerializeToString()).decode(), _OPSETS_ATTR: opsets})
+    return helper.make_node(
+        OPAQUE,
+        opaque_inputs(node),
+        list(node.output),
+        name=node.name or None,
+        **{_NODE_ATTR: base64.b64encode(node.SerializeToString()).decode(), _OPSETS_ATTR: opsets},
+    )
 
 
 def opaque_original(attributes: dict) -> tuple[onnx.NodeProto, list[onnx.OperatorSetIdProto]]:
@@ -338,7 +360,7 @@ def for_ppq(model: onnx.ModelProto, runnable: Iterable[str]) -> onnx.ModelProto:
             if node.domain not in ("", "ai.onnx") or node.op_type not in runnable or has_subgraph(node):
                 raise _NoForm("not runnable by PPQ")
             since, rewrite = _REWRITES.get(node.op_type, (None, None))
-            if rewrite is not None and opset >= since:
+            if rewrite is not None and since is not None and opset >= since:
                 rewrite(node, ctx)
             _drop_later_defaults(node, opset)
             nodes.append(node)
@@ -424,8 +446,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
         tensor = value.type.tensor_type
         if tensor.HasField("shape"):
-            shapes[value.name] = tuple(dim.dim_value if dim.HasField("dim_value") else None
-                                       for dim in tensor.shape.dim)
+            shapes[value.name] = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes

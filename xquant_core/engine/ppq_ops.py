@@ -40,8 +40,15 @@ def install() -> None:
         return
     from ppq.executor.base import OPERATION_FORWARD_TABLE
 
-    implementations = {"PRelu": prelu, "AveragePool": average_pool, "ConvTranspose": conv_transpose,
-                       "Gelu": gelu, "Pad": pad, "Resize": resize, OPAQUE: onnxruntime_node}
+    implementations = {
+        "PRelu": prelu,
+        "AveragePool": average_pool,
+        "ConvTranspose": conv_transpose,
+        "Gelu": gelu,
+        "Pad": pad,
+        "Resize": resize,
+        OPAQUE: onnxruntime_node,
+    }
     for table in OPERATION_FORWARD_TABLE.values():
         table.update(implementations)
     _installed = True
@@ -77,8 +84,9 @@ def average_pool(op, values, ctx=None, **kwargs):
     torch_pads = [p for axis in reversed(range(rank)) for p in (pads[axis], pads[rank + axis])]
     # sums over each window, and how many elements each window counts, with the same padding
     padded = F.pad(x, torch_pads)
-    mask = F.pad(torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device), torch_pads,
-                 value=1.0 if include_pad else 0.0)
+    mask = F.pad(
+        torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device), torch_pads, value=1.0 if include_pad else 0.0
+    )
     sums, counts = (_sum_pool(tensor, kernel, strides, ceil_mode) for tensor in (padded, mask))
     return sums / counts
 
@@ -87,8 +95,15 @@ def _sum_pool(x, kernel, strides, ceil_mode):
     if x.ndim == 3:
         return _sum_pool(x.unsqueeze(2), [1, *kernel], [1, *strides], ceil_mode).squeeze(2)
     pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
-    return pool(x, kernel_size=kernel, stride=strides, padding=0, ceil_mode=ceil_mode, count_include_pad=True,
-                divisor_override=1)
+    return pool(
+        x,
+        kernel_size=kernel,
+        stride=strides,
+        padding=0,
+        ceil_mode=ceil_mode,
+        count_include_pad=True,
+        divisor_override=1,
+    )
 
 
 def conv_transpose(op, values, ctx=None, **kwargs):
@@ -97,11 +112,19 @@ def conv_transpose(op, values, ctx=None, **kwargs):
     rank = x.ndim - 2
     pads = _ints(op, "pads", None) or [0] * (2 * rank)
     function = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
-    output = function(x, w, bias, stride=_ints(op, "strides", None) or 1, padding=0,
-                      output_padding=_ints(op, "output_padding", None) or 0, groups=op.attributes.get("group", 1),
-                      dilation=_ints(op, "dilations", None) or 1)
-    crop = [slice(None), slice(None)] + [slice(pads[axis], output.shape[2 + axis] - pads[rank + axis])
-                                         for axis in range(rank)]
+    output = function(
+        x,
+        w,
+        bias,
+        stride=_ints(op, "strides", None) or 1,
+        padding=0,
+        output_padding=_ints(op, "output_padding", None) or 0,
+        groups=op.attributes.get("group", 1),
+        dilation=_ints(op, "dilations", None) or 1,
+    )
+    crop = [slice(None), slice(None)] + [
+        slice(pads[axis], output.shape[2 + axis] - pads[rank + axis]) for axis in range(rank)
+    ]
     return output[tuple(crop)]
 
 
@@ -166,7 +189,7 @@ def resize(op, values, ctx=None, **kwargs):
             scale = out / size
         else:
             scale = float(scales[axis])
-            out = int(math.floor(size * scale))
+            out = math.floor(size * scale)
         if out == size and scale == 1.0:
             continue
         coords = _source_coordinates(torch.arange(out, dtype=torch.float32), scale, size, out, transform)
@@ -222,8 +245,9 @@ def _torch_cubic(x, scales, sizes, transform: str):
 # --------------------------------------------------------------------------- onnxruntime
 def onnxruntime_node(op, values, ctx=None, **kwargs):
     """Run the original ONNX node of an opaque op with onnxruntime (float, on the CPU)."""
-    arrays = [value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-              for value in values]
+    arrays = [
+        value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value) for value in values
+    ]
     constant = [var.is_parameter for var in op.inputs]
     signature = tuple((array.dtype.str, array.shape) for array, fixed in zip(arrays, constant) if not fixed)
     cached = getattr(op, "_xquant_session", None)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -56,14 +57,28 @@ class FloatOpSearch:
     ``already_float`` are ops the plan keeps float already (they count against the budget).
     """
 
-    def __init__(self, measure: Callable[[Any], float], metric, target: float, max_float_ops: int,
-                 held_back: list[dict[str, np.ndarray]], already_float: Iterable[str] = ()):
+    def __init__(
+        self,
+        measure: Callable[[Any], float],
+        metric,
+        target: float,
+        max_float_ops: int,
+        held_back: list[dict[str, np.ndarray]],
+        already_float: Iterable[str] = (),
+    ):
         self.measure_model, self.metric = measure, metric
         self.target, self.max_float_ops = target, max_float_ops
         self.held_back, self.already_float = held_back, set(already_float)
 
-    def run(self, graph, executor, device: str, export: Callable[[], Any], plain: Any = None,
-            progress: Callable[[str, Any], Any] | None = None) -> SearchResult:
+    def run(
+        self,
+        graph,
+        executor,
+        device: str,
+        export: Callable[[], Any],
+        plain: Any = None,
+        progress: Callable[[str, Any], Any] | None = None,
+    ) -> SearchResult:
         """Search; ``plain``: the exported all-INT8 model, measured for comparison only."""
         bar = progress("auto-precision candidates", None) if progress else None
         try:
@@ -86,10 +101,18 @@ class FloatOpSearch:
         tried = 0
         if self.metric.meets(best, self.target) or len(kept) >= self.max_float_ops:
             return SearchResult((), before, best, tried, export(), time.perf_counter() - started, plain_value)
-        feeds = lambda: iter({name: torch.from_numpy(np.ascontiguousarray(array)).to(device)  # noqa: E731
-                              for name, array in feed.items()} for feed in self.held_back)
-        ranking = [item for item in rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
-                   if item[0] not in kept]
+
+        def feeds():
+            return iter(
+                {name: torch.from_numpy(np.ascontiguousarray(array)).to(device) for name, array in feed.items()}
+                for feed in self.held_back
+            )
+
+        ranking = [
+            item
+            for item in rank_layers_by_error(graph, executor, feeds, len(self.held_back), op_types=None)
+            if item[0] not in kept
+        ]
         growth = dict(ranking)
         for name, _ in ranking[: SEARCH_CANDIDATES_PER_OP * self.max_float_ops]:
             if len(kept) >= self.max_float_ops or self.metric.meets(best, self.target):
@@ -98,8 +121,11 @@ class FloatOpSearch:
                 continue
             # the op alone, and with its quantized neighbours: a float chain needs no int8 in between
             operation = graph.operations[name]
-            neighbours = {op.name for op in graph.get_upstream_operations(operation)
-                          + graph.get_downstream_operations(operation) if op.name in growth}
+            neighbours = {
+                op.name
+                for op in graph.get_upstream_operations(operation) + graph.get_downstream_operations(operation)
+                if op.name in growth
+            }
             best_set, best_value = None, best
             for candidate in ({name}, {name} | neighbours):
                 candidate = candidate - kept
@@ -119,10 +145,15 @@ class FloatOpSearch:
             best = best_value
             for member in sorted(best_set, key=lambda op_name: -growth[op_name]):
                 op = graph.operations[member]
-                chosen.append(FloatOp(member, op.type, growth[member],
-                                      tuple(var.name for var in op.inputs if not var.is_parameter),
-                                      tuple(var.name for var in op.outputs)))
+                chosen.append(
+                    FloatOp(
+                        member,
+                        op.type,
+                        growth[member],
+                        tuple(var.name for var in op.inputs if not var.is_parameter),
+                        tuple(var.name for var in op.outputs),
+                    )
+                )
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
         keep_float(graph, kept - self.already_float)
-        return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started,
-                            plain_value)
+        return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started, plain_value)

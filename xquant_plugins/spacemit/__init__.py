@@ -1,32 +1,14 @@
 """The SpacemiT K1/K3 platform: quantization policy and QDQ export.
 
-This module stays light (no torch/PPQ import); the policy lives in
-:mod:`.quantizer` and the exporter in :mod:`.exporter`, imported on first use.
+This module stays light (no torch/PPQ import): the op sets are in :mod:`.policy`, the
+quantizer in :mod:`.quantizer` and the exporter in :mod:`.exporter`, imported on first use.
 """
 
 from __future__ import annotations
 
 from xquant_core import hookimpl
 
-#: ops whose output shares the input's quantization (layout/shape ops)
-SHARED_QUANT_OPS = frozenset({
-    "Reshape", "Flatten", "Transpose", "Slice", "Split", "Squeeze", "Unsqueeze",
-    "Gather", "MaxPool", "GlobalMaxPool", "Pad", "Resize", "Identity", "Dropout",
-})
-
-#: ops the runtime accelerates most; the post-processing tail after the last of them stays float
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-#: op types the SpacemiT runtime runs in int8
-QUANTIZED_OPS = frozenset({
-    "Conv", "ConvTranspose", "Gemm", "MatMul",
-    "Relu", "PRelu", "LeakyRelu", "Sigmoid", "HardSwish", "HardSigmoid", "Gelu", "Clip",
-    "AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "ReduceMean",
-    "Add", "Sub", "Mul", "Concat",
-}) | SHARED_QUANT_OPS
-
-#: keep bias in float when any quantized |bias| would exceed this
-BIAS_INT_LIMIT = 2 ** 20
+from .policy import BIAS_INT_LIMIT, COMPUTE_OPS, SHARED_QUANT_OPS
 
 
 class SpacemitPlatform:

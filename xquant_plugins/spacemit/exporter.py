@@ -80,21 +80,26 @@ def _signed_asymmetric_allowed():
 
 def export_qdq(graph) -> onnx.ModelProto:
     """Export a quantized PPQ graph to an ONNX QDQ ``ModelProto``."""
-    original_opset = max((opset["version"] for opset in graph._detail.get(GRAPH_OPSET_ATTRIB, [])
-                          if opset.get("domain", "") in ("", "ai.onnx")), default=MIN_OPSET)
+    original_opset = max(
+        (
+            opset["version"]
+            for opset in graph._detail.get(GRAPH_OPSET_ATTRIB, [])
+            if opset.get("domain", "") in ("", "ai.onnx")
+        ),
+        default=MIN_OPSET,
+    )
     handle, path = tempfile.mkstemp(suffix=".onnx", prefix="xquant-export-")
     os.close(handle)
     try:
         with _signed_asymmetric_allowed():
-            SpacemitExporter().export(file_path=path, graph=graph.copy(), quantized_param=True,
-                                      remove_activation=True)
+            SpacemitExporter().export(file_path=path, graph=graph.copy(), quantized_param=True, remove_activation=True)
         model = onnx.load(path)
     finally:
         os.unlink(path)
 
     _name_generated_tensors(model)
     _order_tensors(model)
-    opsets = {}
+    opsets: dict[str, int] = {}
     for opset in model.opset_import:
         domain = "" if opset.domain in ("", "ai.onnx") else opset.domain
         opsets[domain] = max(opsets.get(domain, 0), opset.version)
@@ -104,8 +109,7 @@ def export_qdq(graph) -> onnx.ModelProto:
     model.producer_name = "xquant"
     model.producer_version = xquant_core.__version__
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {"xquant_version": xquant_core.__version__,
-                                        "xquant_platform": "spacemit"})
+    onnx.helper.set_model_props(model, {"xquant_version": xquant_core.__version__, "xquant_platform": "spacemit"})
     return model
 
 

@@ -8,7 +8,8 @@
 - bias: int32 with scale = input scale x weight scale, float when it would overflow;
 - other constant operands: int8 symmetric per-tensor;
 - model outputs are not quantized: the op that produces one reads int8 and writes
-  float; so is the post-processing tail after the last compute ops (:func:`float_tail`). Rounding logits to int8 makes close classes tie (on the sample MobileNetV2,
+  float; so is the post-processing tail after the last compute ops (:func:`float_tail`).
+  Rounding logits to int8 makes close classes tie (on the sample MobileNetV2,
   2 of 20 held-out photos flipped on exact int8 ties; with float outputs none did, and
   the logits SNR went from 0.0134 to 0.0130);
 - normalization parameters stay float (BatchNorm is merged into Conv by PPQ's
@@ -22,19 +23,29 @@ from xquant_core.ppq_compat import import_ppq
 import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/onnx
 
 import torch
-from ppq.core import (OperationQuantizationConfig, QuantizationPolicy, QuantizationProperty,
-                      QuantizationStates, QuantizationVisibility, RoundingPolicy, TargetPlatform)
+from ppq.core import (
+    OperationQuantizationConfig,
+    QuantizationPolicy,
+    QuantizationProperty,
+    QuantizationStates,
+    QuantizationVisibility,
+    RoundingPolicy,
+    TargetPlatform,
+)
 from ppq.IR import BaseGraph, Operation, QuantableOperation
 from ppq.quantization.quantizer.base import BaseQuantizer
 
-from . import QUANTIZED_OPS
+from .policy import QUANTIZED_OPS
 
 ACTIVATION_POLICY = QuantizationPolicy(
-    QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+    QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
+)
 WEIGHT_PER_CHANNEL = QuantizationPolicy(
-    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_CHANNEL)
+    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_CHANNEL
+)
 WEIGHT_PER_TENSOR = QuantizationPolicy(
-    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
+)
 
 
 def _weight_axis(operation: Operation) -> int | None:
@@ -138,8 +149,14 @@ class SpacemitQuantizer(BaseQuantizer):
 
     def init_quantize_config(self, operation: Operation) -> OperationQuantizationConfig:
         config = self.create_default_quant_config(
-            op=operation, num_of_bits=8, quant_min=-128, quant_max=127, observer_algorithm="minmax",
-            policy=ACTIVATION_POLICY, rounding=RoundingPolicy.ROUND_HALF_EVEN)
+            op=operation,
+            num_of_bits=8,
+            quant_min=-128,
+            quant_max=127,
+            observer_algorithm="minmax",
+            policy=ACTIVATION_POLICY,
+            rounding=RoundingPolicy.ROUND_HALF_EVEN,
+        )
         has_bias = operation.type in {"Conv", "ConvTranspose", "Gemm"} and operation.num_of_input > 2
         for index, (var, tqc) in enumerate(zip(operation.inputs, config.input_quantization_config)):
             if not var.is_parameter or tqc.state != QuantizationStates.INITIAL:
@@ -149,7 +166,7 @@ class SpacemitQuantizer(BaseQuantizer):
                 tqc.policy = WEIGHT_PER_CHANNEL if weight_axis is not None else WEIGHT_PER_TENSOR
                 tqc.channel_axis = 0
                 tqc.num_of_bits = 32
-                tqc._quant_min, tqc._quant_max = -(2 ** 31), 2 ** 31 - 1
+                tqc._quant_min, tqc._quant_max = -(2**31), 2**31 - 1
                 tqc.state = QuantizationStates.PASSIVE_INIT
                 continue
             axis = _weight_axis(operation) if index == 1 else None
