@@ -44,6 +44,7 @@ import onnx
 from . import fallback
 from .outputs import write_bytes_atomically
 from .runtime import onnxruntime_session
+from .snr import PowerSums, flat32
 
 log = logging.getLogger("xquant.analysis")
 
@@ -326,7 +327,8 @@ class _Accumulator:
     """Running sums for one (quantized tensor, float tensor) pair."""
 
     def __init__(self):
-        self.d2 = self.f2 = self.q2 = self.qf = 0.0
+        self.power = PowerSums()
+        self.q2 = self.qf = 0.0
         self.count = 0
         self.q_min = self.f_min = math.inf
         self.q_max = self.f_max = -math.inf
@@ -337,32 +339,24 @@ class _Accumulator:
         self.q_max = max(self.q_max, float(np.max(q)))
         self.f_min = min(self.f_min, float(np.min(f)))
         self.f_max = max(self.f_max, float(np.max(f)))
-        # sums over every element (a sample misses rare peaks), in float32 BLAS dots: 13x faster than
-        # float64 copies on MobileNetV2's tensors, and exact to ~1e-6 relative, far below the figures shown
-        q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
-        f = np.ascontiguousarray(f, dtype=np.float32).reshape(-1)
-        diff = q - f
-        self.d2 += float(np.dot(diff, diff))
-        self.f2 += float(np.dot(f, f))
+        q, f = flat32(q), flat32(f)  # sums over every element (a sample misses rare peaks)
+        self.power.add(q, f)
         self.q2 += float(np.dot(q, q))
         self.qf += float(np.dot(q, f))
         self.count += f.size
         self.samples.append(f if picks is None else f[picks])  # for the histogram
 
     def result(self) -> TensorStats:
-        if self.f2 > 0:
-            snr = self.d2 / self.f2
+        f2 = self.power.signal
+        if f2 > 0 and self.q2 > 0:
+            cosine = self.qf / math.sqrt(f2 * self.q2)
         else:
-            snr = 0.0 if self.d2 == 0 else math.inf
-        if self.f2 > 0 and self.q2 > 0:
-            cosine = self.qf / math.sqrt(self.f2 * self.q2)
-        else:
-            cosine = 1.0 if self.f2 == self.q2 else 0.0
+            cosine = 1.0 if f2 == self.q2 else 0.0
         samples = np.concatenate(self.samples) if self.samples else np.zeros(0, np.float32)
         histogram = _histogram(samples, self.f_min, self.f_max)
         return TensorStats(
-            snr,
-            self.d2 / max(self.count, 1),
+            self.power.snr,
+            self.power.noise / max(self.count, 1),
             cosine,
             self.q_min,
             self.q_max,

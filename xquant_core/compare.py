@@ -22,6 +22,7 @@ from .data import CalibrationDataset, read_list, resolve_preprocessor
 from .errors import ConfigError, ModelError
 from .plugins import registry
 from .runtime import onnxruntime_session
+from .snr import snr
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,11 @@ def _load(path: str):
 
 
 def _figures(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> OutputComparison:
-    noise = sum(float(((q - f) ** 2).sum()) for f, q in pairs)
-    power = sum(float((f**2).sum()) for f, _ in pairs)
     cosines = [float((f.ravel() @ q.ravel()) / (np.linalg.norm(f) * np.linalg.norm(q) + 1e-30)) for f, q in pairs]
     max_abs = max(float(np.abs(q - f).max()) if f.size else 0.0 for f, q in pairs)
     scores = all(f.ndim == 2 and f.shape[1] >= 2 for f, _ in pairs)
     agreement = float(np.mean([np.array_equal(f.argmax(1), q.argmax(1)) for f, q in pairs])) if scores else None
-    return OutputComparison(name, noise / power if power else 0.0, float(np.mean(cosines)), max_abs, agreement)
+    return OutputComparison(name, snr((q, f) for f, q in pairs), float(np.mean(cosines)), max_abs, agreement)
 
 
 def render(figures: list[OutputComparison], samples: int) -> list[str]:

@@ -29,6 +29,7 @@ import onnx
 
 from .control_flow import COMPUTE_OPS
 from .runtime import onnxruntime_session
+from .snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
 
@@ -108,13 +109,11 @@ def output_errors(
 ) -> dict[str, float]:
     """SNR ``sum((q - f)^2) / sum(f^2)`` of each output of ``model`` over the batches."""
     names = list(reference[0])
-    noise, power = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    sums = {name: PowerSums() for name in names}
     for got, expected in zip(model_outputs(model, batches), reference):
         for name in names:
-            f, q = expected[name].astype(np.float64), got[name].astype(np.float64)
-            noise[name] += float(np.sum((q - f) ** 2))
-            power[name] += float(np.sum(f**2))
-    return {name: noise[name] / power[name] if power[name] > 0 else math.inf for name in names}
+            sums[name].add(got[name], expected[name])
+    return {name: sums[name].snr for name in names}
 
 
 def measure_candidates(

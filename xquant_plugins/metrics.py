@@ -6,6 +6,7 @@ import numpy as np
 
 from xquant_core import hookimpl
 from xquant_core.metrics import Metric, output_pairs
+from xquant_core.snr import snr
 
 
 class OutputSNR(Metric):
@@ -14,11 +15,7 @@ class OutputSNR(Metric):
     higher_is_better = False
 
     def measure(self, quantized, reference, feeds) -> float:
-        noise = signal = 0.0
-        for q, f in output_pairs(quantized, reference, feeds):
-            noise += float(((q - f) ** 2).sum())
-            signal += float((f**2).sum())
-        return noise / signal if signal > 0 else 0.0
+        return snr(output_pairs(quantized, reference, feeds))
 
 
 class OutputCosine(Metric):
