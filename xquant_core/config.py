@@ -201,7 +201,9 @@ def validate(raw: Any, *, check_plugins: bool = True) -> list[str]:
 
 
 def _describe(error, schema: dict) -> list[tuple[str, str]]:
-    path = _json_path(error.absolute_path)
+    from jsonschema.exceptions import best_match
+
+    path = error.json_path
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = [key for key in error.instance if key not in error.schema.get("properties", {})]
@@ -211,7 +213,7 @@ def _describe(error, schema: dict) -> list[tuple[str, str]]:
             did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
             out.append(
                 (
-                    _json_path(list(error.absolute_path) + [key]),
+                    f"{path}.{key}",
                     f"unknown key '{key}'.{did_you_mean} Allowed keys: {', '.join(allowed)}",
                 )
             )
@@ -219,8 +221,7 @@ def _describe(error, schema: dict) -> list[tuple[str, str]]:
     if error.validator == "not" and error.schema.get("not", {}).get("required") == list(INPUTS_KEYS):
         return [(path, "give either 'input_parametres' or 'input_parameters', not both")]
     if error.validator in ("anyOf", "oneOf") and error.context:
-        best = min(error.context, key=lambda e: len(list(e.absolute_path)))
-        return _describe(best, schema)
+        return _describe(best_match(error.context), schema)
     if error.validator == "type" and path == "$":
         return [
             (
@@ -253,13 +254,6 @@ def _short(value: Any, limit: int = 60) -> str:
     kinds: dict[type, str] = {dict: "an object", list: "an array"}
     kind = kinds.get(type(value), type(value).__name__)
     return f"{kind} ({text[: limit - 5]}...)"
-
-
-def _json_path(parts) -> str:
-    out = "$"
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
 
 
 def _inputs_key(calib: Any) -> str:
