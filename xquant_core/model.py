@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.utils
 
 from . import rewrite
 from .config import InputConfig
@@ -277,25 +278,15 @@ def split_at(model: onnx.ModelProto, cut: Sequence[str]) -> tuple[onnx.ModelProt
         )
 
     inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {
-        value.name: value
-        for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    }
+    known_types = {value.name for value in list(inferred.graph.value_info) + list(inferred.graph.output)}
     graph_outputs = [value.name for value in model.graph.output]
     outputs = list(cut) + [name for name in graph_outputs if name in upper_outputs and name not in cut]
     for name in outputs:
-        if name not in infos:
+        if name not in known_types:
             raise ModelError(f"{TRUNCATE_FAILED} the type of tensor {name} cannot be inferred")
-    upper_nodes = [node for index, node in enumerate(model.graph.node) if index in upper]
-    used = {name for node in upper_nodes for name in node.input}
-    graph = onnx.helper.make_graph(
-        upper_nodes,
-        model.graph.name + "_upper",
-        [value for value in model.graph.input if value.name in used],
-        [infos[name] for name in outputs],
-        [init for init in model.graph.initializer if init.name in used],
-    )
-    upper_model = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    used = {name for index in upper for name in model.graph.node[index].input}
+    inputs = [value.name for value in model.graph.input if value.name in used]
+    upper_model = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
     return upper_model, lower
 
 
