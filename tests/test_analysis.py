@@ -147,6 +147,7 @@ def spiky(tmp_path_factory):
             "report": report, "lines": lines, "seconds": seconds}
 
 
+@pytest.mark.slow
 def test_bad_layer_is_the_first_row_and_flagged(spiky):
     rows = rows_of(spiky["report"].read_text(encoding="utf-8"))
     first = rows[0]
@@ -232,6 +233,7 @@ def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives
     assert got == pytest.approx(errors[0], rel=0.1)
 
 
+@pytest.mark.slow
 def test_held_back_samples_carry_the_headline_and_the_next_step(spiky, tmp_path):
     """Issue 15: samples listed after the first calibration_step are never calibrated on; the report's
     output figures use every one of them and say how many, and its candidates are measured on them,
@@ -448,6 +450,7 @@ def sample_report(tmp_path_factory):
             "analysis_seconds": analysis_seconds, "quant": quant, "float": float_model, "batches": batches}
 
 
+@pytest.mark.slow
 def test_sample_report_is_valid_markdown(sample_report):
     text = sample_report["report"].read_text(encoding="utf-8")
     blocks = table_blocks(text)
@@ -470,6 +473,7 @@ def test_sample_report_is_valid_markdown(sample_report):
     assert all(name in names for item in snippet for name in item["input_names"] + item["output_names"])
 
 
+@pytest.mark.slow
 def test_sample_report_numbers_and_chart(sample_report):
     import cv2
 
@@ -483,6 +487,7 @@ def test_sample_report_numbers_and_chart(sample_report):
     assert fraction < MAX_TIME_FRACTION, (sample_report["analysis_seconds"], sample_report["quantize_seconds"])
 
 
+@pytest.mark.slow
 def test_sample_report_figures_agree_with_an_independent_onnxruntime_run(sample_report):
     """Issue 15: each reported tensor, exposed as an output of the float model and of the INT8 model
     (PPQ's exporter gives the DequantizeLinear after an op the op's original output name) and run by
@@ -542,6 +547,7 @@ def test_pipeline_writes_the_report_next_to_the_model(small_project):
     assert (out / "small.q_report.md").is_file() and (out / "small.q_report.png").is_file()
 
 
+@pytest.mark.slow
 def test_summary_json_holds_the_summary_figures(small_project, run_xquant, tmp_path):
     """Issue 15: ``--summary-json`` gives scripts the figures the console summary prints."""
     config = tmp_path / "cfg.json"

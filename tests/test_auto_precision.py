@@ -170,6 +170,7 @@ def test_the_emitted_custom_setting_reproduces_the_model(config):
     assert searched.SerializeToString() == reproduced.SerializeToString()
 
 
+@pytest.mark.slow
 def test_an_unreachable_target_warns_and_writes_the_best_model(config, tmp_path, run_xquant):
     (tmp_path / "cfg.json").write_text(json.dumps(_auto(config, 1e-12, max_float_ops=2)))
     result = run_xquant("-c", str(tmp_path / "cfg.json"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 MAX_RATIO = 1.5
@@ -57,6 +58,7 @@ def peak_rss_mib(folder: Path, samples: int) -> float:
     return usage.ru_maxrss / 1024.0
 
 
+@pytest.mark.slow
 def test_peak_rss_does_not_grow_with_calibration_samples(tmp_path):
     write_model(tmp_path / "m.onnx")
     rng = np.random.default_rng(1)

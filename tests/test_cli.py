@@ -71,6 +71,7 @@ def make_two_input_model(path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- a successful run
+@pytest.mark.slow
 def test_quantize_writes_a_valid_model_close_to_float(small_project, run_xquant):
     import onnxruntime as ort
 
@@ -119,6 +120,7 @@ def test_quantize_writes_a_valid_model_close_to_float(small_project, run_xquant)
     assert not np.allclose(quants, floats, rtol=0, atol=1e-6), "the output should actually be quantized"
 
 
+@pytest.mark.slow
 def test_console_script_and_module_give_identical_bytes(small_project, run_xquant):
     first = run_xquant("-c", "cfg.json", "-o", "a.onnx", cwd=small_project)
     second = run_xquant("-c", "cfg.json", "-o", "b.onnx", cwd=small_project, module=True)
@@ -131,6 +133,7 @@ def test_console_script_and_module_give_identical_bytes(small_project, run_xquan
     assert not (small_project / "out").exists()
 
 
+@pytest.mark.slow
 def test_output_bytes_do_not_depend_on_the_hash_seed(small_project, run_xquant):
     outputs = []
     for seed in ("1", "2"):
@@ -156,6 +159,7 @@ def test_api_returns_the_model_it_wrote(small_project, monkeypatch):
     assert model.SerializeToString() == written.read_bytes()
 
 
+@pytest.mark.slow
 def test_input_and_output_overrides(small_project, run_xquant):
     # another model: the small CNN with conv1's weights negated
     other = onnx.load(str(small_project / "small.onnx"))
@@ -211,6 +215,7 @@ def test_missing_config_file(run_xquant, tmp_path):
     assert "config file not found: nope.json" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_model_file_names_the_path(small_project, run_xquant):
     (small_project / "small.onnx").unlink()
     result = run_xquant("-c", "cfg.json", cwd=small_project)
@@ -347,6 +352,7 @@ def add_broken_plugin(site: Path) -> None:
     (dist / "entry_points.txt").write_text("[xquant]\nbroken = xq_broken_plugin\n")
 
 
+@pytest.mark.slow
 def test_third_party_plugin_is_listed_and_usable_in_config(third_party_site, run_xquant, tmp_path):
     env = {"PYTHONPATH": str(third_party_site)}
     result = run_xquant("plugins", cwd=tmp_path, env=env)

@@ -372,6 +372,7 @@ def photos(material: Path) -> list[Path]:
 
 @pytest.mark.parametrize("name, reference", [("PT_IMAGENET", "reference_pt_imagenet"),
                                              ("IMAGENET", "reference_imagenet_cv")])
+@pytest.mark.slow
 def test_imagenet_preprocessors_match_the_independent_reference(material, tmp_path, name, reference, sample_module):
     reference = getattr(sample_module("mobilenet_v2/evaluate.py"), reference)
     paths = photos(material)

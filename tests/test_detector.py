@@ -14,6 +14,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.slow  # quantizes the real sample models (the fast lane: pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "samples" / "detector"
 MATERIAL = REPO / "samples" / "material"

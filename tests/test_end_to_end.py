@@ -16,6 +16,8 @@ from onnx import numpy_helper
 
 import xquant
 
+pytestmark = pytest.mark.slow  # quantizes the real sample models (the fast lane: pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CONFIG = REPO / "samples" / "mobilenet_v2" / "config.json"
 

@@ -140,6 +140,7 @@ def _samples(rng, channels, size, data) -> list[np.ndarray]:
     return samples
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=cases())
 def test_a_random_model_and_data_give_a_gated_model_or_an_xquant_error(case, tmp_path_factory):

@@ -311,6 +311,7 @@ def _vad_samples(count=10):
             "sr": [np.array(16000, np.int64) for _ in range(count)]}
 
 
+@pytest.mark.slow
 def test_if_branches_quantize_inside_and_the_untaken_branch_stays_float(tmp_path, run_xquant):
     model = _vad_like()
     samples = _vad_samples()
@@ -333,6 +334,7 @@ def test_if_branches_quantize_inside_and_the_untaken_branch_stays_float(tmp_path
             assert _cosine(want, got) > 0.99
 
 
+@pytest.mark.slow
 def test_a_model_with_nothing_quantized_says_so(tmp_path, run_xquant):
     """Calibrated at 8 kHz only, the branch with every Conv is never taken: a warning, not a silent success."""
     model = _vad_like()
@@ -357,6 +359,7 @@ def test_a_model_with_nothing_quantized_says_so(tmp_path, run_xquant):
     assert "INT8: 0 of 3 Conv/ConvTranspose/Gemm/MatMul ops" in result.stdout
 
 
+@pytest.mark.slow
 def test_rnn_state_and_scalar_inputs_read_from_npy_and_name_the_shape_they_need(tmp_path, run_xquant):
     model = _vad_like()
     samples = _vad_samples(8)

@@ -107,6 +107,7 @@ def test_raw_fed_model_runs_close_to_float(small_project):
     assert worst >= RAW_MIN_COSINE
 
 
+@pytest.mark.slow
 def test_custom_preprocess_sample_quantizes(material, sample_model, tmp_path):
     folder = SAMPLES / "custom_preprocess"
     config = json.loads((folder / "config.json").read_text())

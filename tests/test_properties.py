@@ -155,6 +155,7 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(raw=configs)
 def test_loader_returns_a_config_or_a_config_error(raw):
@@ -187,6 +188,7 @@ def _run_cli(path: Path) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(raw=configs)
 def test_cli_validation_path_exits_1_or_2_without_traceback(raw, folder):
@@ -211,6 +213,7 @@ def _garble(text: str, data: st.DataObject) -> str:
 
 @settings(max_examples=500, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@pytest.mark.slow
 @given(raw=configs, data=st.data(), as_bytes=st.binary(max_size=64))
 def test_garbled_files_are_config_errors(raw, data, as_bytes, folder):
     path = folder / "garbled.json"

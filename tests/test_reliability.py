@@ -428,6 +428,7 @@ def test_unexpected_exception_is_a_bug_with_the_log_path(tmp_path, monkeypatch, 
     assert sorted(logs.iterdir()) == sorted([log_file, second])
 
 
+@pytest.mark.slow
 def test_unexpected_exception_in_the_installed_command_exits_3(tmp_path, run_xquant):
     """The real console script, with a bug planted through sitecustomize on PYTHONPATH."""
     site = tmp_path / "site"
@@ -457,6 +458,7 @@ def test_unexpected_exception_in_the_installed_command_exits_3(tmp_path, run_xqu
 
 
 # --------------------------------------------------------------------------- nothing is lost
+@pytest.mark.slow
 def test_an_existing_output_survives_a_failing_run(tmp_path, run_xquant):
     project = make_project(tmp_path / "p")
     (project / "out").mkdir()
@@ -495,6 +497,7 @@ def test_a_full_disk_at_write_time_is_exit_2_with_the_os_reason_and_the_old_mode
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.q.onnx", "model.q_report.md"]
 
 
+@pytest.mark.slow
 def test_repeated_runs_are_byte_identical_and_leave_inputs_untouched(tmp_path, run_xquant):
     """Default calibration, fine-tuning level 1 and the report (test_cli checks percentile/level 0 with -o)."""
     project = make_project(tmp_path / "p", analysis_enable=True, finetune_level=1)
@@ -547,6 +550,7 @@ def load(paths, params):
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_calibration(tmp_path):
     """SIGINT while calibration reads its samples: exit 130, one line, nothing written or left behind."""
     project = make_project(tmp_path / "p", samples=200)
@@ -627,6 +631,7 @@ def test_the_final_gate_names_what_is_wrong_with_a_quantized_model():
         verify_model(nan_weights, float_model, feed)
 
 
+@pytest.mark.slow
 def test_a_run_leaves_nothing_in_the_home_and_temp_folders(tmp_path, run_xquant):
     """onnxruntime's telemetry wrote ~/.cache/Microsoft/DeveloperTools/... and $TMPDIR/.ses."""
     project = make_project(tmp_path / "p", analysis_enable=True)
@@ -666,6 +671,7 @@ def test_an_unwritable_output_folder_is_found_before_any_work(tmp_path, monkeypa
     assert list((project / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_report_and_chart_get_the_models_file_mode(tmp_path, run_xquant):
     """They were written 0600 while the model got 0644."""
     project = make_project(tmp_path / "p", analysis_enable=True)
@@ -706,6 +712,7 @@ def test_check_finds_a_bad_sample_anywhere_with_the_runs_message(tmp_path, run_x
 
 
 # --------------------------------------------------------------------------- xquant compare
+@pytest.mark.slow
 def test_compare_reports_int8_against_fp32_and_gates_on_snr(tmp_path, run_xquant):
     project = make_project(tmp_path / "p")
     assert run_xquant("-c", "cfg.json", cwd=project).returncode == 0
@@ -733,6 +740,7 @@ def test_compare_reports_int8_against_fp32_and_gates_on_snr(tmp_path, run_xquant
     assert itself["outputs"][0]["snr"] == 0.0 and itself["outputs"][0]["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_compare_names_what_is_wrong(tmp_path, run_xquant):
     project = make_project(tmp_path / "p")
     onnx.save(identity_model(), str(project / "other.onnx"))
@@ -746,6 +754,7 @@ def test_compare_names_what_is_wrong(tmp_path, run_xquant):
 
 
 # --------------------------------------------------------------------------- xquant init
+@pytest.mark.slow
 def test_init_writes_a_config_that_checks_and_quantizes_and_overwrites_nothing(tmp_path, run_xquant):
     project = make_project(tmp_path / "p")
     (project / "data" / "list.txt").unlink()  # DATA_DIR holds the samples only

@@ -171,6 +171,7 @@ def test_weights_load_strictly(sample_module):
     assert sum(p.numel() for p in model.parameters()) == 3_504_872
 
 
+@pytest.mark.slow
 def test_exported_model_fp32_top1(evaluate):
     _need_material()
     if not ONNX_MODEL.is_file():

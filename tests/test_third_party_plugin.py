@@ -143,6 +143,7 @@ def test_plugins_command_lists_the_example_plugin(plugin_path, run_xquant):
     assert lines[start:start + 3] == expected, result.stdout
 
 
+@pytest.mark.slow
 def test_gaussian_calibration_quantizes(plugin_path, small_project, run_xquant):
     config = edit_config(small_project, calibration_type="gaussian")
     result = run_xquant("-c", str(config), env=plugin_env(plugin_path))
@@ -150,6 +151,7 @@ def test_gaussian_calibration_quantizes(plugin_path, small_project, run_xquant):
     check_quantized_model(small_project, result, inputs)
 
 
+@pytest.mark.slow
 def test_csv_reader_with_scale01_quantizes(plugin_path, small_project, run_xquant):
     rng = np.random.default_rng(7)
     data = small_project / "csv"

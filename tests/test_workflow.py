@@ -16,6 +16,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+pytestmark = pytest.mark.slow  # quantizes the real sample models (the fast lane: pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_MODEL = REPO / "samples" / "mobilenet_v2" / "mobilenet_v2.onnx"
 PHOTOS = REPO / "samples" / "material" / "calib"
