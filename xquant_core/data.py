@@ -366,3 +366,21 @@ def resolve_preprocessor(spec_config: InputConfig, registry) -> Any:
     if ":" in name:
         return PathFunctionPreprocessor(name)
     return registry.get(name)
+
+
+class Subset(Sequence):
+    """Some batches of a dataset, re-iterable and sized: ``load(index)`` reads one; ``total``:
+    how many there were to pick from."""
+
+    def __init__(self, load: Callable[[int], dict], indices: list[int], total: int | None = None):
+        self.load, self.indices = load, indices
+        self.total = len(indices) if total is None else total
+
+    def __getitem__(self, position):  # one batch, never a slice
+        return self.load(self.indices[position])
+
+    def __iter__(self):
+        return (self.load(index) for index in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,11 +22,10 @@ from . import control_flow
 from . import model as model_io
 from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
-from .data import CalibrationDataset, resolve_preprocessor
-from .errors import DataError, ModelError, XQuantError
+from .data import CalibrationDataset, Subset, resolve_preprocessor
+from .errors import ModelError, XQuantError
 from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
-from .runtime import onnxruntime_session
 from .verify import diagnose_failure, verify_model
 
 log = logging.getLogger("xquant")
@@ -224,6 +222,8 @@ def run(
                 lambda branch, feeds: quantize_graph(branch, feeds, len(feeds), platform, branch_plan, progress),
             )
         if cfg.auto_precision is not None:
+            from .auto_precision import search_precision
+
             quantized, search = search_precision(cfg, upper, dataset, platform, plan, progress)
         elif cfg.quantization.analysis_enable and not cut:  # the report measures fallbacks on the graph
             quantized, trial = quantize_graph(upper, dataset, len(dataset), platform, plan, progress, keep_graph=True)
@@ -238,6 +238,8 @@ def run(
     summary: tuple[str, ...] = tuple(branches.lines()) + (quantized_ops_line(quantized),)
     snippet = None
     if search is not None:
+        from .auto_precision import finish_search
+
         sections, summary, snippet = finish_search(cfg, search, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
@@ -274,136 +276,6 @@ def run(
     return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary, figures)
 
 
-@dataclass(frozen=True)
-class _Search:
-    """What the auto-precision search found."""
-
-    chosen: tuple  #: FloatOps, in the order they were chosen
-    before: float  #: all-INT8, calibrated without the held-back samples
-    estimate: float  #: with the first stage's ops in float, same calibration
-    plain: float | None  #: all-INT8, calibrated on all samples (None: the first stage kept nothing float)
-    recalibrated: float  #: the first stage's ops in float, calibrated on all samples
-    final: float  #: the exported final model (calibrated on all samples)
-    topped_up: int  #: ops added in the second stage
-    candidates_tried: int
-    seconds: float  #: both searches (ranking, candidates), not the two quantizations
-    metric: Any
-    held_back: int  #: how many samples were held back: every ``every``-th
-    every: int
-
-
-class _Subset(Sequence):
-    """Some batches of a dataset, re-iterable and sized: ``load(index)`` reads one; ``total``:
-    how many there were to pick from."""
-
-    def __init__(self, load: Callable[[int], dict], indices: list[int], total: int | None = None):
-        self.load, self.indices = load, indices
-        self.total = len(indices) if total is None else total
-
-    def __getitem__(self, position):  # one batch, never a slice
-        return self.load(self.indices[position])
-
-    def __iter__(self):
-        return (self.load(index) for index in self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: CalibrationDataset, platform, plan, progress):
-    """auto_precision: return the final quantized model and what the search found.
-
-    Stage 1 calibrates on all samples but every 4th and searches for the float ops that
-    meet the target on the held-back ones. Stage 2 quantizes on all samples with those
-    ops in float (what the emitted custom_setting reproduces) and measures the exported
-    model on the same held-back samples; when recalibration moved it past the target,
-    the search goes on from there within the remaining budget. Every measurement is of an
-    exported model run by onnxruntime, as the user will run it.
-    """
-    from .engine import HOLD_BACK_EVERY, FloatOpSearch, SubgraphOverride, quantize_graph
-
-    auto = cfg.auto_precision
-    assert auto is not None, "search_precision runs only with auto_precision set"
-    metric = registry("metric").get(auto.metric)
-    indices = list(range(len(dataset)))
-    held_back = [dataset.batch(index) for index in indices if index % HOLD_BACK_EVERY == 0]
-    training = _Subset(dataset.batch, [index for index in indices if index % HOLD_BACK_EVERY])
-    if not len(training):
-        raise DataError(
-            f"auto_precision needs at least 2 calibration samples (one is held back); {dataset.count} found"
-        )
-    log.info(
-        "auto_precision: calibrating on %d samples, measuring %s on %d held back",
-        len(training),
-        auto.metric,
-        len(held_back),
-    )
-    float_runner = onnx_runner(model)
-    cached = {id(feed): float_runner(feed) for feed in held_back}
-
-    def reference_outputs(feed):  # a metric with its own data gets them computed
-        return cached[id(feed)] if id(feed) in cached else float_runner(feed)
-
-    def measure(quantized: onnx.ModelProto) -> float:
-        return metric.measure(onnx_runner(quantized), reference_outputs, held_back)
-
-    def keeping_float(ops) -> Any:
-        first = len(plan.overrides)
-        extra = tuple(
-            SubgraphOverride(
-                index=first + offset,
-                input_names=op.input_names,
-                output_names=op.output_names,
-                precision_level=3,
-                float_after_calibration=True,
-            )
-            for offset, op in enumerate(ops)
-        )
-        return dataclasses.replace(plan, overrides=plan.overrides + extra)
-
-    first = quantize_graph(
-        model,
-        training,
-        len(training),
-        platform,
-        plan,
-        progress,
-        search=FloatOpSearch(measure, metric, auto.target_value, auto.max_float_ops, held_back),
-    )
-    log.info("auto_precision: quantizing on all %d samples with %d op(s) in float", len(dataset), len(first.chosen))
-    second = quantize_graph(
-        model,
-        dataset,
-        len(dataset),
-        platform,
-        keeping_float(first.chosen),
-        progress,
-        search=FloatOpSearch(
-            measure,
-            metric,
-            auto.target_value,
-            auto.max_float_ops,
-            held_back,
-            already_float=[op.name for op in first.chosen],
-        ),
-    )
-    search = _Search(
-        first.chosen + second.chosen,
-        first.before,
-        first.estimate,
-        second.plain,
-        second.before,
-        second.estimate,
-        len(second.chosen),
-        first.candidates_tried + second.candidates_tried,
-        first.seconds + second.seconds,
-        metric,
-        len(held_back),
-        HOLD_BACK_EVERY,
-    )
-    return second.model, search
-
-
 def _named_tensors(cfg: XQuantConfig) -> set[str]:
     """The tensors the config names (custom_setting boundaries, truncation points): the rewrites keep them."""
     named = set(cfg.quantization.truncate_var_names)
@@ -434,99 +306,6 @@ def quantized_ops_line(model: onnx.ModelProto) -> str:
             compute,
         )
     return f"INT8: {reading} of {compute} Conv/ConvTranspose/Gemm/MatMul ops"
-
-
-def onnx_runner(model: onnx.ModelProto):
-    """Run an ONNX model on one feed with onnxruntime: ``{input: array} -> {output: array}``."""
-    session = onnxruntime_session(model)
-    names = [output.name for output in session.get_outputs()]
-
-    def run(feed):
-        return dict(zip(names, session.run(names, feed)))
-
-    return run
-
-
-def finish_search(cfg: XQuantConfig, search: _Search, out_path: Path):
-    """Warn when the target is missed, explain the search, write the reproducible custom_setting."""
-    auto, final = cfg.auto_precision, search.final
-    assert auto is not None, "finish_search runs only with auto_precision set"
-    met = search.metric.meets(final, auto.target_value)
-    settings = [dataclasses.asdict(item) for item in cfg.quantization.custom_setting]
-    settings = [
-        {
-            key: (list(value) if isinstance(value, tuple) else value)
-            for key, value in item.items()
-            if value is not None and not (key == "float_after_calibration" and not value)
-        }
-        for item in settings
-    ]
-    settings += [
-        {
-            "input_names": list(op.input_names),
-            "output_names": list(op.output_names),
-            "precision_level": 3,
-            "float_after_calibration": True,
-        }
-        for op in search.chosen
-    ]
-    snippet = json.dumps({"custom_setting": settings}, indent=2)
-    snippet_path = out_path.with_name(f"{out_path.stem}_custom_setting.json")
-    achieved = f"{auto.metric} {final:.6g} (target {auto.target_value:g})"
-    count = len(search.chosen)
-    if not met:
-        log.warning(
-            "auto_precision: the target was not met within max_float_ops=%d: %s with %d op(s) in float; "
-            "writing the best model found",
-            auto.max_float_ops,
-            achieved,
-            count,
-        )
-    summary = (
-        f"auto_precision: {count} op(s) in float, {achieved}; all-INT8 {search.before:.6g}; "
-        f"{search.candidates_tried} candidate(s) tried in {search.seconds:.1f} s",
-        f"auto_precision: to reproduce without the search, use the custom_setting in {snippet_path}",
-    )
-    relation = ">=" if search.metric.higher_is_better else "<="
-    lines = [
-        "## Automatic mixed precision",
-        "",
-        f"Target: `{auto.metric}` {relation} {auto.target_value:g} at the model outputs on "
-        f"{search.held_back} held-back calibration batch(es) (every {search.every}th), at most "
-        f"{auto.max_float_ops} op(s) in float: **{'met' if met else 'not met'}**. Every value below is "
-        "measured on an exported model run by onnxruntime.",
-        "",
-        "| stage | calibrated on | ops in float | metric |",
-        "|---|---|---|---|",
-        f"| all-INT8 | all but the held-back samples | 0 | {search.before:.6g} |",
-        f"| search | all but the held-back samples | {count - search.topped_up} | {search.estimate:.6g} |",
-        *([f"| all-INT8, recalibrated | all samples | 0 | {search.plain:.6g} |"] if search.plain is not None else []),
-        f"| search, recalibrated | all samples | {count - search.topped_up} | {search.recalibrated:.6g} |",
-        f"| final model | all samples | {count} | {final:.6g} |",
-        "",
-        f"Candidates tried: {search.candidates_tried}, search time {search.seconds:.1f} s (ranking: one float "
-        "and one quantized pass; each candidate: one export and one onnxruntime pass over the held-back "
-        "samples)"
-        + (f"; {search.topped_up} op(s) added after recalibration on all samples" if search.topped_up else "")
-        + ".",
-        "",
-    ]
-    lines += ["| op | type | sensitivity (SNR added) | inputs | outputs |", "|---|---|---|---|---|"]
-    lines += [
-        f"| `{op.name}` | {op.type} | {op.sensitivity:.4g} | {', '.join(op.input_names)} | "
-        f"{', '.join(op.output_names)} |"
-        for op in search.chosen
-    ]
-    lines += [
-        "",
-        "The same model without the search: put this in `quantization_parameters` (it is also in "
-        f"`{snippet_path.name}`) and remove `auto_precision`:",
-        "",
-        "```json",
-        snippet,
-        "```",
-    ]
-    return tuple(lines), summary, (snippet_path, (snippet + "\n").encode("utf-8"))
 
 
 def analyse(
@@ -561,7 +340,7 @@ def analyse(
     try:
         wanted = CANDIDATE_BATCHES if trial is not None else DEFAULT_MAX_BATCHES
         batches = [dataset.batch(index) for index in spread(len(dataset), wanted)]
-        held_back = _Subset(
+        held_back = Subset(
             dataset.held_back_batch, spread(dataset.held_back_count, HELD_BACK_MAX), dataset.held_back_count
         )
         report = write_report(
