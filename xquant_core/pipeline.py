@@ -170,14 +170,46 @@ def run(
     if not cfg.model.skip_onnxsim:
         with _stage(progress, "onnxsim"):
             float_model = model_io.simplify(float_model, keep=_named_tensors(cfg))
-
     if dataset is None:
         from .dynamic import quantize_dynamic
 
         quantized = quantize_dynamic(float_model)
         write_model_atomically(quantized, out_path)
         return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
+    _check_something_to_quantize(float_model)
 
+    device = choose_device(cfg.calibration.calibration_device)
+    plan = engine_plan(cfg, prepared.algorithm, device)
+    cut = cfg.quantization.truncate_var_names
+    upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
+    quantized, search, trial, branches = _quantize(cfg, float_model, upper, dataset, prepared.platform, plan, progress)
+
+    summary: tuple[str, ...] = (*branches.lines(), quantized_ops_line(quantized))
+    sections: tuple[str, ...] = ()
+    snippet = None
+    if search is not None:
+        from .auto_precision import finish_search
+
+        sections, summary, snippet = finish_search(cfg, search, out_path)
+    if cut:
+        quantized = model_io.reattach(quantized, float_model, lower)
+    gap = verify_model(quantized, float_model, dataset.batch(0))
+    if gap:
+        log.warning(gap)
+    seconds = time.perf_counter() - started
+    # the report before the model: an interrupt leaves no model
+    report_path, lines, figures = _report(
+        cfg, float_model, quantized, dataset, out_path, seconds, device, sections, trial, progress
+    )
+    write_model_atomically(quantized, out_path)
+    if snippet is not None:
+        write_bytes_atomically(*snippet)
+    return QuantizationResult(
+        quantized, out_path, seconds, dataset.count, device, report_path, summary + lines, figures
+    )
+
+
+def _check_something_to_quantize(float_model: onnx.ModelProto) -> None:
     if control_flow.count_quantized_ops(float_model)[1] == 0:
         ops = sorted({node.op_type for node in float_model.graph.node})
         raise ModelError(
@@ -185,32 +217,39 @@ def run(
             f"(its ops: {', '.join(ops) or 'none'}); xquant writes no model"
         )
 
-    platform, algorithm = prepared.platform, prepared.algorithm
-    device = choose_device(cfg.calibration.calibration_device)
 
-    from .engine import EnginePlan, SubgraphOverride, quantize_graph
+def engine_plan(cfg: XQuantConfig, algorithm, device: str):
+    """The config resolved for the engine: plugin names to plugin objects, ``custom_setting`` in order."""
+    from .engine import EnginePlan, SubgraphOverride
 
-    plan = EnginePlan(
+    calibration = registry("calibration")
+    overrides = tuple(
+        SubgraphOverride(
+            index=index,
+            input_names=item.input_names,
+            output_names=item.output_names,
+            precision_level=item.precision_level,
+            max_percentile=item.max_percentile,
+            algorithm=calibration.get(item.calibration_type) if item.calibration_type else None,
+            float_after_calibration=item.float_after_calibration,
+        )
+        for index, item in enumerate(cfg.quantization.custom_setting)
+    )
+    return EnginePlan(
         algorithm=algorithm,
         context=CalibrationContext(max_percentile=cfg.quantization.max_percentile),
         precision_level=cfg.quantization.precision_level,
         finetune_level=cfg.quantization.finetune_level,
         device=device,
-        overrides=tuple(
-            SubgraphOverride(
-                index=index,
-                input_names=item.input_names,
-                output_names=item.output_names,
-                precision_level=item.precision_level,
-                max_percentile=item.max_percentile,
-                algorithm=registry("calibration").get(item.calibration_type) if item.calibration_type else None,
-                float_after_calibration=item.float_after_calibration,
-            )
-            for index, item in enumerate(cfg.quantization.custom_setting)
-        ),
+        overrides=overrides,
     )
-    cut = cfg.quantization.truncate_var_names
-    upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
+
+
+def _quantize(cfg: XQuantConfig, float_model, upper, dataset: CalibrationDataset, platform, plan, progress):
+    """The upper graph quantized (If branches first, then the rest, or the auto-precision search):
+    ``(model, search or None, FloatTrial or None, BranchReport)``. A PPQ failure is diagnosed."""
+    from .engine import quantize_graph
+
     search = trial = None
     branches = control_flow.BranchReport()
     try:
@@ -225,7 +264,8 @@ def run(
             from .auto_precision import search_precision
 
             quantized, search = search_precision(cfg, upper, dataset, platform, plan, progress)
-        elif cfg.quantization.analysis_enable and not cut:  # the report measures fallbacks on the graph
+        elif cfg.quantization.analysis_enable and not cfg.quantization.truncate_var_names:
+            # the report measures float fallbacks on the quantized graph
             quantized, trial = quantize_graph(upper, dataset, len(dataset), platform, plan, progress, keep_graph=True)
         else:
             quantized = quantize_graph(upper, dataset, len(dataset), platform, plan, progress)
@@ -233,47 +273,41 @@ def run(
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
         raise diagnose_failure(float_model, dataset, exc) from exc
+    return quantized, search, trial, branches
 
-    sections: tuple[str, ...] = ()
-    summary: tuple[str, ...] = tuple(branches.lines()) + (quantized_ops_line(quantized),)
-    snippet = None
-    if search is not None:
-        from .auto_precision import finish_search
 
-        sections, summary, snippet = finish_search(cfg, search, out_path)
-    if cut:
-        quantized = model_io.reattach(quantized, float_model, lower)
-    gap = verify_model(quantized, float_model, dataset.batch(0))
-    if gap:
-        log.warning(gap)
-    seconds = time.perf_counter() - started
-    report_path, figures = None, None
-    if cfg.quantization.analysis_enable:  # before the model is written: an interrupt leaves no model
+def _report(
+    cfg: XQuantConfig,
+    float_model,
+    quantized,
+    dataset,
+    out_path: Path,
+    seconds: float,
+    device: str,
+    sections: tuple[str, ...],
+    trial,
+    progress,
+) -> tuple[Path | None, tuple[str, ...], dict | None]:
+    """The analysis report (or, with analysis off, only what auto_precision found): its path, its
+    summary lines and figures."""
+    if cfg.quantization.analysis_enable:
         with _stage(progress, "analysis"):
-            report_path, lines, figures = analyse(
-                cfg, float_model, quantized, dataset, out_path, seconds, device, sections, trial, progress
-            )
-        summary += lines
-    elif sections:  # no analysis asked for: the report holds what auto_precision found, and nothing else
-        report_path = out_path.with_name(f"{out_path.stem}_report.md")
-        write_bytes_atomically(
-            report_path,
-            "\n".join(
-                (
-                    f"# Quantization report: {out_path.stem}",
-                    "",
-                    "(analysis_enable is false: no per-tensor analysis)",
-                    "",
-                    *sections,
-                    "",
-                )
-            ).encode("utf-8"),
+            return analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections, trial, progress)
+    if not sections:
+        return None, (), None
+    report_path = out_path.with_name(f"{out_path.stem}_report.md")
+    text = "\n".join(
+        (
+            f"# Quantization report: {out_path.stem}",
+            "",
+            "(analysis_enable is false: no per-tensor analysis)",
+            "",
+            *sections,
+            "",
         )
-        summary += (f"report: {report_path}",)
-    write_model_atomically(quantized, out_path)
-    if snippet is not None:
-        write_bytes_atomically(*snippet)
-    return QuantizationResult(quantized, out_path, seconds, dataset.count, device, report_path, summary, figures)
+    )
+    write_bytes_atomically(report_path, text.encode("utf-8"))
+    return report_path, (f"report: {report_path}",), None
 
 
 def _named_tensors(cfg: XQuantConfig) -> set[str]:
