@@ -233,13 +233,20 @@ def test_host_loaded_the_builtins_from_entry_points():
 
 
 # --------------------------------------------------------------------------- plugin host
+class _FullRange:
+    """The smallest calibration algorithm: the observed range."""
+
+    def compute_range(self, stats, ctx):
+        return stats.min, stats.max
+
+
 class TemporaryCalibration:
     """A calibration plugin used only by these tests."""
 
     def __init__(self, names, override=False):
         self.names = names
         self.override = override
-        self.components = {name: object() for name in names}
+        self.components = {name: _FullRange() for name in names}
 
     @xquant_core.hookimpl
     def xquant_register_calibration_algorithms(self, register):

@@ -14,9 +14,11 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +364,30 @@ def test_a_misspelt_hook_is_refused_naming_it():
                                           r"xquant does not define; its hooks are: .*xquant_register_readers"):
         host.register(plugin, "typo", "typo-dist", "1.0")
     assert not host.manager.has_plugin("typo") and "typo" not in host.infos
+
+
+@pytest.mark.parametrize(("hook", "kind", "component", "lacks"), [
+    ("xquant_register_readers", "reader", object(), "read"),
+    ("xquant_register_calibration_algorithms", "calibration", lambda stats, ctx: (0.0, 1.0), "compute_range"),
+    ("xquant_register_platforms", "platform", types.SimpleNamespace(export=lambda graph: None),
+     "create_quantizer, float_ops, float_op_types, share_quantization, after_calibration, finalize"),
+])
+def test_a_component_that_lacks_its_interfaces_methods_is_refused_when_registered(hook, kind, component, lacks):
+    """Issue 14: a component is checked against its interface when registered, not when a run
+    first calls the missing method (an AttributeError deep in the pipeline)."""
+    from xquant_core.errors import PluginError
+    from xquant_core.hookspecs import hookimpl
+    from xquant_core.plugins import PluginHost
+
+    plugin = types.ModuleType("half_plugin")
+
+    def register_it(register):
+        register("half", component)
+
+    setattr(plugin, hook, hookimpl(register_it))
+    register_it.__name__ = hook
+    host = PluginHost()
+    host.register(plugin, "half", "half-dist", "1.0")
+    with pytest.raises(PluginError, match=rf"plugin 'half' registers {kind} 'half' as \w+, which lacks "
+                                          rf"{re.escape(lacks)} \(see xquant_core\."):
+        host.registry(kind)

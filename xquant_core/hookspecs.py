@@ -27,6 +27,9 @@ The component interfaces are documented in:
 - preprocessors: :class:`xquant_core.data.Preprocessor`
 - platforms: :class:`xquant_core.platform.Platform`
 - auto_precision metrics: :class:`xquant_core.metrics.Metric`
+
+A component that lacks a method of its interface is refused when its plugin registers it
+(:mod:`xquant_core.interfaces` lists the methods).
 """
 
 from __future__ import annotations

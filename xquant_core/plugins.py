@@ -19,6 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .interfaces import INTERFACES, missing_methods
 
 log = logging.getLogger("xquant.plugins")
 
@@ -69,6 +70,13 @@ class Registry:
     def add(self, name: str, component: Any, plugin: str, override: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin '{plugin}' registered a {self.kind} with an invalid name {name!r}")
+        missing = missing_methods(self.kind, component)
+        if missing:
+            interface = INTERFACES[self.kind][0]
+            raise PluginError(
+                f"plugin '{plugin}' registers {self.kind} '{name}' as {type(component).__name__}, which lacks "
+                f"{', '.join(missing)} (see {interface})"
+            )
         previous = self.entries.get(name)
         if previous is not None and not override:
             raise PluginError(

@@ -41,16 +41,6 @@ from .search import FloatOpSearch
 
 log = logging.getLogger("xquant.engine")
 
-#: parameter-free ops (both operands are activations) kept in float, by precision_level.
-#: Level 1 keeps the products (gates such as SiLU's Sigmoid x Mul, attention products) in
-#: float: rounding errors of both operands multiply there. Residual Add/Sub stay int8.
-#: Level 2 also keeps Add/Sub in float. Level 3 keeps every op in float.
-FLOAT_OPS_BY_LEVEL = {
-    0: frozenset(),
-    1: frozenset({"Mul", "Div", "Sigmoid", "Softmax"}),
-    2: frozenset({"Add", "Sub", "Mul", "Div", "Sigmoid", "Softmax"}),
-}
-
 
 def cuda_available() -> bool:
     import torch
@@ -186,13 +176,7 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
         equalize_depthwise_pairs(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
-    _dispatch(
-        graph,
-        quantizer.quant_operation_types,
-        plan,
-        regions,
-        platform.float_ops(graph) if hasattr(platform, "float_ops") else set(),
-    )
+    _dispatch(graph, quantizer.quant_operation_types, plan, regions, platform)
     executor = TorchExecutor(graph=graph, device=plan.device)
     first = next(iter(feeds()))
     executor.tracing_operation_meta(inputs=first)
@@ -225,7 +209,7 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     platform.share_quantization(graph)
     apply(_ppq_pass("ParameterQuantizePass"))
     ActivationCalibration(plan, regions).run(graph, executor, feeds, num_batches, progress)
-    align_concat_inputs_to_output(graph)
+    platform.after_calibration(graph)
     return graph, executor, regions, apply
 
 
@@ -246,36 +230,6 @@ def _ppq_output_to_log():
         text = captured.getvalue().strip()
         if text:
             log.debug("%s", text)
-
-
-def align_concat_inputs_to_output(graph) -> None:
-    """Concat inputs share the output's quantization (the runtime concatenates int8 as is).
-
-    PPQ's alignment pass does the same but also ties inputs to an output that is not
-    quantized (a model output stays float), leaving them without parameters: those
-    inputs keep their own quantization here.
-    """
-    from ppq import QuantableOperation, QuantizationStates
-
-    for operation in graph.operations.values():
-        if not isinstance(operation, QuantableOperation) or operation.type != "Concat":
-            continue
-        master = operation.config.output_quantization_config[0]
-        if master.dominated_by.scale is None:
-            continue
-        for config in operation.config.input_quantization_config:
-            if config.state not in {QuantizationStates.FP32, QuantizationStates.SOI}:
-                config.master_by = master
-                # a constant input (BlazeFace's zero channel padding) takes the activation range
-                # too: with the weights' [-127, 127], its zero point -128 could not be written and
-                # the zeros came back as one step (0.027) on every padded channel
-                config._quant_min, config._quant_max = master.quant_min, master.quant_max
-        # the producers write their outputs with the concat's parameters: no requantization
-        for producer in graph.get_upstream_operations(operation):
-            if isinstance(producer, QuantableOperation):
-                for config, var in producer.config_with_variable:
-                    if operation in var.dest_ops:
-                        config.dominated_by = master
 
 
 def _load_graph(model):
@@ -346,9 +300,9 @@ def _reachable(start: set, neighbours) -> set:
     return seen
 
 
-def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform_float: set) -> None:
-    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels and
-    the ops the platform keeps float."""
+def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform) -> None:
+    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels (the
+    platform's op types for each) and the ops the platform keeps float."""
     from ppq import TargetPlatform
     from ppq.scheduler import DISPATCHER_TABLE
 
@@ -366,6 +320,7 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform_float
         # output is not reached, and stayed float
         if operation.is_computing_op and operation.type in quant_types and table[operation.name] == TargetPlatform.FP32:
             table[operation.name] = TargetPlatform.UNSPECIFIED
+    platform_float = platform.float_ops(graph)
     levels = {name: plan.precision_level for name in graph.operations}
     for override, ops in regions:
         if override.precision_level == 3 and override.float_after_calibration:
@@ -378,7 +333,7 @@ def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform_float
         level = levels[operation.name]
         if (
             level >= 3
-            or (operation.type in FLOAT_OPS_BY_LEVEL[level] and not operation.parameters)
+            or (operation.type in platform.float_op_types(level) and not operation.parameters)
             or operation.name in platform_float
         ):
             operation.platform = TargetPlatform.FP32

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from xquant_core import hookimpl
 
-from .policy import BIAS_INT_LIMIT, COMPUTE_OPS, SHARED_QUANT_OPS
+from .policy import BIAS_INT_LIMIT, COMPUTE_OPS, FLOAT_OPS_BY_LEVEL, SHARED_QUANT_OPS
 
 
 class SpacemitPlatform:
@@ -34,6 +34,14 @@ class SpacemitPlatform:
 
         fuse_elementwise_activation(graph, {"Add", "Sub"}, {"Relu", "Clip"})
         share_shape_op_quantization(graph, SHARED_QUANT_OPS)
+
+    def float_op_types(self, level: int) -> frozenset:
+        return FLOAT_OPS_BY_LEVEL.get(level, frozenset())
+
+    def after_calibration(self, graph) -> None:
+        from .quantizer import align_concat_inputs_to_output
+
+        align_concat_inputs_to_output(graph)
 
     def finalize(self, graph) -> None:
         from .quantizer import keep_overflowing_bias_float

@@ -57,3 +57,13 @@ QUANTIZED_OPS = (
 
 #: keep bias in float when any quantized |bias| would exceed this
 BIAS_INT_LIMIT = 2**20
+
+#: parameter-free ops (both operands are activations) kept in float, by precision_level.
+#: Level 1 keeps the products (gates such as SiLU's Sigmoid x Mul, attention products) in
+#: float: rounding errors of both operands multiply there. Residual Add/Sub stay int8.
+#: Level 2 also keeps Add/Sub in float. Level 3 keeps every op in float (the engine's rule).
+FLOAT_OPS_BY_LEVEL = {
+    0: frozenset(),
+    1: frozenset({"Mul", "Div", "Sigmoid", "Softmax"}),
+    2: frozenset({"Add", "Sub", "Mul", "Div", "Sigmoid", "Softmax"}),
+}

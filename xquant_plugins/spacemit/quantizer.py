@@ -221,6 +221,36 @@ def fuse_elementwise_activation(graph: BaseGraph, op_types, activation_types) ->
         activation.config.input_quantization_config[0].dominated_by = target
 
 
+def align_concat_inputs_to_output(graph) -> None:
+    """Concat inputs share the output's quantization (the runtime concatenates int8 as is).
+
+    PPQ's alignment pass does the same but also ties inputs to an output that is not
+    quantized (a model output stays float), leaving them without parameters: those
+    inputs keep their own quantization here.
+    """
+    from ppq import QuantableOperation, QuantizationStates
+
+    for operation in graph.operations.values():
+        if not isinstance(operation, QuantableOperation) or operation.type != "Concat":
+            continue
+        master = operation.config.output_quantization_config[0]
+        if master.dominated_by.scale is None:
+            continue
+        for config in operation.config.input_quantization_config:
+            if config.state not in {QuantizationStates.FP32, QuantizationStates.SOI}:
+                config.master_by = master
+                # a constant input (BlazeFace's zero channel padding) takes the activation range
+                # too: with the weights' [-127, 127], its zero point -128 could not be written and
+                # the zeros came back as one step (0.027) on every padded channel
+                config._quant_min, config._quant_max = master.quant_min, master.quant_max
+        # the producers write their outputs with the concat's parameters: no requantization
+        for producer in graph.get_upstream_operations(operation):
+            if isinstance(producer, QuantableOperation):
+                for config, var in producer.config_with_variable:
+                    if operation in var.dest_ops:
+                        config.dominated_by = master
+
+
 def keep_overflowing_bias_float(graph: BaseGraph, limit: int) -> None:
     """Leave a bias in float when its int32 value would exceed ``limit`` in magnitude."""
     for operation in graph.operations.values():
