@@ -206,7 +206,7 @@ def measured_candidates(markdown: str) -> list[dict[str, str]]:
 def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives_that_error(spiky, tmp_path):
     """Issue 15: each "Next step" candidate comes with the output error measured with it in float;
     pasting the snippet of the first one and quantizing again gives that error (within 10 %)."""
-    from xquant_core import fallback
+    from xquant_core.analysis import fallback
 
     config = json.loads(json.dumps(spiky["config"]))
     config["quantization_parameters"]["analysis_enable"] = True
@@ -221,7 +221,7 @@ def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives
     batches = [spiky["batches"][i] for i in analysis.spread(len(spiky["batches"]), analysis.CANDIDATE_BATCHES)]
     reference = fallback.model_outputs(spiky["float"], batches)
     now = fallback.output_errors(quant, batches, reference)["logits"]
-    assert f"({analysis._num(now)} now)" in text
+    assert f"({analysis.render._num(now)} now)" in text
     assert errors[0] < now
 
     config["quantization_parameters"]["analysis_enable"] = False
@@ -238,7 +238,7 @@ def test_held_back_samples_carry_the_headline_and_the_next_step(spiky, tmp_path)
     """Issue 15: samples listed after the first calibration_step are never calibrated on; the report's
     output figures use every one of them and say how many, and its candidates are measured on them,
     so the stated error is what the INT8 model gives on data calibration never saw."""
-    from xquant_core import fallback
+    from xquant_core.analysis import fallback
 
     config = json.loads(json.dumps(spiky["config"]))
     config["calibration_parameters"]["calibration_step"] = 8  # 12 listed: 4 held back
@@ -259,7 +259,7 @@ def test_held_back_samples_carry_the_headline_and_the_next_step(spiky, tmp_path)
     assert match and match.group(2) == "4 held-back sample(s)", text[:2000]
     assert float(match.group(1)) == pytest.approx(now, rel=1e-3)
     assert "on 4 held-back sample(s) (listed after the first calibration_step: never calibrated on)" in text
-    assert f"({analysis._num(now)} now)" in text
+    assert f"({analysis.render._num(now)} now)" in text
     assert "no sample is held back" not in text
     figures = json.loads(summary.read_text(encoding="utf-8"))["analysis"]
     assert figures["outputs_measured_on"] == "4 held-back sample(s)"
@@ -573,7 +573,7 @@ def test_summary_json_holds_the_summary_figures(small_project, run_xquant, tmp_p
     analysed = figures["analysis"]
     assert set(analysed["outputs"]) == {value.name for value in onnx.load(str(small_project / "small.onnx")).graph.output}
     for name, values in analysed["outputs"].items():
-        assert f"{name} SNR {analysis._num(values['snr'])}" in done.stdout
+        assert f"{name} SNR {analysis.render._num(values['snr'])}" in done.stdout
     assert isinstance(analysed["needs_attention"], bool) and analysed["verdict"] in done.stdout
     assert analysed["next_step"]["candidates"] and all(
         c["precision_level"] == 3 and c["mean_output_snr"] >= 0 for c in analysed["next_step"]["candidates"])

@@ -27,9 +27,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnx
 
-from .control_flow import COMPUTE_OPS
-from .runtime import onnxruntime_session
-from .snr import PowerSums
+from ..control_flow import COMPUTE_OPS
+from ..runtime import onnxruntime_session
+from ..snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
 

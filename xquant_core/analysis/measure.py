@@ -1,0 +1,395 @@
+"""Both models run side by side with onnxruntime: every probe's SNR, MSE, cosine, ranges and histogram."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..runtime import onnxruntime_session
+from ..snr import PowerSums, flat32
+from .graph import Probe, QuantizedOp, _QdqGraph, quantized_ops
+from .limits import DEFAULT_MAX_BATCHES, DEFAULT_MAX_ELEMENTS, FLAG_COSINE, FLAG_SNR, HISTOGRAM_BINS
+
+
+def spread(count: int, wanted: int) -> list[int]:
+    """``wanted`` of ``range(count)`` spread over it, in an order whose every prefix is spread too
+    (0, 1/2, 1/4, 3/4, 1/8, ... of the way): calibration lists are often sorted by source photo."""
+    picked: list[int] = []
+    position = 0
+    while len(picked) < min(count, wanted):
+        fraction, base, rest = 0.0, 0.5, position
+        while rest:  # van der Corput: the bits of position, mirrored after the binary point
+            fraction, rest, base = fraction + base * (rest & 1), rest >> 1, base / 2
+        index = int(fraction * count)
+        if index not in picked:
+            picked.append(index)
+        position += 1
+    return picked
+
+
+@dataclass
+class TensorStats:
+    """Quantized-vs-float statistics of one tensor over every element of the batches used."""
+
+    snr: float
+    mse: float
+    cosine: float
+    q_min: float
+    q_max: float
+    f_min: float
+    f_max: float
+    histogram: tuple[int, ...]
+    elements: int
+
+    @property
+    def flagged(self) -> bool:
+        return self.snr > FLAG_SNR or self.cosine < FLAG_COSINE
+
+    @property
+    def flags(self) -> str:
+        parts = []
+        if self.snr > FLAG_SNR:
+            parts.append("SNR")
+        if self.cosine < FLAG_COSINE:
+            parts.append("cosine")
+        return ", ".join(parts)
+
+
+class _Accumulator:
+    """Running sums for one (quantized tensor, float tensor) pair."""
+
+    def __init__(self):
+        self.power = PowerSums()
+        self.q2 = self.qf = 0.0
+        self.count = 0
+        self.q_min = self.f_min = math.inf
+        self.q_max = self.f_max = -math.inf
+        self.samples: list[np.ndarray] = []
+
+    def add(self, q: np.ndarray, f: np.ndarray, picks: np.ndarray | None) -> None:
+        self.q_min = min(self.q_min, float(np.min(q)))
+        self.q_max = max(self.q_max, float(np.max(q)))
+        self.f_min = min(self.f_min, float(np.min(f)))
+        self.f_max = max(self.f_max, float(np.max(f)))
+        q, f = flat32(q), flat32(f)  # sums over every element (a sample misses rare peaks)
+        self.power.add(q, f)
+        self.q2 += float(np.dot(q, q))
+        self.qf += float(np.dot(q, f))
+        self.count += f.size
+        self.samples.append(f if picks is None else f[picks])  # for the histogram
+
+    def result(self) -> TensorStats:
+        f2 = self.power.signal
+        if f2 > 0 and self.q2 > 0:
+            cosine = self.qf / math.sqrt(f2 * self.q2)
+        else:
+            cosine = 1.0 if f2 == self.q2 else 0.0
+        samples = np.concatenate(self.samples) if self.samples else np.zeros(0, np.float32)
+        histogram = _histogram(samples, self.f_min, self.f_max)
+        return TensorStats(
+            self.power.snr,
+            self.power.noise / max(self.count, 1),
+            cosine,
+            self.q_min,
+            self.q_max,
+            self.f_min,
+            self.f_max,
+            histogram,
+            self.count,
+        )
+
+
+def _histogram(values: np.ndarray, low: float, high: float) -> tuple[int, ...]:
+    if values.size == 0 or not (math.isfinite(low) and math.isfinite(high)):
+        return (0,) * HISTOGRAM_BINS
+    if high <= low:
+        high = low + 1.0
+    counts, _ = np.histogram(values[np.isfinite(values)], bins=HISTOGRAM_BINS, range=(low, high))
+    return tuple(int(count) for count in counts)
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` found."""
+
+    graph: _QdqGraph
+    ops: list[QuantizedOp]
+    stats: dict[Probe, TensorStats]
+    outputs: dict[str, TensorStats]  # model output name -> stats
+    batches_used: int
+    batches_given: int
+    max_elements: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    #: what the model outputs' figures are over
+    outputs_on: str = ""
+    #: what the "Next step" candidates are measured on
+    candidates_on: str = ""
+
+
+def _instrumented(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
+    """A serialized copy of ``model`` with ``names`` added as graph outputs."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {value.name for value in copy.graph.output}
+    inputs = {value.name for value in copy.graph.input}
+    for name in names:
+        if name not in present and name not in inputs:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return copy.SerializeToString()
+
+
+def _session(model_bytes: bytes):
+    return onnxruntime_session(model_bytes)
+
+
+def _run(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    wanted = {value.name for value in session.get_inputs()}
+    feed = {name: array for name, array in batch.items() if name in wanted}
+    names = [value.name for value in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feed)))
+    values.update(feed)
+    return values
+
+
+class _Sampler:
+    """Deterministic element picks per tensor size: the same elements in both models."""
+
+    def __init__(self, per_batch: int):
+        self.per_batch = max(1, per_batch)
+        self._cache: dict[int, np.ndarray | None] = {}
+
+    def picks(self, size: int) -> np.ndarray | None:
+        if size not in self._cache:
+            if size <= self.per_batch:
+                self._cache[size] = None
+            else:
+                rng = np.random.default_rng(size)
+                self._cache[size] = np.sort(rng.choice(size, self.per_batch, replace=False))
+        return self._cache[size]
+
+
+def float_activations(quant_model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The exported graph with its activation Q/DQ pairs removed (weights as exported), and the
+    map from each removed DQ output to the tensor that replaces it."""
+    graph = _QdqGraph(quant_model, quant_model)
+    replaced: dict[str, str] = {}
+    dropped: set[int] = set()
+    for index, node in enumerate(graph.nodes):
+        if node.op_type != "QuantizeLinear" or graph.is_constant(node.input[0]):
+            continue
+        consumers = graph.consumers.get(node.output[0], [])
+        if not consumers or any(graph.nodes[c].op_type != "DequantizeLinear" for c in consumers):
+            continue
+        dropped.add(index)
+        for consumer in consumers:
+            dropped.add(consumer)
+            replaced[graph.nodes[consumer].output[0]] = node.input[0]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(quant_model)
+    del copy.graph.node[:]
+    for index, node in enumerate(graph.nodes):
+        if index in dropped:
+            continue
+        node = copy_node = onnx.NodeProto()
+        copy_node.CopyFrom(graph.nodes[index])
+        for position, name in enumerate(node.input):
+            node.input[position] = _final(replaced, name)
+        copy.graph.node.append(node)
+    for value in copy.graph.output:
+        if value.name in replaced:
+            copy.graph.node.append(onnx.helper.make_node("Identity", [_final(replaced, value.name)], [value.name]))
+    return copy, {name: _final(replaced, name) for name in replaced}
+
+
+def _final(replaced: dict[str, str], name: str) -> str:
+    for _ in range(8):
+        if name not in replaced:
+            break
+        name = replaced[name]
+    return name
+
+
+#: a channel counts as rescaled by cross-layer equalization when the float-activation reference
+#: matches scale x float this closely (relative residual power) ...
+RESCALE_FIT = 1e-2
+#: ... with a scale this far from 1 (weight rounding alone moves channel gains far less)
+RESCALE_MIN_FACTOR = 1.25
+#: ... over at least this many nonzero float values in the channel (any scale fits one value)
+RESCALE_MIN_VALUES = 16
+
+
+def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
+    """Per-channel (axis 1) factors s with reference ~= s * f where that fit is exact up to
+    weight rounding and s is far from 1; 1 elsewhere. None when no channel is rescaled.
+
+    Cross-layer equalization (finetune_level >= 1) scales the channels of the tensors
+    between the layers it balances, so the exported model's tensors are not comparable with
+    the float model's as they are. The float-activation reference (the exported graph
+    without its activation Q/DQ) tells the scales apart from damage: a channel zeroed or
+    distorted by a badly quantized constant does not fit ``s * f`` and keeps s = 1.
+    """
+    if f.ndim < 2 or f.shape != reference.shape or f.size < RESCALE_MIN_VALUES * f.shape[1]:
+        return None
+    axes = tuple(axis for axis in range(f.ndim) if axis != 1)
+    f = f.astype(np.float32, copy=False)
+    reference = reference.astype(np.float32, copy=False)
+    f_c = np.sum(f * f, axis=axes, dtype=np.float64)
+    r_c = np.sum(reference * reference, axis=axes, dtype=np.float64)
+    rf_c = np.sum(reference * f, axis=axes, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(f_c > 0, rf_c / f_c, 1.0)
+        residual = np.where(r_c > 0, (r_c - 2 * scale * rf_c + scale * scale * f_c) / r_c, 1.0)
+    support = np.count_nonzero(f, axis=axes)
+    good = (
+        (support >= RESCALE_MIN_VALUES)
+        & (r_c > 0)
+        & (residual < RESCALE_FIT)
+        & ((scale > RESCALE_MIN_FACTOR) | ((scale > 0) & (scale < 1 / RESCALE_MIN_FACTOR)))
+    )
+    if np.count_nonzero(good) < 2:  # one channel alone is no evidence of equalization
+        return None
+    shape = [1] * f.ndim
+    shape[1] = f.shape[1]
+    return np.where(good, scale, 1.0).reshape(shape).astype(np.float32)
+
+
+def measure(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    time_budget: float | None = None,
+) -> Measurement:
+    """Run both models on the batches and compare every probe of every quantized op.
+
+    ``time_budget``: seconds; after the first batch, stop before a batch that would exceed
+    it (at least one batch always runs). The inputs are not modified.
+    """
+    started = time.perf_counter()
+    if not batches:
+        raise ValueError("no calibration batches to analyse")
+    graph = _QdqGraph(quant_model, float_model)
+    ops = quantized_ops(quant_model, float_model, graph)
+    probes = sorted(
+        {probe for op in ops for probe in op.inputs + op.outputs + op.raw_outputs}, key=lambda p: (p.var, p.quant)
+    )
+    model_outputs = [value.name for value in float_model.graph.output]
+    quant_outputs = {value.name for value in quant_model.graph.output}
+    model_outputs = [name for name in model_outputs if name in quant_outputs]
+
+    float_session = _session(_instrumented(float_model, [p.var for p in probes]))
+    quant_session = _session(_instrumented(quant_model, [p.quant for p in probes]))
+    # channel scales of cross-layer equalization, from the first batch
+    reference, renamed = float_activations(quant_model)
+    reference_session = _session(_instrumented(reference, {renamed.get(p.quant, p.quant) for p in probes}))
+    r_values = _run(reference_session, batches[0])
+    f_values = _run(float_session, batches[0])
+    scales: dict[Probe, np.ndarray] = {}
+    for probe in probes:
+        f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
+        if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
+            scale = channel_scales(r, f)
+            if scale is not None:
+                scales[probe] = scale
+    del reference_session, r_values, f_values
+    planned = min(len(batches), max_batches)
+    sampler = _Sampler(math.ceil(max_elements / planned))
+    accumulators = {probe: _Accumulator() for probe in probes}
+    output_accumulators = {name: _Accumulator() for name in model_outputs}
+    notes: list[str] = []
+    skipped: set[Probe] = set()
+    used = 0
+    for batch in batches[:planned]:
+        batch_started = time.perf_counter()
+        f_values = _run(float_session, batch)
+        q_values = _run(quant_session, batch)
+        for probe, acc in accumulators.items():
+            if probe in skipped:
+                continue
+            f, q = f_values.get(probe.var), q_values.get(probe.quant)
+            if (
+                f is None
+                or q is None
+                or f.shape != q.shape
+                or f.size == 0
+                or not np.issubdtype(f.dtype, np.floating)
+                or not np.issubdtype(q.dtype, np.floating)
+            ):
+                skipped.add(probe)
+                continue
+            if probe in scales:
+                f = f * scales[probe]
+            acc.add(q, f, sampler.picks(f.size))
+        for name, acc in output_accumulators.items():  # every element: a softmax's few peaks carry its error
+            f, q = f_values[name], q_values[name]
+            if f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
+                acc.add(q, f, None)
+        used += 1
+        per_batch = time.perf_counter() - batch_started
+        elapsed = time.perf_counter() - started
+        if time_budget is not None and used < planned and elapsed + per_batch > time_budget:
+            notes.append(
+                f"stopped after {used} of {planned} batches to stay within the time budget ({time_budget:.1f} s)"
+            )
+            break
+    row_probes = {p for op in ops for p in op.inputs + op.outputs}
+    rescaled = {p.var for p in row_probes if p in scales}
+    if rescaled:
+        notes.append(
+            f"{len(rescaled)} tensor(s) have channels rescaled by cross-layer equalization: they are "
+            "compared with the float tensor in the equalized scale (F columns too)"
+        )
+    skipped_rows = row_probes & skipped
+    if skipped_rows:
+        notes.append(f"{len(skipped_rows)} tensor(s) not compared (not float, or shapes differ between the models)")
+    stats = {probe: acc.result() for probe, acc in accumulators.items() if probe not in skipped and acc.count}
+    outputs = {name: acc.result() for name, acc in output_accumulators.items() if acc.count}
+    return Measurement(
+        graph,
+        ops,
+        stats,
+        outputs,
+        used,
+        len(batches),
+        max_elements,
+        time.perf_counter() - started,
+        notes,
+        f"{used} calibration batch(es)",
+    )
+
+
+def held_back_outputs(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    held_back: Iterable[dict[str, np.ndarray]],
+    count: int,
+    keep: int,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+):
+    """Every held-back sample through both models, once: the outputs' statistics over every
+    element, and ``keep`` of the samples spread over them with the float model's outputs (for
+    the "Next step" candidates). ``count``: how many samples ``held_back`` yields."""
+    names = [value.name for value in float_model.graph.output]
+    float_session, quant_session = _session(float_model.SerializeToString()), _session(quant_model.SerializeToString())
+    accumulators = {name: _Accumulator() for name in names}
+    sampler, picks = _Sampler(math.ceil(max_elements / max(count, 1))), set(spread(count, keep))
+    kept, reference = [], []
+    for index, batch in enumerate(held_back):
+        f_values, q_values = _run(float_session, batch), _run(quant_session, batch)
+        for name, acc in accumulators.items():
+            f, q = f_values[name], q_values.get(name)
+            if q is not None and f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
+                acc.add(q, f, sampler.picks(f.size))
+        if index in picks:
+            kept.append(batch)
+            reference.append({name: f_values[name] for name in names})
+    return {name: acc.result() for name, acc in accumulators.items() if acc.count}, kept, reference
