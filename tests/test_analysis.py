@@ -633,3 +633,40 @@ def test_report_batches_are_spread_over_the_calibration_list():
     assert max(picked[:8]) > 70 and all(0 <= index < 86 for index in picked)
     assert sorted(analysis.spread(5, 16)) == [0, 1, 2, 3, 4]
     assert analysis.spread(1, 8) == [0]
+
+
+class _SectionPlugin:
+    """A third-party plugin adding a section to the report (and one whose hook fails)."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.seen = fail, []
+
+    @xquant.hookimpl
+    def xquant_report_sections(self, context):
+        self.seen.append(context)
+        if self.fail:
+            raise RuntimeError("no labels here")
+        return ["## Task accuracy", "", f"{len(context.batches)} batches, logits SNR "
+                f"{context.outputs['logits'].snr:.4g} over {context.outputs_on}"]
+
+
+def test_a_plugin_adds_a_report_section_and_a_failing_one_costs_only_its_section(spiky, tmp_path, caplog):
+    """Issue 14: plugins may add report sections (pluggy hook ``xquant_report_sections``)."""
+    from xquant_core.plugins import get_host
+
+    host, good, bad = get_host(), _SectionPlugin(), _SectionPlugin(fail=True)
+    host.register(good, "tmp-section", distribution="xquant-tests", version="0")
+    host.register(bad, "tmp-section-broken", distribution="xquant-tests", version="0")
+    try:
+        report = tmp_path / "spiky.q_report.md"
+        analysis.write_report(spiky["float"], spiky["quant"], spiky["batches"], report, {}, spiky["seconds"])
+    finally:
+        host.unregister("tmp-section-broken")
+        host.unregister("tmp-section")
+    text = report.read_text(encoding="utf-8")
+    (context,) = good.seen
+    assert context.report_path == report and context.quant_model is spiky["quant"]
+    section = f"## Task accuracy\n\n8 batches, logits SNR {context.outputs['logits'].snr:.4g} over 8 calibration batch(es)"
+    assert section in text and text.index(section) < text.index("## Next step")
+    assert len(bad.seen) == 1 and "no labels here" not in text
+    assert "plugin 'tmp-section-broken' failed in xquant_report_sections (RuntimeError: no labels here)" in caplog.text

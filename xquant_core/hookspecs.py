@@ -34,6 +34,9 @@ A component that lacks a method of its interface is refused when its plugin regi
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pluggy
@@ -100,3 +103,27 @@ def xquant_register_metrics(register: Register) -> None:
     in ``auto_precision.target.metric`` (built-ins: ``snr``, ``cosine``); a metric may
     evaluate task accuracy on the plugin's own labelled data.
     """
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What a report-section hook gets (read only: neither model may be changed)."""
+
+    float_model: Any  #: the ``onnx.ModelProto`` that was quantized (after onnxsim)
+    quant_model: Any  #: the exported QDQ ``onnx.ModelProto``
+    batches: Sequence[Mapping[str, Any]]  #: the calibration batches ``{input: array}`` the report measured
+    outputs: Mapping[str, Any]  #: model output name -> its figures (``.snr``, ``.cosine``), as the summary shows
+    outputs_on: str  #: what those figures are over, e.g. "20 held-back sample(s)"
+    report_path: Path  #: the Markdown file being written
+
+
+@hookspec
+def xquant_report_sections(context: ReportContext) -> list[str]:
+    """Add a section to the analysis report (a task metric on your own data, say).
+
+    Called once per report, after the measurement and before the Markdown is written, for every
+    plugin that implements it, in plugin order. Return the section's Markdown lines, starting with
+    a ``## Heading``, or an empty list. A hook that raises is named in a warning and left out; the
+    report and the model are written all the same.
+    """
+    return []

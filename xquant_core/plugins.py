@@ -221,6 +221,30 @@ class PluginHost:
                     ) from exc
         return registries
 
+    def report_sections(self, context: hookspecs.ReportContext) -> list[str]:
+        """Every plugin's ``xquant_report_sections`` lines, in plugin order; a plugin whose hook
+        raises is named in a warning and left out (the report is advice: it never costs the model)."""
+        impls = {impl.plugin_name: impl for impl in self.manager.hook.xquant_report_sections.get_hookimpls()}
+        lines: list[str] = []
+        for plugin_name in self._order:
+            impl = impls.get(plugin_name)
+            if impl is None:
+                continue
+            try:
+                result: Any = impl.function(context=context)
+                section = [str(line) for line in result or []]
+            except Exception as exc:
+                log.warning(
+                    "plugin '%s' failed in xquant_report_sections (%s: %s); its section is left out",
+                    plugin_name,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if section:
+                lines += ["", *section]
+        return lines
+
     def describe(self) -> Iterator[tuple[PluginInfo, dict[str, list[str]]]]:
         """Each plugin with the names it registered, per kind (for `xquant plugins`)."""
         for plugin_name in self._order:

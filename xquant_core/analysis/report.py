@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..hookspecs import ReportContext
 from ..outputs import write_bytes_atomically
+from ..plugins import get_host
 from . import fallback
 from .findings import Row, _json_number, rows_worst_first, suggest
 from .limits import CANDIDATE_BATCHES, FLAG_COSINE, FLAG_SNR, HELD_BACK_CANDIDATES, TIME_FRACTION
@@ -189,6 +191,15 @@ def write_report(
         )
         if bar is not None:
             bar.close()
+    context = ReportContext(
+        float_model,
+        quant_model,
+        list(batches)[: measurement.batches_used],
+        dict(measurement.outputs),
+        measurement.outputs_on,
+        report_path,
+    )
+    sections = (*sections, *get_host().report_sections(context))
     chart_path = report_path.with_suffix(".png")
     title = report_path.stem.removesuffix("_report")
     helps = candidates and (baseline is None or candidates[0].error < baseline)
