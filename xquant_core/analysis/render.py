@@ -170,9 +170,7 @@ def render_markdown(
     candidates: Sequence[fallback.Candidate] | None = None,
     baseline: float | None = None,
 ) -> str:
-    stats = measurement.stats
-    flagged = sum(1 for row in rows if row.stats.flagged)
-    tensors = len(stats)
+    """The report: summary, settings, the sections given, next step, chart, tensors worst first."""
     lines = [f"# Quantization analysis: {title}", ""]
     lines.append(
         "SNR is the noise-to-signal power ratio sum((q - f)^2) / sum(f^2) of the INT8 model's "
@@ -180,7 +178,35 @@ def render_markdown(
         "cumulative (the whole INT8 graph against the whole float graph), measured with "
         f"onnxruntime on the exported model. Flagged: SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}."
     )
-    lines += ["", "## Summary", "", verdict(measurement), ""]
+    lines += _summary(measurement, rows, quantize_seconds, analysis_seconds)
+    lines += ["", "### Settings", ""]
+    lines += _table(
+        ["setting", "value"],
+        (
+            [_cell(str(key)), _cell(json.dumps(value) if not isinstance(value, str) else value)]
+            for key, value in settings.items()
+        ),
+    )
+    if sections:
+        lines += ["", *sections]
+    lines += ["", "## Next step", ""]
+    lines += _next_step(measurement, rows, suggestions, candidates, baseline)
+    lines += [
+        "",
+        "## Per-op SNR along the graph",
+        "",
+        f"![per-op SNR along the graph, worst ops labelled]({chart_name})",
+        "",
+        "## Tensors, worst first",
+        "",
+    ]
+    lines += _tensor_table(rows)
+    return "\n".join(lines)
+
+
+def _summary(measurement: Measurement, rows: list[Row], quantize_seconds: float, analysis_seconds: float) -> list[str]:
+    flagged = sum(1 for row in rows if row.stats.flagged)
+    lines = ["", "## Summary", "", verdict(measurement), ""]
     for name, out in measurement.outputs.items():
         flag = f" **flagged ({out.flags})**" if out.flagged else ""
         lines.append(
@@ -188,7 +214,7 @@ def render_markdown(
             f"(every element, {measurement.outputs_on})"
         )
     lines.append(
-        f"- Flagged tensors: {flagged} of {tensors} (in {len(rows)} rows: a tensor is a row "
+        f"- Flagged tensors: {flagged} of {len(measurement.stats)} (in {len(rows)} rows: a tensor is a row "
         "for its producer and for each consumer)"
     )
     if rows:
@@ -205,69 +231,63 @@ def render_markdown(
         f"(budget: {DEFAULT_MAX_BATCHES} batches, {TIME_FRACTION:.0%} of the quantization time "
         "after the first batch)"
     )
-    for note in measurement.notes:
-        lines.append(f"- Note: {note}")
-    lines += ["", "### Settings", ""]
-    lines += _table(
-        ["setting", "value"],
-        (
-            [_cell(str(key)), _cell(json.dumps(value) if not isinstance(value, str) else value)]
-            for key, value in settings.items()
-        ),
-    )
-    if sections:
-        lines += [""] + list(sections)
-    lines += ["", "## Next step", ""]
+    lines += [f"- Note: {note}" for note in measurement.notes]
+    return lines
+
+
+def _next_step(
+    measurement: Measurement,
+    rows: list[Row],
+    suggestions: list[Suggestion],
+    candidates: Sequence[fallback.Candidate] | None,
+    baseline: float | None,
+) -> list[str]:
+    """The measured candidates; without them, the unmeasured growth suggestions and their snippet."""
     if candidates:
-        lines += _measured_next_step(measurement, rows, candidates, baseline)
-    elif suggestions:
-        if flagged:
-            lines.append(
-                "The error jumps most in the subgraph(s) below. If the model's accuracy is not good "
-                "enough, keep them in float: add this to `quantization_parameters` in the config "
-                "(merge with an existing `custom_setting` list) and quantize again."
-            )
-        else:
-            lines.append(
-                "Nothing is flagged. If the model's accuracy is still not good enough, the subgraph "
-                "where the error grows most is below; to keep it in float, add this to "
-                "`quantization_parameters` in the config and quantize again."
-            )
-        lines.append("")
-        for suggestion in suggestions:
-            lines.append(
-                f"- {_explain(suggestion, measurement.stats)} Subgraph: "
-                f"{', '.join(_cell(label) for label in suggestion.op_labels)}."
-            )
-        snippet = json.dumps({"custom_setting": [s.custom_setting() for s in suggestions]}, indent=2)
-        lines += ["", "```json", snippet[1:-1].strip("\n"), "```"]
+        return _measured_next_step(measurement, rows, candidates, baseline)
+    if not suggestions:
+        return ["No quantized op was measured: nothing to suggest."]
+    if any(row.stats.flagged for row in rows):
+        lines = [
+            "The error jumps most in the subgraph(s) below. If the model's accuracy is not good "
+            "enough, keep them in float: add this to `quantization_parameters` in the config "
+            "(merge with an existing `custom_setting` list) and quantize again."
+        ]
     else:
-        lines.append("No quantized op was measured: nothing to suggest.")
-    lines += [
-        "",
-        "## Per-op SNR along the graph",
-        "",
-        f"![per-op SNR along the graph, worst ops labelled]({chart_name})",
-        "",
-        "## Tensors, worst first",
-        "",
-    ]
-    header = [
-        "#",
-        "Op",
-        "Var",
-        "I/O",
-        "SNR",
-        "MSE",
-        "Cosine",
-        "Q min",
-        "Q max",
-        "F min",
-        "F max",
-        "F histogram",
-        "Flag",
-    ]
-    align = ["--:", "---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"]
+        lines = [
+            "Nothing is flagged. If the model's accuracy is still not good enough, the subgraph "
+            "where the error grows most is below; to keep it in float, add this to "
+            "`quantization_parameters` in the config and quantize again."
+        ]
+    lines.append("")
+    for suggestion in suggestions:
+        lines.append(
+            f"- {_explain(suggestion, measurement.stats)} Subgraph: "
+            f"{', '.join(_cell(label) for label in suggestion.op_labels)}."
+        )
+    snippet = json.dumps({"custom_setting": [s.custom_setting() for s in suggestions]}, indent=2)
+    return [*lines, "", "```json", snippet[1:-1].strip("\n"), "```"]
+
+
+#: the tensor table's columns and their alignment
+_COLUMNS = (
+    ("#", "--:"),
+    ("Op", "---"),
+    ("Var", "---"),
+    ("I/O", "---"),
+    ("SNR", "--:"),
+    ("MSE", "--:"),
+    ("Cosine", "--:"),
+    ("Q min", "--:"),
+    ("Q max", "--:"),
+    ("F min", "--:"),
+    ("F max", "--:"),
+    ("F histogram", "---"),
+    ("Flag", "---"),
+)
+
+
+def _tensor_table(rows: list[Row]) -> list[str]:
     body = []
     for number, row in enumerate(rows, 1):
         s = row.stats
@@ -288,14 +308,13 @@ def render_markdown(
                 f"**{s.flags}**" if s.flags else "",
             ]
         )
-    lines += _table(header, body, align)
+    lines = _table([name for name, _ in _COLUMNS], body, [align for _, align in _COLUMNS])
     legend = (
         f"F histogram: {HISTOGRAM_BINS} bins from F min to F max of the float tensor, log scale "
         f"(`{_SPARK_EMPTY}` = empty bin); SNR, MSE, cosine, min and max over all "
         "elements of the batches used."
     )
-    lines += ["", legend, ""]
-    return "\n".join(lines)
+    return [*lines, "", legend, ""]
 
 
 def render_chart(
