@@ -123,6 +123,48 @@ class Report:
     figures: dict[str, Any]
 
 
+def _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back):
+    """The batches the candidates are measured on and their float outputs (None: not run yet);
+    with held-back samples, the model outputs' figures are replaced by those over them."""
+    used = list(batches)[:CANDIDATE_BATCHES]
+    measurement.candidates_on = f"{len(used)} calibration batch(es) spread over the list"
+    if not held_back:
+        measurement.notes.append(
+            "no sample is held back: the model outputs and the Next step are measured on "
+            "calibration batches; list more samples than calibration_step and the report "
+            "measures them on the rest, which calibration never saw"
+        )
+        return used, None
+    measurement.outputs, used, reference = held_back_outputs(
+        float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES
+    )
+    total = getattr(held_back, "total", len(held_back))
+    measurement.outputs_on = f"{len(held_back)} held-back sample(s)" + (
+        f" spread over the {total} listed" if total > len(held_back) else ""
+    )
+    measurement.candidates_on = (
+        f"{len(used)} held-back sample(s) (listed after the first calibration_step: never calibrated on)"
+    )
+    return used, reference
+
+
+def _measure_candidates(float_model, quant_model, suggestions, trial, used, reference, progress):
+    """The "Next step" proposals measured (:mod:`.fallback`) and the mean output SNR as exported."""
+    reference = reference if reference is not None else fallback.model_outputs(float_model, used)
+    baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
+    proposals = [
+        fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
+        for s in suggestions
+    ] + fallback.stem_proposals(float_model)
+    bar = progress("analysis: float-fallback candidates", len(proposals)) if progress else None
+    candidates = fallback.measure_candidates(
+        float_model, proposals, trial, used, reference, bar.update if bar is not None else None
+    )
+    if bar is not None:
+        bar.close()
+    return candidates, baseline
+
+
 def write_report(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -158,39 +200,12 @@ def write_report(
     measurement = measure(float_model, quant_model, list(batches), time_budget=budget)
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
+    used, reference = _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back)
     candidates, baseline = None, None
-    used, reference = list(batches)[:CANDIDATE_BATCHES], None
-    measurement.candidates_on = f"{len(used)} calibration batch(es) spread over the list"
-    if held_back:
-        measurement.outputs, used, reference = held_back_outputs(
-            float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES
-        )
-        total = getattr(held_back, "total", len(held_back))
-        measurement.outputs_on = f"{len(held_back)} held-back sample(s)" + (
-            f" spread over the {total} listed" if total > len(held_back) else ""
-        )
-        measurement.candidates_on = (
-            f"{len(used)} held-back sample(s) (listed after the first calibration_step: never calibrated on)"
-        )
-    else:
-        measurement.notes.append(
-            "no sample is held back: the model outputs and the Next step are measured on "
-            "calibration batches; list more samples than calibration_step and the report "
-            "measures them on the rest, which calibration never saw"
-        )
     if trial is not None:
-        reference = reference if reference is not None else fallback.model_outputs(float_model, used)
-        baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
-        proposals = [
-            fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
-            for s in suggestions
-        ] + fallback.stem_proposals(float_model)
-        bar = progress("analysis: float-fallback candidates", len(proposals)) if progress else None
-        candidates = fallback.measure_candidates(
-            float_model, proposals, trial, used, reference, bar.update if bar is not None else None
+        candidates, baseline = _measure_candidates(
+            float_model, quant_model, suggestions, trial, used, reference, progress
         )
-        if bar is not None:
-            bar.close()
     context = ReportContext(
         float_model,
         quant_model,
