@@ -260,6 +260,32 @@ def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
     return np.where(good, scale, 1.0).reshape(shape).astype(np.float32)
 
 
+def _equalization_scales(quant_model, float_session, probes, batch) -> dict[Probe, np.ndarray]:
+    """Per probe, the channel scales cross-layer equalization put on it (from one batch: the
+    exported graph without its activation Q/DQ against the float model); only rescaled probes."""
+    reference, renamed = float_activations(quant_model)
+    reference_session = _session(_instrumented(reference, {renamed.get(p.quant, p.quant) for p in probes}))
+    r_values, f_values = _run(reference_session, batch), _run(float_session, batch)
+    scales: dict[Probe, np.ndarray] = {}
+    for probe in probes:
+        f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
+        if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
+            scale = channel_scales(r, f)
+            if scale is not None:
+                scales[probe] = scale
+    return scales
+
+
+def _comparable(f: np.ndarray, q: np.ndarray) -> bool:
+    """Both tensors float, non-empty and of one shape."""
+    return (
+        f.shape == q.shape
+        and f.size > 0
+        and np.issubdtype(f.dtype, np.floating)
+        and np.issubdtype(q.dtype, np.floating)
+    )
+
+
 def measure(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -288,19 +314,7 @@ def measure(
 
     float_session = _session(_instrumented(float_model, [p.var for p in probes]))
     quant_session = _session(_instrumented(quant_model, [p.quant for p in probes]))
-    # channel scales of cross-layer equalization, from the first batch
-    reference, renamed = float_activations(quant_model)
-    reference_session = _session(_instrumented(reference, {renamed.get(p.quant, p.quant) for p in probes}))
-    r_values = _run(reference_session, batches[0])
-    f_values = _run(float_session, batches[0])
-    scales: dict[Probe, np.ndarray] = {}
-    for probe in probes:
-        f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
-        if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
-            scale = channel_scales(r, f)
-            if scale is not None:
-                scales[probe] = scale
-    del reference_session, r_values, f_values
+    scales = _equalization_scales(quant_model, float_session, probes, batches[0])
     planned = min(len(batches), max_batches)
     sampler = _Sampler(math.ceil(max_elements / planned))
     accumulators = {probe: _Accumulator() for probe in probes}
@@ -316,14 +330,7 @@ def measure(
             if probe in skipped:
                 continue
             f, q = f_values.get(probe.var), q_values.get(probe.quant)
-            if (
-                f is None
-                or q is None
-                or f.shape != q.shape
-                or f.size == 0
-                or not np.issubdtype(f.dtype, np.floating)
-                or not np.issubdtype(q.dtype, np.floating)
-            ):
+            if f is None or q is None or not _comparable(f, q):
                 skipped.add(probe)
                 continue
             if probe in scales:
