@@ -8,6 +8,7 @@ Imports are read from the source (``ast``), so a lazy import inside a function a
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,23 @@ def test_every_module_opens_with_one_line_saying_what_it_is_for():
         assert docstring and docstring.strip(), f"{module} has no docstring"
         first = docstring.strip().splitlines()[0]
         assert len(first) <= 110 and not first.endswith(","), f"{module}: {first!r}"
+
+
+def test_the_readme_layout_names_every_module_and_nothing_that_is_gone():
+    """The README's layout table matches the tree: each module's file name appears in it, and each
+    path it gives (a backticked name with a slash or ending in .py) exists."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(str(path.relative_to(REPO)) for module, path in modules().items()
+                     if path.name != "__init__.py" and path.name not in layout)
+    assert missing == [], f"not in the README's layout: {missing}"
+    named = re.findall(r"`([\w./-]+)`", layout)
+    rows = [line.split("|")[1] for line in layout.splitlines() if line.startswith("| `")]
+    folders = [re.findall(r"`([\w./-]+/)`", row) for row in rows]
+    gone = []
+    for row, row_folders in zip(rows, folders):
+        base = next((REPO / folder for folder in row_folders), REPO)
+        for name in re.findall(r"`([\w./-]+)`", row):
+            if not ((REPO / name).exists() or (base / name).exists() or (REPO / "xquant_core" / name).exists()):
+                gone.append(name)
+    assert named and gone == [], f"the README's layout names what is not there: {gone}"
