@@ -670,3 +670,18 @@ def test_a_plugin_adds_a_report_section_and_a_failing_one_costs_only_its_section
     assert section in text and text.index(section) < text.index("## Next step")
     assert len(bad.seen) == 1 and "no labels here" not in text
     assert "plugin 'tmp-section-broken' failed in xquant_report_sections (RuntimeError: no labels here)" in caplog.text
+
+
+def test_check_reads_the_held_back_samples_too(spiky, tmp_path):
+    """A held-back sample is data the report will read: ``xquant check`` names a missing one."""
+    config = json.loads(json.dumps(spiky["config"]))
+    listed = Path(config["calibration_parameters"]["input_parametres"][0]["data_list_path"])
+    broken = tmp_path / "list.txt"
+    broken.write_text("".join(f"{listed.parent / name}\n" for name in listed.read_text().split()) + "gone.npy\n")
+    config["calibration_parameters"]["input_parametres"][0]["data_list_path"] = str(broken)
+    config["calibration_parameters"]["calibration_step"] = 12  # the 13th, missing, is held back
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    check = subprocess.run([sys.executable, "-m", "xquant", "check", "-c", str(path)], text=True,
+                           capture_output=True)
+    assert check.returncode == 2 and "gone.npy" in check.stderr and "Traceback" not in check.stderr, check.stderr

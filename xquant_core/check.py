@@ -7,7 +7,6 @@ exit codes as a run, in seconds, without importing PPQ or torch.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 
@@ -41,12 +40,13 @@ def check(
     else:
         low = {spec.name: np.inf for spec in prepared.specs}
         high = {spec.name: -np.inf for spec in prepared.specs}
-        held_back = (dataset.held_back_batch(index) for index in range(dataset.held_back_count))
-        for batch in itertools.chain(dataset, held_back):
+        for batch in dataset:  # the ranges calibration will see
             for name, array in batch.items():
                 if array.size:
                     low[name] = min(low[name], float(array.min()))
                     high[name] = max(high[name], float(array.max()))
+        for index in range(dataset.held_back_count):  # read and checked like the others
+            dataset.held_back_batch(index)
         for spec in prepared.specs:
             source = spec.config.preprocess_file
             lines.append(
