@@ -37,6 +37,24 @@ class Search:
     held_back: int  #: how many samples were held back: every ``every``-th
     every: int
 
+    @classmethod
+    def of(cls, first, second, metric, held_back: int, every: int) -> Search:
+        """The two stages' :class:`xquant_core.engine.SearchResult` taken together."""
+        return cls(
+            first.chosen + second.chosen,
+            first.before,
+            first.estimate,
+            second.plain,
+            second.before,
+            second.estimate,
+            len(second.chosen),
+            first.candidates_tried + second.candidates_tried,
+            first.seconds + second.seconds,
+            metric,
+            held_back,
+            every,
+        )
+
 
 def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: CalibrationDataset, platform, plan, progress):
     """auto_precision: return the final quantized model and what the search found.
@@ -48,7 +66,7 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     the search goes on from there within the remaining budget. Every measurement is of an
     exported model run by onnxruntime, as the user will run it.
     """
-    from .engine import HOLD_BACK_EVERY, FloatOpSearch, SubgraphOverride, quantize_graph
+    from .engine import HOLD_BACK_EVERY, FloatOpSearch, quantize_graph
 
     auto = cfg.auto_precision
     assert auto is not None, "search_precision runs only with auto_precision set"
@@ -75,20 +93,6 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     def measure(quantized: onnx.ModelProto) -> float:
         return metric.measure(onnx_runner(quantized), reference_outputs, held_back)
 
-    def keeping_float(ops) -> Any:
-        first = len(plan.overrides)
-        extra = tuple(
-            SubgraphOverride(
-                index=first + offset,
-                input_names=op.input_names,
-                output_names=op.output_names,
-                precision_level=3,
-                float_after_calibration=True,
-            )
-            for offset, op in enumerate(ops)
-        )
-        return dataclasses.replace(plan, overrides=plan.overrides + extra)
-
     first = quantize_graph(
         model,
         training,
@@ -104,7 +108,7 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
         dataset,
         len(dataset),
         platform,
-        keeping_float(first.chosen),
+        _keeping_float(plan, first.chosen),
         progress,
         search=FloatOpSearch(
             measure,
@@ -115,21 +119,25 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
             already_float=[op.name for op in first.chosen],
         ),
     )
-    search = Search(
-        first.chosen + second.chosen,
-        first.before,
-        first.estimate,
-        second.plain,
-        second.before,
-        second.estimate,
-        len(second.chosen),
-        first.candidates_tried + second.candidates_tried,
-        first.seconds + second.seconds,
-        metric,
-        len(held_back),
-        HOLD_BACK_EVERY,
+    return second.model, Search.of(first, second, metric, len(held_back), HOLD_BACK_EVERY)
+
+
+def _keeping_float(plan, ops) -> Any:
+    """``plan`` with ``ops`` kept float after calibration, after the config's own custom_setting."""
+    from .engine import SubgraphOverride
+
+    first = len(plan.overrides)
+    extra = tuple(
+        SubgraphOverride(
+            index=first + offset,
+            input_names=op.input_names,
+            output_names=op.output_names,
+            precision_level=3,
+            float_after_calibration=True,
+        )
+        for offset, op in enumerate(ops)
     )
-    return second.model, search
+    return dataclasses.replace(plan, overrides=plan.overrides + extra)
 
 
 def onnx_runner(model: onnx.ModelProto):
