@@ -151,21 +151,18 @@ def onnx_runner(model: onnx.ModelProto):
     return run
 
 
-def finish_search(cfg: XQuantConfig, search: Search, out_path: Path):
-    """Warn when the target is missed, explain the search, write the reproducible custom_setting."""
-    auto, final = cfg.auto_precision, search.final
-    assert auto is not None, "finish_search runs only with auto_precision set"
-    met = search.metric.meets(final, auto.target_value)
-    settings = [dataclasses.asdict(item) for item in cfg.quantization.custom_setting]
+def _reproducing_setting(cfg: XQuantConfig, search: Search) -> list[dict]:
+    """The config's own custom_setting followed by the ops the search kept float: the same model
+    without the search."""
     settings = [
         {
             key: (list(value) if isinstance(value, tuple) else value)
-            for key, value in item.items()
+            for key, value in dataclasses.asdict(item).items()
             if value is not None and not (key == "float_after_calibration" and not value)
         }
-        for item in settings
+        for item in cfg.quantization.custom_setting
     ]
-    settings += [
+    return settings + [
         {
             "input_names": list(op.input_names),
             "output_names": list(op.output_names),
@@ -174,7 +171,14 @@ def finish_search(cfg: XQuantConfig, search: Search, out_path: Path):
         }
         for op in search.chosen
     ]
-    snippet = json.dumps({"custom_setting": settings}, indent=2)
+
+
+def finish_search(cfg: XQuantConfig, search: Search, out_path: Path):
+    """Warn when the target is missed, explain the search, write the reproducible custom_setting."""
+    auto, final = cfg.auto_precision, search.final
+    assert auto is not None, "finish_search runs only with auto_precision set"
+    met = search.metric.meets(final, auto.target_value)
+    snippet = json.dumps({"custom_setting": _reproducing_setting(cfg, search)}, indent=2)
     snippet_path = out_path.with_name(f"{out_path.stem}_custom_setting.json")
     achieved = f"{auto.metric} {final:.6g} (target {auto.target_value:g})"
     count = len(search.chosen)
