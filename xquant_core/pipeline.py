@@ -198,9 +198,14 @@ def run(
         log.warning(gap)
     seconds = time.perf_counter() - started
     # the report before the model: an interrupt leaves no model
-    report_path, lines, figures = _report(
-        cfg, float_model, quantized, dataset, out_path, seconds, device, sections, trial, progress
-    )
+    figures = None
+    if cfg.quantization.analysis_enable:
+        with _stage(progress, "analysis"):
+            report_path, lines, figures = analyse(
+                cfg, float_model, quantized, dataset, out_path, seconds, device, sections, trial, progress
+            )
+    else:
+        report_path, lines = _auto_precision_report(out_path, sections)
     write_model_atomically(quantized, out_path)
     if snippet is not None:
         write_bytes_atomically(*snippet)
@@ -276,25 +281,10 @@ def _quantize(cfg: XQuantConfig, float_model, upper, dataset: CalibrationDataset
     return quantized, search, trial, branches
 
 
-def _report(
-    cfg: XQuantConfig,
-    float_model,
-    quantized,
-    dataset,
-    out_path: Path,
-    seconds: float,
-    device: str,
-    sections: tuple[str, ...],
-    trial,
-    progress,
-) -> tuple[Path | None, tuple[str, ...], dict | None]:
-    """The analysis report (or, with analysis off, only what auto_precision found): its path, its
-    summary lines and figures."""
-    if cfg.quantization.analysis_enable:
-        with _stage(progress, "analysis"):
-            return analyse(cfg, float_model, quantized, dataset, out_path, seconds, device, sections, trial, progress)
+def _auto_precision_report(out_path: Path, sections: tuple[str, ...]) -> tuple[Path | None, tuple[str, ...]]:
+    """With analysis off, a report holding only what auto_precision found (``sections``), if anything."""
     if not sections:
-        return None, (), None
+        return None, ()
     report_path = out_path.with_name(f"{out_path.stem}_report.md")
     text = "\n".join(
         (
@@ -307,7 +297,7 @@ def _report(
         )
     )
     write_bytes_atomically(report_path, text.encode("utf-8"))
-    return report_path, (f"report: {report_path}",), None
+    return report_path, (f"report: {report_path}",)
 
 
 def _named_tensors(cfg: XQuantConfig) -> set[str]:
