@@ -108,9 +108,16 @@ def output_errors(
     model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]]
 ) -> dict[str, float]:
     """SNR ``sum((q - f)^2) / sum(f^2)`` of each output of ``model`` over the batches."""
+    return errors_between(model_outputs(model, batches), reference)
+
+
+def errors_between(
+    outputs: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """SNR of each output over the batches, from outputs already run (``{name: array}`` per batch)."""
     names = list(reference[0])
     sums = {name: PowerSums() for name in names}
-    for got, expected in zip(model_outputs(model, batches), reference):
+    for got, expected in zip(outputs, reference):
         for name in names:
             sums[name].add(got[name], expected[name])
     return {name: sums[name].snr for name in names}

@@ -383,13 +383,13 @@ def held_back_outputs(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ):
     """Every held-back sample through both models, once: the outputs' statistics over every
-    element, and ``keep`` of the samples spread over them with the float model's outputs (for
-    the "Next step" candidates). ``count``: how many samples ``held_back`` yields."""
+    element, and ``keep`` of the samples spread over them with both models' outputs (for the
+    "Next step" candidates and their baseline). ``count``: how many samples ``held_back`` yields."""
     names = [value.name for value in float_model.graph.output]
     float_session, quant_session = _session(float_model.SerializeToString()), _session(quant_model.SerializeToString())
     accumulators = {name: _Accumulator() for name in names}
     sampler, picks = _Sampler(math.ceil(max_elements / max(count, 1))), set(spread(count, keep))
-    kept, reference = [], []
+    kept, reference, quantized = [], [], []
     for index, batch in enumerate(held_back):
         f_values, q_values = _run(float_session, batch), _run(quant_session, batch)
         for name, acc in accumulators.items():
@@ -399,4 +399,6 @@ def held_back_outputs(
         if index in picks:
             kept.append(batch)
             reference.append({name: f_values[name] for name in names})
-    return {name: acc.result() for name, acc in accumulators.items() if acc.count}, kept, reference
+            quantized.append({name: q_values[name] for name in names if name in q_values})
+    stats = {name: acc.result() for name, acc in accumulators.items() if acc.count}
+    return stats, kept, reference, quantized

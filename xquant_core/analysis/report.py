@@ -124,8 +124,8 @@ class Report:
 
 
 def _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back):
-    """The batches the candidates are measured on and their float outputs (None: not run yet);
-    with held-back samples, the model outputs' figures are replaced by those over them."""
+    """The batches the candidates are measured on and both models' outputs on them (None: not run
+    yet); with held-back samples, the model outputs' figures are replaced by those over them."""
     used = list(batches)[:CANDIDATE_BATCHES]
     measurement.candidates_on = f"{len(used)} calibration batch(es) spread over the list"
     if not held_back:
@@ -134,8 +134,8 @@ def _where_outputs_are_measured(measurement, float_model, quant_model, batches, 
             "calibration batches; list more samples than calibration_step and the report "
             "measures them on the rest, which calibration never saw"
         )
-        return used, None
-    measurement.outputs, used, reference = held_back_outputs(
+        return used, None, None
+    measurement.outputs, used, reference, quantized = held_back_outputs(
         float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES
     )
     total = getattr(held_back, "total", len(held_back))
@@ -145,13 +145,15 @@ def _where_outputs_are_measured(measurement, float_model, quant_model, batches, 
     measurement.candidates_on = (
         f"{len(used)} held-back sample(s) (listed after the first calibration_step: never calibrated on)"
     )
-    return used, reference
+    return used, reference, quantized
 
 
-def _measure_candidates(float_model, quant_model, suggestions, trial, used, reference, progress):
-    """The "Next step" proposals measured (:mod:`.fallback`) and the mean output SNR as exported."""
+def _measure_candidates(float_model, quant_model, suggestions, trial, used, reference, quantized, progress):
+    """The "Next step" proposals measured (:mod:`.fallback`) and the mean output SNR as exported
+    (``reference``/``quantized``: the models' outputs on ``used`` when already run, else None)."""
     reference = reference if reference is not None else fallback.model_outputs(float_model, used)
-    baseline = float(np.mean(list(fallback.output_errors(quant_model, used, reference).values())))
+    quantized = quantized if quantized is not None else fallback.model_outputs(quant_model, used)
+    baseline = float(np.mean(list(fallback.errors_between(quantized, reference).values())))
     proposals = [
         fallback.Proposal(s.input_names, s.output_names, f"where the error grows most: {s.op.label}")
         for s in suggestions
@@ -200,11 +202,11 @@ def write_report(
     measurement = measure(float_model, quant_model, list(batches), time_budget=budget)
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
-    used, reference = _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back)
+    used, reference, quantized = _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back)
     candidates, baseline = None, None
     if trial is not None:
         candidates, baseline = _measure_candidates(
-            float_model, quant_model, suggestions, trial, used, reference, progress
+            float_model, quant_model, suggestions, trial, used, reference, quantized, progress
         )
     context = ReportContext(
         float_model,
