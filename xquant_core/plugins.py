@@ -195,14 +195,18 @@ class PluginHost:
             self._registries = self._build_registries()
         return self._registries[kind]
 
+    def _implementations(self, hook_name: str) -> Iterator[tuple[str, Any]]:
+        """``(plugin name, hook implementation)`` of every plugin implementing ``hook_name``, in plugin
+        order (built-ins first, then third parties by distribution name), not pluggy's LIFO order."""
+        impls = {impl.plugin_name: impl for impl in getattr(self.manager.hook, hook_name).get_hookimpls()}
+        for plugin_name in self._order:
+            if plugin_name in impls:
+                yield plugin_name, impls[plugin_name]
+
     def _build_registries(self) -> dict[str, Registry]:
         registries = {kind: Registry(kind) for kind in KINDS}
         for kind, (hook_name, _) in KINDS.items():
-            impls = {impl.plugin_name: impl for impl in getattr(self.manager.hook, hook_name).get_hookimpls()}
-            for plugin_name in self._order:
-                impl = impls.get(plugin_name)
-                if impl is None:
-                    continue
+            for plugin_name, impl in self._implementations(hook_name):
 
                 def register(
                     name: str, component: Any, *, override: bool = False, _kind: str = kind, _plugin: str = plugin_name
@@ -224,12 +228,8 @@ class PluginHost:
     def report_sections(self, context: hookspecs.ReportContext) -> list[str]:
         """Every plugin's ``xquant_report_sections`` lines, in plugin order; a plugin whose hook
         raises is named in a warning and left out (the report is advice: it never costs the model)."""
-        impls = {impl.plugin_name: impl for impl in self.manager.hook.xquant_report_sections.get_hookimpls()}
         lines: list[str] = []
-        for plugin_name in self._order:
-            impl = impls.get(plugin_name)
-            if impl is None:
-                continue
+        for plugin_name, impl in self._implementations("xquant_report_sections"):
             try:
                 result: Any = impl.function(context=context)
                 section = [str(line) for line in result or []]
