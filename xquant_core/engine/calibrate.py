@@ -9,7 +9,7 @@ import logging
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from .common import CHOICE_BATCHES, CHOICE_EVERY, clearly_lower, float_graph
+from .common import choice_batches, clearly_lower, float_graph
 from .finetune import output_error
 from .plan import EnginePlan
 
@@ -183,13 +183,12 @@ class ActivationCalibration:
     def _choose_strategy(self, graph, executor, feeds, observers, strategies: int, bar=None) -> None:
         """Keep the strategy whose quantized model output is closest to the float one.
 
-        Measured on every ``CHOICE_EVERY``-th calibration batch (at most
-        ``CHOICE_BATCHES``), biases still float: one quantized pass over those batches
+        Measured on :func:`.common.choice_batches`, biases still float: one quantized pass over those batches
         per strategy.
         """
         import torch
 
-        batches = list(itertools.islice(itertools.islice(feeds(), 0, None, CHOICE_EVERY), CHOICE_BATCHES))
+        batches = choice_batches(feeds)
         with torch.no_grad(), float_graph(graph):
             references = [executor.forward(inputs=feed) for feed in batches]
         errors = []

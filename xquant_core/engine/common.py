@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable
 
 #: batches used to rank layers by the error they add, and to choose a calibration strategy
@@ -19,6 +20,12 @@ HOLD_BACK_EVERY = 4
 #: default only when the other is lower by more than this fraction: a closer call is rounding noise
 #: (another CPU's float kernels), not a better model
 DECISION_MARGIN = 0.02
+
+
+def choice_batches(feeds) -> list:
+    """The calibration batches the strategy choice and bias correction measure on: every
+    ``CHOICE_EVERY``-th, at most ``CHOICE_BATCHES``."""
+    return list(itertools.islice(itertools.islice(feeds(), 0, None, CHOICE_EVERY), CHOICE_BATCHES))
 
 
 def clearly_lower(candidate: float, incumbent: float) -> bool:
@@ -86,6 +93,50 @@ def float_graph(graph):
     finally:
         for op in switched:
             op.restore_quantize_state()
+
+
+@contextlib.contextmanager
+def weights_quantized_once(graph, executor):
+    """Fake-quantize each weight once for the passes in the ``with`` block, not on every forward.
+
+    PPQ's executor quantizes every weight again on each forward pass (per channel: a quarter
+    of a MobileNetV2 calibration pass). The weights do not change inside the block, so the
+    first result is reused: the same tensors, computed once. A weight given a new value is
+    quantized again; the configs of ops switched to float are not consulted.
+    """
+    from ppq import QuantableOperation, QuantizationStates
+
+    cached = []
+    for operation in graph.operations.values():
+        if not isinstance(operation, QuantableOperation):
+            continue
+        for config, var in operation.config_with_variable:
+            if var.is_parameter and config.state == QuantizationStates.ACTIVATED and config not in executor._delegates:
+                executor.register_quantize_delegate(config, _quantized_once(executor._default_quant_fn))
+                cached.append(config)
+    try:
+        yield
+    finally:
+        for config in cached:
+            executor.remove_quantize_delegate(config)
+
+
+def _quantized_once(quantize):
+    """A PPQ quantize delegate returning its last result while the tensor and the config's scale
+    and offset are the same objects."""
+    from ppq.executor.torch import TorchQuantizeDelegator
+
+    class QuantizedOnce(TorchQuantizeDelegator):
+        key: tuple = ()
+        result = None
+
+        def __call__(self, tensor, config):
+            key = (tensor, config.scale, config.offset)
+            if len(self.key) != 3 or any(a is not b for a, b in zip(key, self.key)):
+                self.key, self.result = key, quantize(tensor, config)
+            return self.result
+
+    return QuantizedOnce()
 
 
 class Batches:
