@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -15,9 +18,75 @@ from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
 
+#: bins of the one-pass histogram's grid (:class:`OnePassHistogram`): four per bin handed to algorithms
+INTERNAL_BINS = 4 * HISTOGRAM_BINS
+
+
+class OnePassHistogram:
+    """A histogram gathered in the same pass as the min/max, though the range is known only at the end.
+
+    The bins lie on a grid aligned to 0 whose width is a power of two, at most ``INTERNAL_BINS`` of
+    them: when a batch reaches past them, adjacent pairs merge (the width doubles; counts stay
+    exact) until it fits. :meth:`spread` then shares the counts out onto equal bins between the
+    exact min and max, uniformly within each grid bin. The grid width stays below twice the final
+    range over ``INTERNAL_BINS``, so each of ``HISTOGRAM_BINS`` target bins gathers two grid bins or
+    more: the two-pass histogram (min/max first, then counts over it) at half the forward passes.
+    """
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0)
+        self.first = 0  # grid index of counts[0]; grid bin k holds [k * width, (k + 1) * width)
+        self.width = 0.0
+        self.constant: list[tuple[float, int]] = []  # batches of one value, seen before the width was set
+
+    def add(self, value, low: float, high: float) -> None:
+        """Count ``value`` (a tensor), whose min and max are ``low`` and ``high``."""
+        import torch
+
+        if not self.width:
+            if high <= low:
+                self.constant.append((low, value.numel()))
+                return
+            low, high = min([low] + [v for v, _ in self.constant]), max([high] + [v for v, _ in self.constant])
+            self.width = 2.0 ** math.ceil(math.log2((high - low) / (INTERNAL_BINS // 2)))
+            self.first = math.floor(low / self.width)
+        self._cover(low, high)
+        start, bins = self.first * self.width, len(self.counts)
+        counts = torch.histc(value, bins=bins, min=start, max=start + bins * self.width)
+        self.counts += counts.cpu().numpy().astype(np.float64)
+        for constant, count in self.constant:
+            self.counts[min(math.floor(constant / self.width) - self.first, bins - 1)] += count
+        self.constant = []
+
+    def _cover(self, low: float, high: float) -> None:
+        """Extend the grid to [low, high], merging bin pairs while it would exceed ``INTERNAL_BINS``."""
+        while True:
+            first = min(self.first, math.floor(low / self.width))
+            end = max(self.first + len(self.counts), math.floor(high / self.width) + 1)
+            if end - first <= INTERNAL_BINS:
+                break
+            counts = np.concatenate([np.zeros(self.first % 2), self.counts])
+            counts = np.concatenate([counts, np.zeros(len(counts) % 2)])
+            self.counts, self.first, self.width = counts.reshape(-1, 2).sum(axis=1), self.first // 2, self.width * 2
+        before, after = self.first - first, end - self.first - len(self.counts)
+        self.counts = np.concatenate([np.zeros(before), self.counts, np.zeros(after)])
+        self.first = first
+
+    def spread(self, low: float, high: float, bins: int) -> np.ndarray:
+        """The counts on ``bins`` equal bins over [low, high]."""
+        if not self.width:
+            counts = np.zeros(bins)
+            counts[0] = sum(count for _, count in self.constant)
+            return counts
+        edges = (self.first + np.arange(len(self.counts) + 1)) * self.width
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        at = np.interp(np.linspace(low, high, bins + 1), edges, cumulative)
+        at[0], at[-1] = 0.0, cumulative[-1]  # what the grid's edge bins hold beyond [low, high] is at its ends
+        return np.diff(at)
+
 
 class _TensorObserver:
-    """Collects min/max, then optionally a histogram, of one activation tensor."""
+    """Collects the min/max of one activation tensor and, when its algorithm wants one, a histogram."""
 
     def __init__(
         self,
@@ -30,11 +99,13 @@ class _TensorObserver:
     ):
         self.name, self.configs, self.consumers, self.is_output = name, configs, consumers, is_output
         self.algorithm, self.context = algorithm, context
-        self.phase = "minmax"
         self.low, self.high = float("inf"), float("-inf")
-        self.histogram: np.ndarray | None = None
+        self.histogram = OnePassHistogram() if algorithm.needs_histogram else None
         self.last_step = -1
         self.step = 0
+        self.submit: Callable = (
+            _run_now  # where the histogram counting runs (:meth:`ActivationCalibration._forward_all`)
+        )
 
     def observe(self, value) -> None:
         if self.last_step == self.step:  # the same tensor seen as an output and as an input
@@ -43,18 +114,16 @@ class _TensorObserver:
         import torch
 
         value = value.detach().float()
-        if self.phase == "minmax":
-            self.low = min(self.low, value.min().item())
-            self.high = max(self.high, value.max().item())
-
-        elif self.phase == "histogram" and self.high > self.low:
-            counts = torch.histc(value, bins=HISTOGRAM_BINS, min=self.low, max=self.high).cpu().numpy()
-            counts = counts.astype(np.float64)
-            self.histogram = counts if self.histogram is None else self.histogram + counts
+        low, high = (bound.item() for bound in torch.aminmax(value))
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        if self.histogram is not None:
+            self.submit(self.histogram.add, value, low, high)
 
     def statistics(self) -> TensorStatistics:
-        histogram = self.histogram
-        if histogram is None and self.algorithm.needs_histogram:
+        histogram = None
+        if self.histogram is not None and self.high > self.low:
+            histogram = self.histogram.spread(self.low, self.high, HISTOGRAM_BINS)
+        elif self.algorithm.needs_histogram:
             histogram = np.zeros(HISTOGRAM_BINS)
             histogram[0] = 1.0
         return TensorStatistics(self.name, self.low, self.high, histogram, self.consumers, self.is_output)
@@ -86,6 +155,10 @@ class _TensorObserver:
             config.scale = torch.tensor(scale, dtype=torch.float32)
             config.offset = torch.tensor(offset, dtype=torch.float32)
             config.state = QuantizationStates.ACTIVATED
+
+
+def _run_now(function, *args) -> None:
+    function(*args)
 
 
 def range_to_scale_offset(
@@ -165,13 +238,7 @@ class ActivationCalibration:
             hook.render_quantization_config = render_noop
             hooks[name] = hook
 
-        needs_histogram = any(observer.algorithm.needs_histogram for observer in observers.values())
-        phases = ["minmax"] + (["histogram"] if needs_histogram else [])
-        steps = itertools.count()
-        for phase in phases:
-            for observer in observers.values():
-                observer.phase = phase if (phase == "minmax" or observer.algorithm.needs_histogram) else "done"
-            self._forward_all(executor, feeds, hooks, observers, steps, num_batches, progress, f"calibration ({phase})")
+        self._forward_all(executor, feeds, hooks, observers, num_batches, progress, "calibration")
         strategies = max(observer.compute() for observer in observers.values())
         if strategies > 1:
             bar = progress("strategy choice", strategies) if progress else None
@@ -217,17 +284,35 @@ class ActivationCalibration:
             observer.render(best)
 
     @staticmethod
-    def _forward_all(executor, feeds, hooks, observers, steps, num_batches, progress, label) -> None:
+    def _forward_all(executor, feeds, hooks, observers, num_batches, progress, label) -> None:
+        """One pass; with a second core, the histograms of a batch are counted on it while the next
+        batch runs (one batch apart at most). The counts are integers added in float64: the same
+        whichever thread adds them when."""
         import torch
 
+        second_core = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) > 1
         bar = progress(label, num_batches) if progress else None
-        with torch.no_grad():
-            for feed in feeds():
-                step = next(steps)
+        with torch.no_grad(), ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            previous: list[Future] = []
+            for step, feed in enumerate(feeds()):
+                jobs: list[Future] = []
+
+                def submit(function, *args, jobs=jobs) -> None:
+                    jobs.append(pool.submit(function, *args))
+
                 for observer in observers.values():
                     observer.step = step
+                    if second_core:
+                        observer.submit = submit
                 executor.forward(inputs=feed, hooks=hooks)
+                for job in previous:
+                    job.result()
+                previous = jobs
                 if bar is not None:
                     bar.update(1)
+            for job in previous:
+                job.result()
+        for observer in observers.values():
+            observer.submit = _run_now
         if bar is not None:
             bar.close()

@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..ppq_compat import import_ppq
 from . import forms
 from .calibrate import ActivationCalibration
-from .common import Batches, choice_batches, keep_float, weights_quantized_once
+from .common import Batches, choice_batches, fast_fake_quant, keep_float
 from .equalize import equalize_depthwise_pairs
 from .finetune import correct_bias, fine_tune_worst_layers
 from .plan import EnginePlan, SubgraphOverride
@@ -133,7 +133,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         if bar is not None:
             bar.close()
     if plan.finetune_level >= 1:
-        with weights_quantized_once(graph, executor):
+        with fast_fake_quant(graph, executor):
             subset = choice_batches(feeds)
             correct_bias(graph, executor, lambda: iter(subset), progress=progress)
     platform.finalize(graph)
@@ -210,7 +210,7 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     apply(_ppq_pass("QuantizeSimplifyPass"))
     platform.share_quantization(graph)
     apply(_ppq_pass("ParameterQuantizePass"))
-    with weights_quantized_once(graph, executor):
+    with fast_fake_quant(graph, executor):
         ActivationCalibration(plan, regions).run(graph, executor, feeds, num_batches, progress)
     platform.after_calibration(graph)
     return graph, executor, regions, apply
