@@ -2,11 +2,11 @@
 
 Usage::
 
-    python benchmarks/profile_xquant.py [--top 15] [--output benchmarks/PROFILE.md]
+    python benchmarks/profile_xquant.py [--photos 100] [--top 15] [--output benchmarks/PROFILE.md]
 
 Runs, in a subprocess, the same quantizer process ``benchmarks/run.py`` times
-(``benchmarks/quantizers.py xquant-default`` on the MobileNetV2 sample, the 40 calibration
-photos, ``calibration_step`` 100) under ``python -m pyinstrument -r pstats``, then writes the
+(``benchmarks/quantizers.py xquant-default`` on the MobileNetV2 sample, 100 calibration
+photos made as ``run.py`` makes them, ``calibration_step`` 100) under ``python -m pyinstrument -r pstats``, then writes the
 top functions by cumulative time (and by own time) to ``benchmarks/PROFILE.md`` together with
 the exact command. pyinstrument is a sampling profiler: a development tool, not a dependency
 of xquant; when it is missing this script installs it into the running interpreter with pip
@@ -110,16 +110,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--output", type=Path, default=HERE / "PROFILE.md")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--photos", type=int, default=100, help="calibration photos, made as benchmarks/run.py makes them")
     args = ap.parse_args(argv)
     ensure_pyinstrument()
 
     work = Path(tempfile.mkdtemp(prefix="xquant_profile_"))
+    sys.path.insert(0, str(HERE))
+    import run  # benchmarks/run.py: the photo list it times with
+
+    photo_list = run.calibration_list(args.photos, work)
     prof = work / "xquant.pstats"
     rel = lambda p: os.path.relpath(p, REPO)  # noqa: E731
     cmd = [sys.executable, "-m", "pyinstrument", "-i", "0.001", "-r", "pstats", "-o", str(prof),
            rel(HERE / "quantizers.py"), "xquant-default",
            "--config", "samples/mobilenet_v2/config.json", "--model", "samples/mobilenet_v2/mobilenet_v2.onnx",
-           "--list", "samples/material/calib/list.txt", "--steps", str(args.steps),
+           "--list", str(photo_list), "--steps", str(args.steps),
            "--output", str(work / "mobilenet_v2.q.onnx"), "--json", str(work / "record.json")]
     shown = " ".join(shlex.quote(c) for c in [Path(sys.executable).name] + cmd[1:])
     print(f"running: {shown}", flush=True)
@@ -145,8 +150,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "```",
         "",
         "The same process `benchmarks/run.py` times: sample config (`default` calibration, "
-        f"`finetune_level` 1, analysis on), `calibration_step` {args.steps} over the 40 listed photos "
-        "(xquant uses all 40 and warns), torch 1 thread. pyinstrument samples wall-clock stacks, "
+        f"`finetune_level` 1, analysis on), `calibration_step` {args.steps} over {args.photos} listed photos "
+        "(the sample's 40, their mirror images, their centre crops: `benchmarks/run.py --photos`), torch 1 "
+        "thread on the main thread (histograms are counted on a second one, which pyinstrument does not "
+        "sample). pyinstrument samples wall-clock stacks, "
         "so time spent waiting (I/O, native code) counts too. The harness's own frames "
         "(`benchmarks/quantizers.py`: `<module>`, `main`, `run_xquant`) are left out of the tables.",
         "",
@@ -168,6 +175,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "| callee | s | % of run |",
         "|---|---|---|",
         *callees(stats, "xquant_core/engine/core.py", "_quantize", total),
+        "",
+        "`xquant_core/engine/calibrate.py` `ActivationCalibration.run`:",
+        "",
+        "| callee | s | % of run |",
+        "|---|---|---|",
+        *callees(stats, "xquant_core/engine/calibrate.py", "run", total),
         "",
         f"## Top {args.top} functions by own time",
         "",

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
 from .common import choice_batches, clearly_lower, float_graph
-from .finetune import output_error
+from .finetune import BiasShift, bias_layers, output_error, run_now
 from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
@@ -104,7 +104,7 @@ class _TensorObserver:
         self.last_step = -1
         self.step = 0
         self.submit: Callable = (
-            _run_now  # where the histogram counting runs (:meth:`ActivationCalibration._forward_all`)
+            run_now  # where the histogram counting runs (:meth:`ActivationCalibration._forward_all`)
         )
 
     def observe(self, value) -> None:
@@ -157,8 +157,11 @@ class _TensorObserver:
             config.state = QuantizationStates.ACTIVATED
 
 
-def _run_now(function, *args) -> None:
-    function(*args)
+def _no_grad(function, *args) -> None:
+    import torch
+
+    with torch.no_grad():  # grad mode is per thread
+        function(*args)
 
 
 def range_to_scale_offset(
@@ -175,12 +178,32 @@ def range_to_scale_offset(
     return scale, offset
 
 
+class _Hook:
+    """PPQ's calibration hook for one op, with the op's bias shift when it has one."""
+
+    @staticmethod
+    def make(operation, table, shift):
+        from ppq.quantization.observer import CalibrationHook
+
+        class Hook(CalibrationHook):
+            def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
+                if shift is not None:
+                    shift.observe(inputs, quant_inputs)
+                return super().pre_forward_hook(inputs, quant_inputs, quant_configs)
+
+            def render_quantization_config(self):  # rendering happens once, in ActivationCalibration
+                return None
+
+        return Hook(operation=operation, observer_table=table)
+
+
 class ActivationCalibration:
     """Activation calibration with xquant's algorithm plugins (replaces PPQ's pass)."""
 
-    def __init__(self, plan: EnginePlan, regions=()):
+    def __init__(self, plan: EnginePlan, regions=(), correct_bias: bool = False):
         self.plan = plan
         self.regions = regions
+        self.correct_bias = correct_bias
 
     def _settings_per_tensor(self, graph) -> dict[str, tuple[CalibrationAlgorithm, CalibrationContext]]:
         """custom_setting calibration_type/max_percentile for the tensors their subgraphs touch."""
@@ -203,7 +226,6 @@ class ActivationCalibration:
 
     def run(self, graph, executor, feeds, num_batches: int, progress) -> None:
         from ppq import QuantableOperation, QuantizationStates
-        from ppq.quantization.observer import CalibrationHook
 
         per_tensor = self._settings_per_tensor(graph)
         observers: dict[str, _TensorObserver] = {}
@@ -229,16 +251,15 @@ class ActivationCalibration:
         if not observers:
             return
 
-        def render_noop() -> None:  # rendering happens once, below
-            return None
-
-        hooks = {}
-        for name, table in tables.items():
-            hook = CalibrationHook(operation=graph.operations[name], observer_table=table)
-            hook.render_quantization_config = render_noop
-            hooks[name] = hook
-
-        self._forward_all(executor, feeds, hooks, observers, num_batches, progress, "calibration")
+        context = executor._executing_context
+        shifts = {op.name: BiasShift(op, context) for op in bias_layers(graph)} if self.correct_bias else {}
+        hooks = {
+            name: _Hook.make(graph.operations[name], tables.get(name, {}), shifts.get(name))
+            for name in set(tables) | set(shifts)
+        }
+        self._forward_all(executor, feeds, hooks, [*observers.values(), *shifts.values()], num_batches, progress)
+        for shift in shifts.values():
+            shift.apply()
         strategies = max(observer.compute() for observer in observers.values())
         if strategies > 1:
             bar = progress("strategy choice", strategies) if progress else None
@@ -284,26 +305,26 @@ class ActivationCalibration:
             observer.render(best)
 
     @staticmethod
-    def _forward_all(executor, feeds, hooks, observers, num_batches, progress, label) -> None:
-        """One pass; with a second core, the histograms of a batch are counted on it while the next
-        batch runs (one batch apart at most). The counts are integers added in float64: the same
-        whichever thread adds them when."""
+    def _forward_all(executor, feeds, hooks, watchers, num_batches, progress) -> None:
+        """One pass. With a second core, what the watchers (tensor observers, bias shifts) count of a
+        batch is counted on it while the next batch runs (one batch apart at most). The same numbers
+        whichever thread counts them when: each watcher's work runs in batch order, on one thread."""
         import torch
 
         second_core = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) > 1
-        bar = progress(label, num_batches) if progress else None
+        bar = progress("calibration", num_batches) if progress else None
         with torch.no_grad(), ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             previous: list[Future] = []
             for step, feed in enumerate(feeds()):
                 jobs: list[Future] = []
 
                 def submit(function, *args, jobs=jobs) -> None:
-                    jobs.append(pool.submit(function, *args))
+                    jobs.append(pool.submit(_no_grad, function, *args))
 
-                for observer in observers.values():
-                    observer.step = step
+                for watcher in watchers:
+                    watcher.step = step
                     if second_core:
-                        observer.submit = submit
+                        watcher.submit = submit
                 executor.forward(inputs=feed, hooks=hooks)
                 for job in previous:
                     job.result()
@@ -312,7 +333,7 @@ class ActivationCalibration:
                     bar.update(1)
             for job in previous:
                 job.result()
-        for observer in observers.values():
-            observer.submit = _run_now
+        for watcher in watchers:
+            watcher.submit = run_now
         if bar is not None:
             bar.close()

@@ -23,8 +23,8 @@ DECISION_MARGIN = 0.02
 
 
 def choice_batches(feeds) -> list:
-    """The calibration batches the strategy choice and bias correction measure on: every
-    ``CHOICE_EVERY``-th, at most ``CHOICE_BATCHES``."""
+    """The calibration batches the strategy choice measures on: every ``CHOICE_EVERY``-th, at most
+    ``CHOICE_BATCHES``."""
     return list(itertools.islice(itertools.islice(feeds(), 0, None, CHOICE_EVERY), CHOICE_BATCHES))
 
 

@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..ppq_compat import import_ppq
 from . import forms
 from .calibrate import ActivationCalibration
-from .common import Batches, choice_batches, fast_fake_quant, keep_float
+from .common import Batches, fast_fake_quant, keep_float
 from .equalize import equalize_depthwise_pairs
 from .finetune import correct_bias, fine_tune_worst_layers
 from .plan import EnginePlan, SubgraphOverride
@@ -132,10 +132,9 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         fine_tune_worst_layers(graph, executor, feeds, plan, apply)
         if bar is not None:
             bar.close()
-    if plan.finetune_level >= 1:
+    if plan.finetune_level >= 2:  # fine-tuning moved the weights: measure their bias shifts again
         with fast_fake_quant(graph, executor):
-            subset = choice_batches(feeds)
-            correct_bias(graph, executor, lambda: iter(subset), progress=progress)
+            correct_bias(graph, executor, feeds, progress=progress)
     platform.finalize(graph)
     # the all-INT8 model, for a search that starts with ops already in float to compare against
     plain = forms.restore(platform.export(graph), model) if search is not None and search.already_float else None
@@ -211,7 +210,9 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     platform.share_quantization(graph)
     apply(_ppq_pass("ParameterQuantizePass"))
     with fast_fake_quant(graph, executor):
-        ActivationCalibration(plan, regions).run(graph, executor, feeds, num_batches, progress)
+        ActivationCalibration(plan, regions, correct_bias=plan.finetune_level == 1).run(
+            graph, executor, feeds, num_batches, progress
+        )
     platform.after_calibration(graph)
     return graph, executor, regions, apply
 

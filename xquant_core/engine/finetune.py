@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 import numpy as np
 
@@ -221,24 +222,117 @@ def rank_layers_by_error(
     return sorted(growth, key=lambda item: item[1], reverse=True)
 
 
-def correct_bias(graph, executor, feeds, progress=None) -> None:
-    """Per-channel bias correction of the error that weight quantization adds.
+def run_now(function, *args) -> None:
+    """Run ``function`` here (what a :class:`BiasShift` does with its work when no second core takes it)."""
+    function(*args)
 
-    Rounding weights shifts the mean of each output channel: ``E[(W_q - W) x] != 0``.
-    In one pass over the calibration data we run each Conv/ConvTranspose/Gemm twice on
-    the same (quantized) input, once with quantized and once with float weights, and
-    fold the per-channel difference of the output means into the bias (Nagel et al.,
-    "Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV
-    2019, empirical variant). Measuring each layer on its own input keeps upstream
-    corrections from being counted twice, which correcting all layers from one
-    float-vs-quantized comparison of the whole network would do. Cost: one pass.
+
+class BiasShift:
+    """What rounding the weights does to the mean of each output channel of one Conv/ConvTranspose/
+    Gemm: ``E[op(x, W) - op(x, W_q)] = E[op(x, W - W_q)]`` over the batches it observes, folded
+    into the bias by :meth:`apply` (Nagel et al., "Data-Free Quantization Through Weight
+    Equalization and Bias Correction", ICCV 2019, empirical variant).
+
+    ``x`` is the op's input as the pass computes it: in the calibration pass (finetune_level 1)
+    float activations of the graph whose weights are already quantized, so each layer is
+    measured on what its own upstream weights make of the data and all layers are corrected at
+    once; ``submit`` runs the op on the weight difference there on the second core.
     """
-    import torch
-    from ppq import QuantableOperation
-    from ppq.executor import QuantOPRuntimeHook
-    from ppq.executor.base import OPERATION_FORWARD_TABLE
 
-    layers = [
+    def __init__(self, operation, context):
+        self.operation, self.context = operation, context
+        self.delta = None
+        self.total = None  # sum over batches of the per-channel mean difference (the general path)
+        self.inputs: dict[tuple, Any] = {}  # 2-D convs: input shape -> sum over batches of the batch-mean input
+        self.count = 0
+        self.submit: Callable = run_now
+
+    def observe(self, inputs, quant_inputs) -> None:
+        if self.delta is None:
+            self.delta = (inputs[1] - quant_inputs[1]).detach()
+        self.submit(self._add, quant_inputs[0].detach())
+
+    def _add(self, x) -> None:
+        self.count += 1
+        if _plain_conv2d(self.operation, x):
+            # the shift is linear in the input: a running sum now, the taps once in apply()
+            key, mean = tuple(x.shape[1:]), x.mean(dim=0)
+            self.inputs[key] = mean if key not in self.inputs else self.inputs[key].add_(mean)
+            return
+        from ppq.executor.base import OPERATION_FORWARD_TABLE
+
+        forward = OPERATION_FORWARD_TABLE[self.operation.platform][self.operation.type]
+        difference = forward(self.operation, [x, self.delta], self.context).double()
+        channel = difference.ndim - 1 if self.operation.type == "Gemm" else 1
+        mean = difference.mean(dim=[d for d in range(difference.ndim) if d != channel])
+        self.total = mean if self.total is None else self.total + mean
+
+    def apply(self) -> None:
+        bias = self.operation.inputs[2].value
+        total = self.total
+        for summed in self.inputs.values():
+            taps = _tap_means(self.operation, summed[None].double(), self.delta.shape)
+            part = _conv_of_tap_means(self.operation, self.delta, taps)
+            total = part if total is None else total + part
+        if total is None:
+            return
+        shift = (total / self.count).to(bias.device, bias.dtype)
+        if shift.shape == bias.shape:
+            self.operation.inputs[2].value = bias + shift
+
+
+def _plain_conv2d(operation, x) -> bool:
+    """A 2-D Conv with explicit pads (what :func:`_tap_means` handles)."""
+    return operation.type == "Conv" and x.ndim == 4 and operation.attributes.get("auto_pad", "NOTSET") == "NOTSET"
+
+
+def _tap_means(operation, x, kernel_shape):
+    """For a 2-D Conv with explicit pads: the mean of its input under each kernel tap, over the
+    batch and the output positions, [channels, taps]; None for other ops. The shift is linear in
+    them, so the op need not run on the weight difference for every batch: the inputs are summed
+    and their tap means taken once."""
+    import torch
+    import torch.nn.functional as F
+
+    attributes = operation.attributes
+    if not _plain_conv2d(operation, x):
+        return None
+    kernel_h, kernel_w = kernel_shape[2:]
+    stride_h, stride_w = attributes.get("strides", [1, 1])
+    dilation_h, dilation_w = attributes.get("dilations", [1, 1])
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    padded = F.pad(x, (left, right, top, bottom))
+    rows = (padded.shape[2] - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    columns = (padded.shape[3] - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    means = [
+        padded[
+            :,
+            :,
+            a * dilation_h : a * dilation_h + (rows - 1) * stride_h + 1 : stride_h,
+            b * dilation_w : b * dilation_w + (columns - 1) * stride_w + 1 : stride_w,
+        ].mean(dim=(0, 2, 3))
+        for a in range(kernel_h)
+        for b in range(kernel_w)
+    ]
+    return torch.stack(means, dim=1).double()
+
+
+def _conv_of_tap_means(operation, delta, means):
+    """The per-output-channel shift, sum over taps and input channels of (W - W_q) x tap mean."""
+    import torch
+
+    out_channels, per_group = delta.shape[:2]
+    groups = int(operation.attributes.get("group", 1))
+    taps = means.reshape(groups, per_group, -1)
+    weights = delta.double().reshape(groups, out_channels // groups, per_group, -1)
+    return torch.einsum("gopk,gpk->go", weights, taps).reshape(out_channels)
+
+
+def bias_layers(graph) -> list:
+    """The ops whose bias correction folds in: Conv/ConvTranspose/Gemm with a constant bias."""
+    from ppq import QuantableOperation
+
+    return [
         operation
         for operation in graph.operations.values()
         if isinstance(operation, QuantableOperation)
@@ -246,43 +340,36 @@ def correct_bias(graph, executor, feeds, progress=None) -> None:
         and operation.num_of_input == 3
         and operation.inputs[2].value is not None
     ]
-    if not layers:
+
+
+def correct_bias(graph, executor, feeds, progress=None) -> None:
+    """Bias correction in a pass of its own, after fine-tuning moved the weights (finetune_level 2
+    and up; at level 1 the calibration pass measures it): each :class:`BiasShift` on the op's
+    quantized input in the quantized graph. All layers are measured in one pass, then corrected."""
+    import torch
+    from ppq.executor import QuantOPRuntimeHook
+
+    shifts = [BiasShift(operation, executor._executing_context) for operation in bias_layers(graph)]
+    if not shifts:
         return
-    shifts: dict[str, torch.Tensor] = {}
-    context = executor._executing_context
 
     class ShiftHook(QuantOPRuntimeHook):
-        """Accumulates mean(output with float weights) - mean(output with quantized weights)."""
+        def __init__(self, shift: BiasShift):
+            super().__init__(shift.operation)
+            self.shift = shift
 
         def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-            operation = self._hook_to
-            forward = OPERATION_FORWARD_TABLE[operation.platform][operation.type]
-            float_weights = [quant_inputs[0], inputs[1], quant_inputs[2]]
-            self._float_weight_output = forward(operation, float_weights, context)
+            self.shift.observe(inputs, quant_inputs)
             return quant_inputs
 
-        def post_forward_hook(self, outputs, quant_outputs, quant_configs):
-            operation = self._hook_to
-            difference = (self._float_weight_output - outputs[0]).float()
-            channel = difference.ndim - 1 if operation.type == "Gemm" else 1
-            mean = difference.mean(dim=[d for d in range(difference.ndim) if d != channel])
-            shifts[operation.name] = shifts[operation.name] + mean if operation.name in shifts else mean
-            self._float_weight_output = None
-            return quant_outputs
-
-    hooks = {operation.name: ShiftHook(operation) for operation in layers}
-    count = 0
+    hooks = {shift.operation.name: ShiftHook(shift) for shift in shifts}
     bar = progress("bias correction", None) if progress else None
     with torch.no_grad():
         for feed in feeds():
             executor.forward(inputs=feed, hooks=hooks)
-            count += 1
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    for operation in layers:
-        bias = operation.inputs[2].value
-        shift = (shifts[operation.name] / max(count, 1)).to(bias.device, bias.dtype)
-        if shift.shape == bias.shape:
-            operation.inputs[2].value = bias + shift
+    for shift in shifts:
+        shift.apply()

@@ -1,0 +1,66 @@
+"""The engine's activation calibration: the one-pass histogram against the two-pass one it replaced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from xquant_core.calibration import HISTOGRAM_BINS  # noqa: E402
+from xquant_core.engine.calibrate import OnePassHistogram  # noqa: E402
+
+
+def _batches(seed: int) -> list:
+    """Activations whose range grows both ways over the batches, with a constant batch first."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(0.5, -2.0), (1.0, 0.0), (3.0, 1.0), (10.0, 5.0), (0.1, -30.0), (2.0, 0.0)]
+    batches = [torch.zeros(64)]
+    batches += [torch.randn(20000, generator=generator) * spread + centre for spread, centre in shapes]
+    return batches
+
+
+def _one_pass(batches) -> tuple[np.ndarray, float, float]:
+    histogram = OnePassHistogram()
+    low, high = float("inf"), float("-inf")
+    for batch in batches:
+        batch_low, batch_high = batch.min().item(), batch.max().item()
+        histogram.add(batch, batch_low, batch_high)
+        low, high = min(low, batch_low), max(high, batch_high)
+    return histogram.spread(low, high, HISTOGRAM_BINS), low, high
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_pass_histogram_matches_the_two_pass_one(seed):
+    batches = _batches(seed)
+    counts, low, high = _one_pass(batches)
+    two_pass = sum(
+        torch.histc(batch, bins=HISTOGRAM_BINS, min=low, max=high).numpy().astype(np.float64) for batch in batches
+    )
+    assert counts.shape == (HISTOGRAM_BINS,)
+    assert counts.sum() == pytest.approx(sum(batch.numel() for batch in batches), abs=1e-6)  # nothing lost
+    assert (counts >= 0).all()
+    # the cumulative distributions (what percentile, KL and MSE searches read) agree closely
+    difference = np.abs(np.cumsum(counts) - np.cumsum(two_pass)) / counts.sum()
+    assert difference.max() < 1e-3
+    # and the tail mass beyond any bin, which sets a percentile window, within a grid bin of it
+    tail = 1 - np.cumsum(counts) / counts.sum()
+    reference_tail = 1 - np.cumsum(two_pass) / two_pass.sum()
+    for quantile in (1e-2, 1e-3, 1e-4):
+        assert abs(np.searchsorted(-tail, -quantile) - np.searchsorted(-reference_tail, -quantile)) <= 2
+
+
+def test_grid_stays_within_its_bins_and_twice_the_final_resolution():
+    histogram = OnePassHistogram()
+    for batch in _batches(0):
+        histogram.add(batch, batch.min().item(), batch.max().item())
+    span = max(b.max().item() for b in _batches(0)) - min(b.min().item() for b in _batches(0))
+    assert len(histogram.counts) <= 4 * HISTOGRAM_BINS
+    assert histogram.width <= 2 * span / (4 * HISTOGRAM_BINS)
+
+
+def test_constant_tensors_count_in_the_first_bin():
+    histogram = OnePassHistogram()
+    histogram.add(torch.full((10,), 3.0), 3.0, 3.0)
+    counts = histogram.spread(3.0, 3.0, HISTOGRAM_BINS)
+    assert counts[0] == 10 and counts[1:].sum() == 0
