@@ -130,6 +130,8 @@ class Measurement:
     outputs_on: str = ""
     #: what the "Next step" candidates are measured on
     candidates_on: str = ""
+    #: per measured batch, both models' outputs ``({name: float}, {name: quantized})``, for the candidates' baseline
+    output_values: list[tuple[dict, dict]] = field(default_factory=list)
 
 
 def _instrumented(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
@@ -322,6 +324,7 @@ def measure(
     notes: list[str] = []
     skipped: set[Probe] = set()
     used = 0
+    output_values = []
     for batch in batches[:planned]:
         batch_started = time.perf_counter()
         f_values = _run(float_session, batch)
@@ -340,6 +343,12 @@ def measure(
             f, q = f_values[name], q_values[name]
             if f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
                 acc.add(q, f, None)
+        output_values.append(
+            (
+                {value.name: f_values[value.name] for value in float_model.graph.output},
+                {name: q_values[name] for name in quant_outputs if name in q_values},
+            )
+        )
         used += 1
         per_batch = time.perf_counter() - batch_started
         elapsed = time.perf_counter() - started
@@ -371,6 +380,7 @@ def measure(
         time.perf_counter() - started,
         notes,
         f"{used} calibration batch(es)",
+        output_values=output_values,
     )
 
 

@@ -134,7 +134,13 @@ def _where_outputs_are_measured(measurement, float_model, quant_model, batches, 
             "calibration batches; list more samples than calibration_step and the report "
             "measures them on the rest, which calibration never saw"
         )
-        return used, None, None
+        # the first batches went through both models in measure(): their outputs are kept
+        reference = [f for f, _ in measurement.output_values[: len(used)]]
+        quantized = [q for _, q in measurement.output_values[: len(used)]]
+        rest = used[len(reference) :]
+        reference += fallback.model_outputs(float_model, rest) if rest else []
+        quantized += fallback.model_outputs(quant_model, rest) if rest else []
+        return used, reference, quantized
     measurement.outputs, used, reference, quantized = held_back_outputs(
         float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES
     )
