@@ -1,7 +1,7 @@
 """Op implementations PPQ 0.6.6 gets wrong, and onnxruntime for the ops it cannot run.
 
 Installed into PPQ's forward table (every platform) by :func:`install`; each one is checked
-against onnxruntime by ``tests/test_ppq_ops.py``. What PPQ 0.6.6 does instead:
+against onnxruntime by ``tests/engine/test_ppq_ops.py``. What PPQ 0.6.6 does instead:
 
 - PRelu: ``torch.prelu`` takes the slope as per-channel, so the [C,1,1] / [1,C,1,1] slopes
   ``torch.onnx.export`` writes for ``nn.PReLU(C)`` fail, and ONNX's other broadcastable

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "mobilenet_v2"
 MATERIAL = ROOT / "samples" / "material"
 WEIGHTS = MATERIAL / "weights" / "mobilenet_v2-b0353104.pth"

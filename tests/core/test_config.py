@@ -21,7 +21,7 @@ from xquant_core.config import (CalibrationConfig, InputConfig, ModelConfig, Qua
 from xquant_core.errors import ConfigError
 from xquant_core.plugins import registry
 
-DATA = Path(__file__).resolve().parent / "data" / "configs"
+DATA = Path(__file__).resolve().parents[1] / "data" / "configs"
 INVALID_CASES = sorted(p for p in (DATA / "invalid").iterdir() if p.is_dir())
 VALID_CASES = sorted(p for p in (DATA / "valid").iterdir() if p.is_dir())
 
@@ -449,7 +449,7 @@ def test_golden_invalid_config(case, tmp_path, run_xquant):
 
 
 def test_shipped_sample_configs_are_valid():
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     configs = sorted(repo.glob("samples/*/config.json"))
     assert configs, "the samples ship at least one config"
     for path in configs:

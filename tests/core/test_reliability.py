@@ -20,7 +20,7 @@ other corpus, ``tests/data/configs/invalid/`` (see test_config.py).
   test does not own (the test is ``xfail(strict=True)`` so it flips when fixed).
 
 To add a case: write its ``case.json``, run
-``XQUANT_UPDATE_GOLDEN=1 pytest tests/test_reliability.py -k <case>`` once, read the
+``XQUANT_UPDATE_GOLDEN=1 pytest tests/core/test_reliability.py -k <case>`` once, read the
 written ``expected.txt`` and make sure a user can act on it, then commit it.
 """
 
@@ -42,9 +42,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-REPO = Path(__file__).resolve().parent.parent
-INPUTS = Path(__file__).resolve().parent / "data" / "inputs" / "invalid"
-CONFIG_CASES = Path(__file__).resolve().parent / "data" / "configs" / "invalid"
+REPO = Path(__file__).resolve().parents[2]
+INPUTS = Path(__file__).resolve().parents[1] / "data" / "inputs" / "invalid"
+CONFIG_CASES = Path(__file__).resolve().parents[1] / "data" / "configs" / "invalid"
 INPUT_CASES = sorted(p for p in INPUTS.iterdir() if p.is_dir())
 UPDATE_GOLDEN = os.environ.get("XQUANT_UPDATE_GOLDEN") == "1"
 SAMPLE_SHAPE = (3, 16, 16)
@@ -369,7 +369,7 @@ def ddddocr_wheel() -> Path | None:
     return wheels[0] if wheels else None
 
 
-FETCHED_COMMON_OLD = Path(__file__).resolve().parent.parent / "samples" / "material" / "bad_inputs" / "common_old.onnx"
+FETCHED_COMMON_OLD = Path(__file__).resolve().parents[2] / "samples" / "material" / "bad_inputs" / "common_old.onnx"
 
 
 def test_real_already_quantized_model_ddddocr_common_old(tmp_path, run_xquant):

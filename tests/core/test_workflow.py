@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytestmark = pytest.mark.slow  # quantizes the real sample models (the fast lane: pytest -m "not slow")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_MODEL = REPO / "samples" / "mobilenet_v2" / "mobilenet_v2.onnx"
 PHOTOS = REPO / "samples" / "material" / "calib"
 RNG = np.random.default_rng(5)

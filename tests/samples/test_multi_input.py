@@ -22,7 +22,7 @@ import pytest
 import xquant
 from xquant_core.runtime import onnxruntime_session
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 
 BERT_MIN_COSINE = 0.999

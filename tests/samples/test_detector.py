@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # quantizes the real sample models (the fast lane: pytest -m "not slow")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "samples" / "detector"
 MATERIAL = REPO / "samples" / "material"
 MODEL = MATERIAL / "detector" / "common_det.onnx"

@@ -29,7 +29,7 @@ from xquant_core.data import InputSpec
 from xquant_core.errors import DataError
 from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on every CPU
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PLUGIN_SRC = REPO / "samples" / "plugins" / "xquant-example-plugin"
 PLUGIN_DIST = "xquant-example-plugin"
 PLUGIN_VERSION = "0.1.0"

@@ -26,7 +26,7 @@ import xquant
 from xquant_core import analysis
 from xquant_core.outputs import OutputError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CONFIG = REPO / "samples" / "mobilenet_v2" / "config.json"
 
 #: the analysis must stay well under the quantization time (the issue: it must not double it)

@@ -20,7 +20,7 @@ from xquant_core.data import CalibrationDataset, InputSpec, PathFunctionPreproce
 from xquant_core.errors import DataError, PluginError
 from xquant_core.plugins import registry
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 

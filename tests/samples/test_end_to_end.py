@@ -18,7 +18,7 @@ import xquant
 
 pytestmark = pytest.mark.slow  # quantizes the real sample models (the fast lane: pytest -m "not slow")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CONFIG = REPO / "samples" / "mobilenet_v2" / "config.json"
 
 #: measured on this sample (2026-12-02, the same bytes at XQUANT_NUM_THREADS 1 / 2 / 4 / 8): AMD EPYC
