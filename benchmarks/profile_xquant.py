@@ -105,6 +105,31 @@ def callees(stats: pstats.Stats, parent_suffix: str, parent_name: str, total: fl
             if cum >= 0.05]
 
 
+def zoo_stages() -> List[str]:
+    """The stage times xquant printed for each zoo model in the last ``benchmarks/zoo.py`` run (its logs)."""
+    work = HERE / "material" / "work"
+    rows = []
+    for log in sorted(work.glob("*/xquant_default.0.log")):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("xquant: stages:")]
+        wrote = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("xquant: wrote")]
+        if lines:
+            seconds = wrote[-1].rsplit(" in ", 1)[-1] if wrote else "?"
+            rows.append(f"| {log.parent.name} | {seconds} | {lines[-1].removeprefix('xquant: stages: ')} |")
+    if not rows:
+        return []
+    return [
+        "## The zoo models, stage by stage",
+        "",
+        "From the logs of the last `benchmarks/zoo.py` run (`benchmarks/material/work/*/xquant_default.0.log`: "
+        "default settings, analysis on; the quantization time excludes the analysis and the interpreter's imports).",
+        "",
+        "| model | quantization | stages |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--top", type=int, default=15)
@@ -187,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         *header,
         *top_rows(stats, 2, args.top, total),
         "",
+        *zoo_stages(),
     ]
     args.output.write_text("\n".join(lines))
     print("\n".join(lines))
