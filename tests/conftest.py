@@ -15,9 +15,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _register_models():
+    """``tests/models.py`` as ``xquant_test_models``, importable by every test module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xquant_test_models", Path(__file__).with_name("models.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["xquant_test_models"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+small_cnn = _register_models().small_cnn
 SAMPLES = REPO / "samples"
 MATERIAL = SAMPLES / "material"
 SAMPLE_MODEL = SAMPLES / "mobilenet_v2" / "mobilenet_v2.onnx"
@@ -84,34 +97,8 @@ def sample_model(material) -> Path:
 
 
 def make_conv_model(path: Path, seed: int = 0, channels: int = 3, size: int = 16) -> Path:
-    """A small real-weights-free CNN (Conv-Relu-Conv-Add-GAP-Gemm) for fast pipeline tests."""
-    rng = np.random.default_rng(seed)
-    w1 = rng.normal(0, 0.3, (8, channels, 3, 3)).astype(np.float32)
-    b1 = rng.normal(0, 0.1, (8,)).astype(np.float32)
-    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
-    b2 = rng.normal(0, 0.1, (8,)).astype(np.float32)
-    wf = rng.normal(0, 0.3, (10, 8)).astype(np.float32)
-    bf = rng.normal(0, 0.1, (10,)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Add", ["c2", "r1"], ["a1"], name="add1"),
-        helper.make_node("Relu", ["a1"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["flat"], axis=1, name="flatten"),
-        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1, name="fc"),
-    ]
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (wf, "wf"), (bf, "bf")]]
-    graph = helper.make_graph(
-        nodes, "small_cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    """The small CNN of ``tests/models.py`` saved at ``path``."""
+    onnx.save(small_cnn(seed, channels, size), str(path))
     return path
 
 

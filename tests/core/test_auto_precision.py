@@ -16,9 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 import xquant
 from xquant_core.metrics import Metric
 from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on every CPU
+from xquant_test_models import finish, npy_project
 
 
-def _model(path: Path) -> Path:
+def _model() -> onnx.ModelProto:
     """A CNN whose middle conv output has one channel with rare, huge values: int8 cannot
     hold both that channel's outliers and the other channels' fine detail."""
     rng = np.random.default_rng(0)
@@ -47,27 +48,12 @@ def _model(path: Path) -> Path:
     graph = helper.make_graph(nodes, "spiky", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
                               [numpy_helper.from_array(value, name) for name, value in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return finish(graph)
 
 
 @pytest.fixture
 def config(tmp_path) -> dict:
-    _model(tmp_path / "m.onnx")
-    rng = np.random.default_rng(7)
-    for index in range(16):
-        np.save(tmp_path / f"x{index}.npy", rng.normal(0, 1, (3, 10, 10)).astype(np.float32))
-    (tmp_path / "list.txt").write_text("\n".join(f"x{index}.npy" for index in range(16)))
-    return {
-        "model_parameters": {"onnx_model": str(tmp_path / "m.onnx"), "working_dir": str(tmp_path / "out"),
-                             "skip_onnxsim": True},
-        "calibration_parameters": {"calibration_step": 16, "calibration_device": "cpu", "calibration_type": "minmax",
-                                   "input_parametres": [{"file_type": "npy",
-                                                         "data_list_path": str(tmp_path / "list.txt")}]},
-        "quantization_parameters": {"analysis_enable": True, "finetune_level": 0},
-    }
+    return npy_project(tmp_path, _model(), 16, 7, "minmax", analysis_enable=True, finetune_level=0)
 
 
 def _auto(config: dict, value: float, max_float_ops: int = 6, metric: str = "snr") -> dict:

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from xquant_test_models import finish, two_input_model
 
 REPO = Path(__file__).resolve().parents[2]
 INPUTS = Path(__file__).resolve().parents[1] / "data" / "inputs" / "invalid"
@@ -51,13 +52,6 @@ SAMPLE_SHAPE = (3, 16, 16)
 
 
 # --------------------------------------------------------------------------- models built in code
-def _finish(graph: onnx.GraphProto, opset: int = 13) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def conv_model(input_dims=(1, 3, 16, 16), extra_op: str | None = None) -> onnx.ModelProto:
     """Conv-Relu-GlobalAveragePool-Flatten-Gemm; ``extra_op`` (a unary op) goes after the Relu."""
     rng = np.random.default_rng(0)
@@ -77,20 +71,7 @@ def conv_model(input_dims=(1, 3, 16, 16), extra_op: str | None = None) -> onnx.M
     graph = helper.make_graph(nodes, "small_cnn",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_dims))],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
-    return _finish(graph)
-
-
-def two_input_model() -> onnx.ModelProto:
-    """``Conv(left + right)``."""
-    weight = numpy_helper.from_array(np.random.default_rng(3).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["left", "right"], ["sum"], name="add"),
-         helper.make_node("Conv", ["sum", "w"], ["out"], pads=[1, 1, 1, 1], name="conv")],
-        "two_inputs",
-        [helper.make_tensor_value_info("left", TensorProto.FLOAT, [1, 3, 16, 16]),
-         helper.make_tensor_value_info("right", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])], [weight])
-    return _finish(graph)
+    return finish(graph)
 
 
 def qdq_model() -> onnx.ModelProto:
@@ -108,7 +89,7 @@ def qdq_model() -> onnx.ModelProto:
          helper.make_node("Conv", ["x_dq", "w"], ["out"], pads=[1, 1, 1, 1], name="conv")],
         "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
-    return _finish(graph)
+    return finish(graph)
 
 
 def int_input_model() -> onnx.ModelProto:
@@ -121,14 +102,14 @@ def int_input_model() -> onnx.ModelProto:
          helper.make_node("MatMul", ["emb", "w"], ["out"], name="proj")],
         "int_input", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 4])], inits)
-    return _finish(graph)
+    return finish(graph)
 
 
 def identity_model() -> onnx.ModelProto:
     """Nothing to quantize: it came out as a model with no nodes, inputs or outputs, exit 0."""
     value = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *SAMPLE_SHAPE])
     result = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, *SAMPLE_SHAPE])
-    return _finish(helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g", [value], [result]))
+    return finish(helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g", [value], [result]))
 
 
 def float16_model() -> onnx.ModelProto:
@@ -139,7 +120,7 @@ def float16_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT16, [1, *SAMPLE_SHAPE])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4, *SAMPLE_SHAPE[1:]])],
         [numpy_helper.from_array(weight, "w")])
-    return _finish(graph)
+    return finish(graph)
 
 
 MODELS = {
@@ -304,7 +285,7 @@ def test_golden_bad_input(case, tmp_path, run_xquant):
     before = snapshot(work)
     env = {key: value.replace("<CASE>", str(work)) for key, value in desc.get("env", {}).items()}
     env.setdefault("XQUANT_DISABLE_PLUGIN_AUTOLOAD", "0")
-    # -q: stage lines ("calibration (minmax): 1.1 s") depend on the machine's speed, the messages do not
+    # -q: stage lines ("calibration: 1.1 s") depend on the machine's speed, the messages do not
     args = ["-q", "-c", str(work / desc.get("config_path", "cfg.json")), *desc.get("args", [])]
     result = run_xquant(*args, cwd=work, env=env, timeout=300)
     stderr = normalize(result.stderr, work)
@@ -603,7 +584,7 @@ def test_the_final_gate_names_what_is_wrong_with_a_quantized_model():
 
     quantized = qdq_model()
     weight = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == "w_q")) * 0.01
-    float_model = _finish(helper.make_graph(
+    float_model = finish(helper.make_graph(
         [helper.make_node("Conv", ["input", "w"], ["out"], pads=[1, 1, 1, 1])], "float",
         list(quantized.graph.input), list(quantized.graph.output),
         [numpy_helper.from_array(weight.astype(np.float32), "w")]))
@@ -796,13 +777,13 @@ def _saturating_conv() -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     constants = [numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(np.array(0.01, np.float32), "w_s"),
                  numpy_helper.from_array(np.array(1 / 127, np.float32), "x_s"),
                  numpy_helper.from_array(np.array(0, np.int8), "x_z"), numpy_helper.from_array(np.array(0, np.int8), "w_z")]
-    quantized = _finish(helper.make_graph([
+    quantized = finish(helper.make_graph([
         helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
         helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_d"]),
         helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"]),
         helper.make_node("Conv", ["x_d", "w"], ["y"])], "q", inputs, outputs, constants))
     float_weight = numpy_helper.from_array(weight.astype(np.float32) * 0.01, "w")
-    float_model = _finish(helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "f", inputs, outputs,
+    float_model = finish(helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "f", inputs, outputs,
                                             [float_weight]))
     return quantized, float_model, {"x": np.ones((1, 64, 4, 4), np.float32)}
 

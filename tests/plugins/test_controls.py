@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,9 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import xquant
 from xquant_core.errors import ModelError
+from xquant_test_models import finish, npy_project
 
 
-def _swish_model(path: Path) -> Path:
+def _swish_model() -> onnx.ModelProto:
     """Conv -> SiLU (Sigmoid x Mul) -> Conv -> Add(residual) -> GAP -> Flatten -> Gemm -> Softmax-free head,
     then a float "post-processing" tail (Mul by a constant + ReduceMax) to cut off."""
     rng = np.random.default_rng(0)
@@ -44,28 +44,12 @@ def _swish_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
         [numpy_helper.from_array(value.astype(np.float32) if value.dtype == np.float64 else value, name)
          for name, value in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return finish(graph)
 
 
 @pytest.fixture
 def project(tmp_path) -> dict:
-    _swish_model(tmp_path / "m.onnx")
-    rng = np.random.default_rng(5)
-    for index in range(10):
-        np.save(tmp_path / f"x{index}.npy", rng.normal(0, 1, (3, 12, 12)).astype(np.float32))
-    (tmp_path / "list.txt").write_text("\n".join(f"x{index}.npy" for index in range(10)))
-    return {
-        "model_parameters": {"onnx_model": str(tmp_path / "m.onnx"), "working_dir": str(tmp_path / "out"),
-                             "skip_onnxsim": True},
-        "calibration_parameters": {"calibration_step": 10, "calibration_device": "cpu",
-                                   "calibration_type": "percentile",
-                                   "input_parametres": [{"file_type": "npy",
-                                                         "data_list_path": str(tmp_path / "list.txt")}]},
-        "quantization_parameters": {"analysis_enable": False, "finetune_level": 0},
-    }
+    return npy_project(tmp_path, _swish_model(), 10, 5, "percentile", analysis_enable=False, finetune_level=0)
 
 
 def _with(config: dict, **quant) -> dict:
