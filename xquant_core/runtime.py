@@ -3,8 +3,37 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import onnx
+
+A = TypeVar("A")
+B = TypeVar("B")
+_pool: ThreadPoolExecutor | None = None
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def in_parallel(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """``(first(), second())``, ``first`` on a second thread while ``second`` runs here when there
+    is a second core (onnxruntime and torch kernels release the GIL: two one-thread sessions use
+    two cores), in line otherwise. The same results either way: the two must not share state."""
+    global _pool
+    if cores() < 2 or threading.current_thread().name.startswith("xquant-side"):  # none nested: one side thread
+        return first(), second()
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="xquant-side")
+    pending = _pool.submit(first)
+    try:
+        other = second()
+    finally:
+        result = pending.result()
+    return result, other
 
 
 def num_threads() -> int:
@@ -20,8 +49,7 @@ def num_threads() -> int:
     configured = os.environ.get("XQUANT_NUM_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // 2)
+    return max(1, cores() // 2)
 
 
 def onnxruntime_session(

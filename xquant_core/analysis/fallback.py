@@ -18,6 +18,7 @@ Pure ONNX and onnxruntime; the trial object does the PPQ side.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 
 from ..control_flow import COMPUTE_OPS
-from ..runtime import onnxruntime_session
+from ..runtime import cores, in_parallel, onnxruntime_session
 from ..snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
@@ -97,11 +98,23 @@ def stem_proposals(float_model: onnx.ModelProto) -> list[Proposal]:
 
 
 def model_outputs(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The model's outputs ``{name: array}`` on each batch (onnxruntime, exact int8 arithmetic)."""
-    session = onnxruntime_session(model)
+    """The model's outputs ``{name: array}`` on each batch (onnxruntime, exact int8 arithmetic);
+    with a second core, a second session runs the first half of the batches on it."""
+    data = model.SerializeToString()
     names = [value.name for value in model.graph.output]
-    wanted = {value.name for value in session.get_inputs()}
-    return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted}))) for batch in batches]
+
+    def run(part: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        if not part:
+            return []
+        session = onnxruntime_session(data)
+        wanted = {value.name for value in session.get_inputs()}
+        return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted}))) for batch in part]
+
+    if len(batches) < 2 or cores() < 2:
+        return run(batches)
+    half = (len(batches) + 1) // 2
+    first, second = in_parallel(functools.partial(run, batches[:half]), functools.partial(run, batches[half:]))
+    return first + second
 
 
 def output_errors(
@@ -135,33 +148,39 @@ def measure_candidates(
     proposal the engine cannot keep float (no op between its boundaries) is left out."""
     reference = reference if reference is not None else model_outputs(float_model, batches)
     compute = {node.name for node in float_model.graph.node if node.op_type in COMPUTE_OPS}
-    measured, seen = [], set()
-    for proposal in proposals:
+    seen: set[frozenset] = set()
+
+    def export(proposal: Proposal):
+        """The model with the proposal's subgraph in float, and its ops (None: nothing to measure)."""
         try:
             ops = trial.ops_between(proposal.input_names, proposal.output_names)
             if not ops or frozenset(ops) in seen:
-                continue
+                return None
             seen.add(frozenset(ops))
-            errors = output_errors(
-                trial.exported_with_float(proposal.input_names, proposal.output_names), batches, reference
-            )
+            return proposal, ops, trial.exported_with_float(proposal.input_names, proposal.output_names)
         except Exception as exc:  # advice: a candidate that cannot be measured is not offered
             log.debug(
-                "float-fallback candidate %s -> %s not measured: %s", proposal.input_names, proposal.output_names, exc
+                "float-fallback candidate %s -> %s not built: %s", proposal.input_names, proposal.output_names, exc
             )
-            continue
-        finally:
-            if progress is not None:
-                progress()
-        measured.append(
-            Candidate(
-                proposal,
-                len(ops),
-                len(ops & compute),
-                float(np.mean(list(errors.values()))),
-                errors,
-                len(batches),
-                frozenset(ops),
+            return None
+
+    def run(exported):
+        try:
+            return output_errors(exported[2], batches, reference)
+        except Exception as exc:
+            log.debug("float-fallback candidate %s not measured: %s", exported[0].input_names, exc)
+            return None
+
+    measured: list[Candidate] = []
+    for proposal in proposals:
+        built = export(proposal)
+        errors = run(built) if built is not None else None
+        if built is not None and errors is not None:
+            ops = built[1]
+            error = float(np.mean(list(errors.values())))
+            measured.append(
+                Candidate(proposal, len(ops), len(ops & compute), error, errors, len(batches), frozenset(ops))
             )
-        )
+        if progress is not None:
+            progress()
     return sorted(measured, key=lambda candidate: (candidate.error, candidate.ops))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..runtime import onnxruntime_session
+from ..runtime import in_parallel, onnxruntime_session
 from ..snr import PowerSums, flat32
 from .graph import Probe, QuantizedOp, _QdqGraph, quantized_ops
 from .limits import DEFAULT_MAX_BATCHES, DEFAULT_MAX_ELEMENTS, FLAG_COSINE, FLAG_SNR, HISTOGRAM_BINS
@@ -158,6 +159,11 @@ def _run(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     values = dict(zip(names, session.run(names, feed)))
     values.update(feed)
     return values
+
+
+def _run_both(float_session, quant_session, batch: dict[str, np.ndarray]):
+    """Both models on one batch, the float one on the second core (:func:`..runtime.in_parallel`)."""
+    return in_parallel(functools.partial(_run, float_session, batch), functools.partial(_run, quant_session, batch))
 
 
 class _Sampler:
@@ -327,8 +333,7 @@ def measure(
     output_values = []
     for batch in batches[:planned]:
         batch_started = time.perf_counter()
-        f_values = _run(float_session, batch)
-        q_values = _run(quant_session, batch)
+        f_values, q_values = _run_both(float_session, quant_session, batch)
         for probe, acc in accumulators.items():
             if probe in skipped:
                 continue
@@ -401,7 +406,7 @@ def held_back_outputs(
     sampler, picks = _Sampler(math.ceil(max_elements / max(count, 1))), set(spread(count, keep))
     kept, reference, quantized = [], [], []
     for index, batch in enumerate(held_back):
-        f_values, q_values = _run(float_session, batch), _run(quant_session, batch)
+        f_values, q_values = _run_both(float_session, quant_session, batch)
         for name, acc in accumulators.items():
             f, q = f_values[name], q_values.get(name)
             if q is not None and f.shape == q.shape and np.issubdtype(f.dtype, np.floating):

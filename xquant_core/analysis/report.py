@@ -138,8 +138,9 @@ def _where_outputs_are_measured(measurement, float_model, quant_model, batches, 
         reference = [f for f, _ in measurement.output_values[: len(used)]]
         quantized = [q for _, q in measurement.output_values[: len(used)]]
         rest = used[len(reference) :]
-        reference += fallback.model_outputs(float_model, rest) if rest else []
-        quantized += fallback.model_outputs(quant_model, rest) if rest else []
+        if rest:
+            reference += fallback.model_outputs(float_model, rest)
+            quantized += fallback.model_outputs(quant_model, rest)
         return used, reference, quantized
     measurement.outputs, used, reference, quantized = held_back_outputs(
         float_model, quant_model, held_back, len(held_back), HELD_BACK_CANDIDATES

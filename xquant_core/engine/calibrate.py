@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
+from ..runtime import cores
 from .common import choice_batches, clearly_lower, float_graph
 from .finetune import BiasShift, bias_layers, output_error, run_now
 from .plan import EnginePlan
@@ -311,7 +311,7 @@ class ActivationCalibration:
         whichever thread counts them when: each watcher's work runs in batch order, on one thread."""
         import torch
 
-        second_core = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) > 1
+        second_core = cores() > 1
         bar = progress("calibration", num_batches) if progress else None
         with torch.no_grad(), ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             previous: list[Future] = []
