@@ -315,6 +315,9 @@ def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
                 )
     for path, value in _non_finite(raw, "$"):
         text = json.dumps(value)
+        if isinstance(value, str):
+            problems.append((path, f"{text[:40]} holds a NUL character: no file name or tensor name can (remove it)"))
+            continue
         text = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
         problems.append(
             (
@@ -335,11 +338,14 @@ FLOAT_MAX = 1.7976931348623157e308
 
 
 def _non_finite(value: Any, path: str):
-    """(JSON path, value) of every NaN/Infinity in the raw config (Python's json reads those literals)
-    and of every integer too large for a double."""
+    """(JSON path, value) of every NaN/Infinity in the raw config (Python's json reads those literals),
+    of every integer too large for a double, and of every string with a NUL character (no path or
+    name can hold one: the operating system refuses it)."""
     if isinstance(value, float) and not math.isfinite(value):
         yield path, value
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > FLOAT_MAX:
+        yield path, value
+    elif isinstance(value, str) and "\x00" in value:
         yield path, value
     elif isinstance(value, dict):
         for key, item in value.items():

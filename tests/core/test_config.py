@@ -456,3 +456,14 @@ def test_shipped_sample_configs_are_valid():
         cfg = load_config(path)
         written = json.loads(path.read_text())["model_parameters"]["onnx_model"]
         assert cfg.model.onnx_model == path.parent.resolve() / written  # relative to the config's folder
+
+
+@pytest.mark.parametrize("field", ["onnx_model", "working_dir"])
+def test_a_nul_character_in_a_name_is_a_config_error(tmp_path, field):
+    """Found by the property test: "\\u0000" as the model path reached os.path.realpath, which raised
+    ValueError (exit 3, an internal error). No file or tensor name can hold one."""
+    config = minimal()
+    config["model_parameters"][field] = "model\u0000.onnx"
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, config))
+    assert f"$.model_parameters.{field}" in str(info.value) and "NUL character" in str(info.value)

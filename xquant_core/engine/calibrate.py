@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,9 +12,9 @@ from typing import Callable
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from ..runtime import cores
-from .common import choice_batches, clearly_lower, float_graph
-from .finetune import BiasShift, bias_layers, output_error, run_now
+from ..runtime import cores, in_parallel
+from .common import choice_batches, clearly_lower, float_graph, onnxruntime_outputs
+from .finetune import BiasShift, bias_layers, error_between, run_now
 from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
@@ -200,10 +201,12 @@ class _Hook:
 class ActivationCalibration:
     """Activation calibration with xquant's algorithm plugins (replaces PPQ's pass)."""
 
-    def __init__(self, plan: EnginePlan, regions=(), correct_bias: bool = False):
+    def __init__(self, plan: EnginePlan, regions=(), correct_bias: bool = False, float_model=None):
         self.plan = plan
         self.regions = regions
         self.correct_bias = correct_bias
+        #: the ONNX model the graph was parsed from: onnxruntime runs it for the strategy choice's references
+        self.float_model = float_model
 
     def _settings_per_tensor(self, graph) -> dict[str, tuple[CalibrationAlgorithm, CalibrationContext]]:
         """custom_setting calibration_type/max_percentile for the tensors their subgraphs touch."""
@@ -277,15 +280,28 @@ class ActivationCalibration:
         import torch
 
         batches = choice_batches(feeds)
-        with torch.no_grad(), float_graph(graph):
-            references = [executor.forward(inputs=feed) for feed in batches]
-        errors = []
-        for strategy in range(strategies):
+
+        def quantized(strategy: int) -> list:
             for observer in observers.values():
                 observer.render(strategy)
-            errors.append(output_error(graph, executor, batches, references))
+            with torch.no_grad():
+                outputs = [executor.forward(inputs=feed) for feed in batches]
             if bar is not None:
                 bar.update(1)
+            return outputs
+
+        # the float references come from onnxruntime on the second core while PPQ runs the first strategy
+        references, first = in_parallel(
+            functools.partial(onnxruntime_outputs, self.float_model, batches, list(graph.outputs))
+            if self.float_model is not None
+            else lambda: None,
+            functools.partial(quantized, 0),
+        )
+        if references is None:
+            with torch.no_grad(), float_graph(graph):
+                references = [executor.forward(inputs=feed) for feed in batches]
+        errors = [error_between(references, first)]
+        errors += [error_between(references, quantized(strategy)) for strategy in range(1, strategies)]
         if bar is not None:
             bar.close()
         best = 0  # the first strategy, unless another is clearly better (DECISION_MARGIN)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from typing import Callable
+
+log = logging.getLogger("xquant.engine")
 
 #: batches used to rank layers by the error they add, and to choose a calibration strategy
 RANKING_BATCHES = 8
@@ -26,6 +29,33 @@ def choice_batches(feeds) -> list:
     """The calibration batches the strategy choice measures on: every ``CHOICE_EVERY``-th, at most
     ``CHOICE_BATCHES``."""
     return list(itertools.islice(itertools.islice(feeds(), 0, None, CHOICE_EVERY), CHOICE_BATCHES))
+
+
+def onnxruntime_outputs(model, batches, names: list[str]):
+    """The float ``model``'s outputs ``names`` on each batch (dicts of torch tensors) as torch tensors,
+    run by onnxruntime on one thread (a second core, beside PPQ); None when it cannot (an output
+    name the model lacks, an op onnxruntime does not run)."""
+    import torch
+
+    from ..runtime import onnxruntime_session
+
+    if not set(names) <= {value.name for value in model.graph.output}:
+        return None
+    try:
+        session = onnxruntime_session(model, threads=1)
+        wanted = {value.name for value in session.get_inputs()}
+        return [
+            [
+                torch.from_numpy(array)
+                for array in session.run(
+                    names, {name: value.cpu().numpy() for name, value in batch.items() if name in wanted}
+                )
+            ]
+            for batch in batches
+        ]
+    except Exception as exc:  # PPQ's own float pass is the fallback
+        log.debug("float references by onnxruntime failed (%s): PPQ runs them", exc)
+        return None
 
 
 def clearly_lower(candidate: float, incumbent: float) -> bool:

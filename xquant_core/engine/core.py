@@ -210,7 +210,7 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     platform.share_quantization(graph)
     apply(_ppq_pass("ParameterQuantizePass"))
     with fast_fake_quant(graph, executor):
-        ActivationCalibration(plan, regions, correct_bias=plan.finetune_level == 1).run(
+        ActivationCalibration(plan, regions, correct_bias=plan.finetune_level == 1, float_model=model).run(
             graph, executor, feeds, num_batches, progress
         )
     platform.after_calibration(graph)

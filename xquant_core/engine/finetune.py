@@ -107,29 +107,32 @@ def output_error(graph, executor, batches, references=None) -> float:
     """
     import torch
 
+    with torch.no_grad():
+        if references is None:
+            with float_graph(graph):
+                references = [executor.forward(inputs=batch) for batch in batches]
+        outputs = [executor.forward(inputs=batch) for batch in batches]
+    return error_between(references, outputs)
+
+
+def error_between(references, outputs) -> float:
+    """:func:`output_error` of outputs already run: per batch, the float and the quantized outputs."""
     noise: list = []
     signal: list = []
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if references is None:
-                with float_graph(graph):
-                    reference = executor.forward(inputs=batch)
+    for reference, quantized in zip(references, outputs):
+        for position, (ref, out) in enumerate(zip(reference, quantized)):
+            ref, out = ref.double(), out.double()
+            dims = list(range(ref.ndim))
+            if ref.ndim >= 3:
+                axis = min(range(1, ref.ndim), key=lambda dim: ref.shape[dim])
+                dims.remove(axis)
+            power = ((out - ref) ** 2).sum(dim=dims).reshape(-1), (ref**2).sum(dim=dims).reshape(-1)
+            if position == len(noise):
+                noise.append(power[0])
+                signal.append(power[1])
             else:
-                reference = references[index]
-            quantized = executor.forward(inputs=batch)
-            for position, (ref, out) in enumerate(zip(reference, quantized)):
-                ref, out = ref.double(), out.double()
-                dims = list(range(ref.ndim))
-                if ref.ndim >= 3:
-                    axis = min(range(1, ref.ndim), key=lambda dim: ref.shape[dim])
-                    dims.remove(axis)
-                power = ((out - ref) ** 2).sum(dim=dims).reshape(-1), (ref**2).sum(dim=dims).reshape(-1)
-                if position == len(noise):
-                    noise.append(power[0])
-                    signal.append(power[1])
-                else:
-                    noise[position] = noise[position] + power[0]
-                    signal[position] = signal[position] + power[1]
+                noise[position] = noise[position] + power[0]
+                signal[position] = signal[position] + power[1]
     ratios = []
     for channel_noise, channel_signal in zip(noise, signal):
         for group in _magnitude_groups(channel_signal):
