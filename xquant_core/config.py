@@ -313,7 +313,7 @@ def _semantic_problems(raw: dict, check_plugins: bool) -> list[tuple[str, str]]:
                         "e.g. 58.4, is what goes here)",
                     )
                 )
-    for path, value in _non_finite(raw, "$"):
+    for path, value in _unusable_values(raw, "$"):
         text = json.dumps(value)
         if isinstance(value, str):
             problems.append((path, f"{text[:40]} holds a NUL character: no file name or tensor name can (remove it)"))
@@ -337,7 +337,7 @@ FLOAT32_TINY = 1.1754944e-38
 FLOAT_MAX = 1.7976931348623157e308
 
 
-def _non_finite(value: Any, path: str):
+def _unusable_values(value: Any, path: str):
     """(JSON path, value) of every NaN/Infinity in the raw config (Python's json reads those literals),
     of every integer too large for a double, and of every string with a NUL character (no path or
     name can hold one: the operating system refuses it)."""
@@ -349,10 +349,10 @@ def _non_finite(value: Any, path: str):
         yield path, value
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _non_finite(item, f"{path}.{key}")
+            yield from _unusable_values(item, f"{path}.{key}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            yield from _non_finite(item, f"{path}[{index}]")
+            yield from _unusable_values(item, f"{path}[{index}]")
 
 
 def _inputs(raw: dict) -> list[dict]:

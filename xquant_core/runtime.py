@@ -82,3 +82,13 @@ def onnxruntime_session(
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     data = os.fspath(data) if isinstance(data, os.PathLike) else data
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def outputs_on(model, batches, names: list[str], threads: int | None = None) -> list[list]:
+    """``names`` of ``model`` (a ModelProto or its bytes) on each batch ``{input: array}``, one
+    session (:func:`onnxruntime_session`); batch entries the model does not take are left out."""
+    if not batches:
+        return []
+    session = onnxruntime_session(model, threads)
+    wanted = {value.name for value in session.get_inputs()}
+    return [session.run(names, {name: value for name, value in batch.items() if name in wanted}) for batch in batches]

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from ..control_flow import COMPUTE_OPS
-from ..runtime import cores, in_parallel, onnxruntime_session
+from ..runtime import cores, in_parallel, outputs_on
 from ..snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
@@ -104,11 +104,7 @@ def model_outputs(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray
     names = [value.name for value in model.graph.output]
 
     def run(part: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        if not part:
-            return []
-        session = onnxruntime_session(data)
-        wanted = {value.name for value in session.get_inputs()}
-        return [dict(zip(names, session.run(names, {k: v for k, v in batch.items() if k in wanted}))) for batch in part]
+        return [dict(zip(names, values)) for values in outputs_on(data, part, names)]
 
     if len(batches) < 2 or cores() < 2:
         return run(batches)
@@ -148,39 +144,33 @@ def measure_candidates(
     proposal the engine cannot keep float (no op between its boundaries) is left out."""
     reference = reference if reference is not None else model_outputs(float_model, batches)
     compute = {node.name for node in float_model.graph.node if node.op_type in COMPUTE_OPS}
-    seen: set[frozenset] = set()
-
-    def export(proposal: Proposal):
-        """The model with the proposal's subgraph in float, and its ops (None: nothing to measure)."""
+    measured, seen = [], set()
+    for proposal in proposals:
         try:
             ops = trial.ops_between(proposal.input_names, proposal.output_names)
             if not ops or frozenset(ops) in seen:
-                return None
+                continue
             seen.add(frozenset(ops))
-            return proposal, ops, trial.exported_with_float(proposal.input_names, proposal.output_names)
+            errors = output_errors(
+                trial.exported_with_float(proposal.input_names, proposal.output_names), batches, reference
+            )
         except Exception as exc:  # advice: a candidate that cannot be measured is not offered
             log.debug(
-                "float-fallback candidate %s -> %s not built: %s", proposal.input_names, proposal.output_names, exc
+                "float-fallback candidate %s -> %s not measured: %s", proposal.input_names, proposal.output_names, exc
             )
-            return None
-
-    def run(exported):
-        try:
-            return output_errors(exported[2], batches, reference)
-        except Exception as exc:
-            log.debug("float-fallback candidate %s not measured: %s", exported[0].input_names, exc)
-            return None
-
-    measured: list[Candidate] = []
-    for proposal in proposals:
-        built = export(proposal)
-        errors = run(built) if built is not None else None
-        if built is not None and errors is not None:
-            ops = built[1]
-            error = float(np.mean(list(errors.values())))
-            measured.append(
-                Candidate(proposal, len(ops), len(ops & compute), error, errors, len(batches), frozenset(ops))
+            continue
+        finally:
+            if progress is not None:
+                progress()
+        measured.append(
+            Candidate(
+                proposal,
+                len(ops),
+                len(ops & compute),
+                float(np.mean(list(errors.values()))),
+                errors,
+                len(batches),
+                frozenset(ops),
             )
-        if progress is not None:
-            progress()
+        )
     return sorted(measured, key=lambda candidate: (candidate.error, candidate.ops))

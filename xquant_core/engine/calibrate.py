@@ -13,8 +13,8 @@ import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
 from ..runtime import cores, in_parallel
-from .common import choice_batches, clearly_lower, float_graph, onnxruntime_outputs
-from .finetune import BiasShift, bias_layers, error_between, run_now
+from .common import choice_batches, clearly_lower, float_graph, onnxruntime_outputs, run_now
+from .finetune import BiasShift, bias_layers, error_between
 from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
@@ -104,9 +104,8 @@ class _TensorObserver:
         self.histogram = OnePassHistogram() if algorithm.needs_histogram else None
         self.last_step = -1
         self.step = 0
-        self.submit: Callable = (
-            run_now  # where the histogram counting runs (:meth:`ActivationCalibration._forward_all`)
-        )
+        # where the histogram counting runs (ActivationCalibration._forward_all: on a second core)
+        self.submit: Callable = run_now
 
     def observe(self, value) -> None:
         if self.last_step == self.step:  # the same tensor seen as an output and as an input
@@ -179,23 +178,20 @@ def range_to_scale_offset(
     return scale, offset
 
 
-class _Hook:
-    """PPQ's calibration hook for one op, with the op's bias shift when it has one."""
+def _calibration_hook(operation, table, shift):
+    """PPQ's calibration hook for one op, which also feeds the op's bias shift when it has one."""
+    from ppq.quantization.observer import CalibrationHook
 
-    @staticmethod
-    def make(operation, table, shift):
-        from ppq.quantization.observer import CalibrationHook
+    class Hook(CalibrationHook):
+        def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
+            if shift is not None:
+                shift.observe(inputs, quant_inputs)
+            return super().pre_forward_hook(inputs, quant_inputs, quant_configs)
 
-        class Hook(CalibrationHook):
-            def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-                if shift is not None:
-                    shift.observe(inputs, quant_inputs)
-                return super().pre_forward_hook(inputs, quant_inputs, quant_configs)
+        def render_quantization_config(self):  # rendering happens once, in ActivationCalibration
+            return None
 
-            def render_quantization_config(self):  # rendering happens once, in ActivationCalibration
-                return None
-
-        return Hook(operation=operation, observer_table=table)
+    return Hook(operation=operation, observer_table=table)
 
 
 class ActivationCalibration:
@@ -257,7 +253,7 @@ class ActivationCalibration:
         context = executor._executing_context
         shifts = {op.name: BiasShift(op, context) for op in bias_layers(graph)} if self.correct_bias else {}
         hooks = {
-            name: _Hook.make(graph.operations[name], tables.get(name, {}), shifts.get(name))
+            name: _calibration_hook(graph.operations[name], tables.get(name, {}), shifts.get(name))
             for name in set(tables) | set(shifts)
         }
         self._forward_all(executor, feeds, hooks, [*observers.values(), *shifts.values()], num_batches, progress)

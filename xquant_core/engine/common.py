@@ -25,6 +25,12 @@ HOLD_BACK_EVERY = 4
 DECISION_MARGIN = 0.02
 
 
+def run_now(function, *args) -> None:
+    """Run ``function`` here: where calibration's observers and bias shifts send their work when no
+    second core takes it."""
+    function(*args)
+
+
 def choice_batches(feeds) -> list:
     """The calibration batches the strategy choice measures on: every ``CHOICE_EVERY``-th, at most
     ``CHOICE_BATCHES``."""
@@ -37,22 +43,13 @@ def onnxruntime_outputs(model, batches, names: list[str]):
     name the model lacks, an op onnxruntime does not run)."""
     import torch
 
-    from ..runtime import onnxruntime_session
+    from ..runtime import outputs_on
 
     if not set(names) <= {value.name for value in model.graph.output}:
         return None
+    arrays = [{name: value.cpu().numpy() for name, value in batch.items()} for batch in batches]
     try:
-        session = onnxruntime_session(model, threads=1)
-        wanted = {value.name for value in session.get_inputs()}
-        return [
-            [
-                torch.from_numpy(array)
-                for array in session.run(
-                    names, {name: value.cpu().numpy() for name, value in batch.items() if name in wanted}
-                )
-            ]
-            for batch in batches
-        ]
+        return [[torch.from_numpy(value) for value in values] for values in outputs_on(model, arrays, names, 1)]
     except Exception as exc:  # PPQ's own float pass is the fallback
         log.debug("float references by onnxruntime failed (%s): PPQ runs them", exc)
         return None
@@ -171,12 +168,12 @@ def _quantized_once(quantize):
     from ppq.executor.torch import TorchQuantizeDelegator
 
     class QuantizedOnce(TorchQuantizeDelegator):
-        key: tuple = ()
+        key: tuple = (None, None, None)
         result = None
 
         def __call__(self, tensor, config):
             key = (tensor, config.scale, config.offset)
-            if len(self.key) != 3 or any(a is not b for a, b in zip(key, self.key)):
+            if any(new is not old for new, old in zip(key, self.key)):
                 self.key, self.result = key, quantize(tensor, config)
             return self.result
 

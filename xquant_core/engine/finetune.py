@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, float_graph
+from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, float_graph, run_now
 from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
@@ -223,11 +223,6 @@ def rank_layers_by_error(
         inputs = [snr(key) for key in power if key[0] == op.name and key[1] == "in"]
         growth.append((op.name, snr((op.name, "out", 0)) - max(inputs, default=0.0)))
     return sorted(growth, key=lambda item: item[1], reverse=True)
-
-
-def run_now(function, *args) -> None:
-    """Run ``function`` here (what a :class:`BiasShift` does with its work when no second core takes it)."""
-    function(*args)
 
 
 class BiasShift:

@@ -33,7 +33,6 @@ from onnx import helper, numpy_helper
 from .forms import OPAQUE, has_subgraph, opaque_inputs, opaque_original
 
 _installed = False
-_PPQ_CLIP = None  # PPQ's own Clip, for the cases :func:`clip` leaves to it
 
 
 def install() -> None:
@@ -42,10 +41,7 @@ def install() -> None:
     if _installed:
         return
     from ppq.executor.base import OPERATION_FORWARD_TABLE
-    from ppq.executor.op.torch.default import Clip_forward
 
-    global _PPQ_CLIP
-    _PPQ_CLIP = Clip_forward
     implementations = {
         "PRelu": prelu,
         "Clip": clip,
@@ -83,7 +79,9 @@ def clip(op, values, ctx=None, **kwargs):
         and all(isinstance(b, torch.Tensor) and b.numel() == 1 for b in bounds)
     ):
         return torch.clamp(x, bounds[0].item(), bounds[1].item())
-    return _PPQ_CLIP(op, values, ctx, **kwargs)
+    from ppq.executor.op.torch.default import Clip_forward  # PPQ's own, for the other cases
+
+    return Clip_forward(op, values, ctx, **kwargs)
 
 
 def prelu(op, values, ctx=None, **kwargs):
