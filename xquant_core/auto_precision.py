@@ -71,28 +71,14 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     auto = cfg.auto_precision
     assert auto is not None, "search_precision runs only with auto_precision set"
     metric = registry("metric").get(auto.metric)
-    indices = list(range(len(dataset)))
-    held_back = [dataset.batch(index) for index in indices if index % HOLD_BACK_EVERY == 0]
-    training = Subset(dataset.batch, [index for index in indices if index % HOLD_BACK_EVERY])
-    if not len(training):
-        raise DataError(
-            f"auto_precision needs at least 2 calibration samples (one is held back); {dataset.count} found"
-        )
+    training, held_back = _split(dataset, HOLD_BACK_EVERY)
     log.info(
         "auto_precision: calibrating on %d samples, measuring %s on %d held back",
         len(training),
         auto.metric,
         len(held_back),
     )
-    float_runner = onnx_runner(model)
-    cached = {id(feed): float_runner(feed) for feed in held_back}
-
-    def reference_outputs(feed):  # a metric with its own data gets them computed
-        return cached[id(feed)] if id(feed) in cached else float_runner(feed)
-
-    def measure(quantized: onnx.ModelProto) -> float:
-        return metric.measure(onnx_runner(quantized), reference_outputs, held_back)
-
+    measure = _measurer(model, metric, held_back)
     first = quantize_graph(
         model,
         training,
@@ -120,6 +106,32 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
         ),
     )
     return second.model, Search.of(first, second, metric, len(held_back), HOLD_BACK_EVERY)
+
+
+def _split(dataset: CalibrationDataset, every: int) -> tuple[Subset, list]:
+    """(the samples to calibrate on, the held-back feeds: every ``every``-th sample)."""
+    indices = list(range(len(dataset)))
+    held_back = [dataset.batch(index) for index in indices if index % every == 0]
+    training = Subset(dataset.batch, [index for index in indices if index % every])
+    if not len(training):
+        raise DataError(
+            f"auto_precision needs at least 2 calibration samples (one is held back); {dataset.count} found"
+        )
+    return training, held_back
+
+
+def _measurer(model: onnx.ModelProto, metric, held_back: list):
+    """``measure(quantized model) -> the metric`` on the held-back feeds, the float outputs cached."""
+    float_runner = onnx_runner(model)
+    cached = {id(feed): float_runner(feed) for feed in held_back}
+
+    def reference_outputs(feed):  # a metric with its own data gets them computed
+        return cached[id(feed)] if id(feed) in cached else float_runner(feed)
+
+    def measure(quantized: onnx.ModelProto) -> float:
+        return metric.measure(onnx_runner(quantized), reference_outputs, held_back)
+
+    return measure
 
 
 def _keeping_float(plan, ops) -> Any:
@@ -195,6 +207,13 @@ def finish_search(cfg: XQuantConfig, search: Search, out_path: Path):
         f"{search.candidates_tried} candidate(s) tried in {search.seconds:.1f} s",
         f"auto_precision: to reproduce without the search, use the custom_setting in {snippet_path}",
     )
+    lines = _search_section(auto, search, met, snippet, snippet_path)
+    return tuple(lines), summary, (snippet_path, (snippet + "\n").encode("utf-8"))
+
+
+def _search_section(auto, search: Search, met: bool, snippet: str, snippet_path: Path) -> list[str]:
+    """The report's "Automatic mixed precision" section."""
+    final, count = search.final, len(search.chosen)
     relation = ">=" if search.metric.higher_is_better else "<="
     lines = [
         "## Automatic mixed precision",
@@ -234,4 +253,4 @@ def finish_search(cfg: XQuantConfig, search: Search, out_path: Path):
         snippet,
         "```",
     ]
-    return tuple(lines), summary, (snippet_path, (snippet + "\n").encode("utf-8"))
+    return lines

@@ -85,60 +85,14 @@ def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = ()) -> o
     """
     graph = model.graph
     index = _Index(graph, keep)
-
-    def sixth(node, name: str) -> bool:  # node computes name / 6 (or name * 1/6)
-        rest = index.other_input(node, name)
-        return rest is not None and (
-            (node.op_type == "Div" and node.input[0] == name and index.is_scalar(rest, 6.0))
-            or (node.op_type == "Mul" and index.is_scalar(rest, 1 / 6))
-        )
-
     replaced: dict[int, list] = {}  # id of the chain's last node -> the nodes taking its place
     removed: set[int] = set()
     unused: set[str] = set()  # constants only the fused chains read
-    clips: list[onnx.NodeProto] = [node for node in graph.node if node.op_type == "Clip" and len(node.input) == 3]
-    for clip in clips:
-        add = index.producer.get(clip.input[0])
-        if (
-            not (index.is_scalar(clip.input[1], 0.0) and index.is_scalar(clip.input[2], 6.0))
-            or add is None
-            or add.op_type != "Add"
-            or index.sole_reader(add.output[0]) is not clip
-        ):
+    for clip in [node for node in graph.node if node.op_type == "Clip" and len(node.input) == 3]:
+        found = _hard_chain(index, clip)
+        if found is None:
             continue
-        x = next((value for value in add.input if index.is_scalar(index.other_input(add, value) or "", 3.0)), None)
-        user = index.sole_reader(clip.output[0])
-        if x is None or user is None:
-            continue
-        hard_sigmoid = helper.make_node(
-            "HardSigmoid",
-            [x],
-            [f"{clip.output[0]}_hardsigmoid"],
-            name=f"{clip.name or clip.output[0]}_hardsigmoid",
-            alpha=1 / 6,
-            beta=0.5,
-        )
-        if sixth(user, clip.output[0]):  # HardSigmoid
-            hard_sigmoid.output[0] = user.output[0]
-            chain, fused = [add, clip, user], [hard_sigmoid]
-        elif (
-            user.op_type == "Mul"
-            and index.other_input(user, clip.output[0]) == x
-            and (last := index.sole_reader(user.output[0])) is not None
-            and sixth(last, user.output[0])
-        ):  # HardSwish
-            chain = [add, clip, user, last]
-            fused = [
-                hard_sigmoid,
-                helper.make_node(
-                    "Mul",
-                    [x, hard_sigmoid.output[0]],
-                    [last.output[0]],
-                    name=f"{last.name or last.output[0]}_hardswish",
-                ),
-            ]
-        else:
-            continue
+        chain, fused = found
         removed.update(id(node) for node in chain)
         replaced[id(chain[-1])] = fused
         unused.update(name for node in chain for name in node.input if name in index.constants)
@@ -150,6 +104,54 @@ def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = ()) -> o
     _drop_unused(graph, unused)
     log.debug("fused %d decomposed HardSigmoid/HardSwish", len(replaced))
     return model
+
+
+def _sixth(index: _Index, node: onnx.NodeProto, name: str) -> bool:
+    """Whether ``node`` computes ``name / 6`` (or ``name * 1/6``)."""
+    rest = index.other_input(node, name)
+    return rest is not None and (
+        (node.op_type == "Div" and node.input[0] == name and index.is_scalar(rest, 6.0))
+        or (node.op_type == "Mul" and index.is_scalar(rest, 1 / 6))
+    )
+
+
+def _hard_chain(index: _Index, clip: onnx.NodeProto) -> tuple[list, list] | None:
+    """The written-out HardSigmoid/HardSwish around ``clip(x + 3, 0, 6)``: (its nodes, the nodes
+    replacing them), or None when ``clip`` is not the middle of one."""
+    add = index.producer.get(clip.input[0])
+    if (
+        not (index.is_scalar(clip.input[1], 0.0) and index.is_scalar(clip.input[2], 6.0))
+        or add is None
+        or add.op_type != "Add"
+        or index.sole_reader(add.output[0]) is not clip
+    ):
+        return None
+    x = next((value for value in add.input if index.is_scalar(index.other_input(add, value) or "", 3.0)), None)
+    user = index.sole_reader(clip.output[0])
+    if x is None or user is None:
+        return None
+    hard_sigmoid = helper.make_node(
+        "HardSigmoid",
+        [x],
+        [f"{clip.output[0]}_hardsigmoid"],
+        name=f"{clip.name or clip.output[0]}_hardsigmoid",
+        alpha=1 / 6,
+        beta=0.5,
+    )
+    if _sixth(index, user, clip.output[0]):  # HardSigmoid
+        hard_sigmoid.output[0] = user.output[0]
+        return [add, clip, user], [hard_sigmoid]
+    if (
+        user.op_type == "Mul"
+        and index.other_input(user, clip.output[0]) == x
+        and (last := index.sole_reader(user.output[0])) is not None
+        and _sixth(index, last, user.output[0])
+    ):  # HardSwish
+        swish = helper.make_node(
+            "Mul", [x, hard_sigmoid.output[0]], [last.output[0]], name=f"{last.name or last.output[0]}_hardswish"
+        )
+        return [add, clip, user, last], [hard_sigmoid, swish]
+    return None
 
 
 # --------------------------------------------------------------------------- affine folding

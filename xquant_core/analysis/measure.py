@@ -316,38 +316,20 @@ def measure(
     probes = sorted(
         {probe for op in ops for probe in op.inputs + op.outputs + op.raw_outputs}, key=lambda p: (p.var, p.quant)
     )
-    model_outputs = [value.name for value in float_model.graph.output]
     quant_outputs = {value.name for value in quant_model.graph.output}
-    model_outputs = [name for name in model_outputs if name in quant_outputs]
-
+    model_outputs = [value.name for value in float_model.graph.output if value.name in quant_outputs]
     float_session = _session(_instrumented(float_model, [p.var for p in probes]))
     quant_session = _session(_instrumented(quant_model, [p.quant for p in probes]))
     scales = _equalization_scales(quant_model, float_session, probes, batches[0])
     planned = min(len(batches), max_batches)
-    sampler = _Sampler(math.ceil(max_elements / planned))
-    accumulators = {probe: _Accumulator() for probe in probes}
-    output_accumulators = {name: _Accumulator() for name in model_outputs}
+    comparison = _Comparison(probes, model_outputs, scales, _Sampler(math.ceil(max_elements / planned)))
     notes: list[str] = []
-    skipped: set[Probe] = set()
     used = 0
     output_values = []
     for batch in batches[:planned]:
         batch_started = time.perf_counter()
         f_values, q_values = _run_both(float_session, quant_session, batch)
-        for probe, acc in accumulators.items():
-            if probe in skipped:
-                continue
-            f, q = f_values.get(probe.var), q_values.get(probe.quant)
-            if f is None or q is None or not _comparable(f, q):
-                skipped.add(probe)
-                continue
-            if probe in scales:
-                f = f * scales[probe]
-            acc.add(q, f, sampler.picks(f.size))
-        for name, acc in output_accumulators.items():  # every element: a softmax's few peaks carry its error
-            f, q = f_values[name], q_values[name]
-            if f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
-                acc.add(q, f, None)
+        comparison.add(f_values, q_values)
         output_values.append(
             (
                 {value.name: f_values[value.name] for value in float_model.graph.output},
@@ -362,7 +344,49 @@ def measure(
                 f"stopped after {used} of {planned} batches to stay within the time budget ({time_budget:.1f} s)"
             )
             break
-    row_probes = {p for op in ops for p in op.inputs + op.outputs}
+    notes += _row_notes({p for op in ops for p in op.inputs + op.outputs}, scales, comparison.skipped)
+    stats, outputs = comparison.results()
+    return Measurement(
+        graph, ops, stats, outputs, used, len(batches), max_elements, time.perf_counter() - started, notes,
+        f"{used} calibration batch(es)", output_values=output_values,
+    )  # fmt: skip
+
+
+class _Comparison:
+    """Every probe's and model output's accumulated INT8-against-float error; a probe whose values
+    are missing or not comparable goes into ``skipped`` for good."""
+
+    def __init__(self, probes: list[Probe], model_outputs: list[str], scales: dict, sampler: _Sampler):
+        self.accumulators = {probe: _Accumulator() for probe in probes}
+        self.outputs = {name: _Accumulator() for name in model_outputs}
+        self.scales, self.sampler = scales, sampler
+        self.skipped: set[Probe] = set()
+
+    def add(self, f_values: dict[str, np.ndarray], q_values: dict[str, np.ndarray]) -> None:
+        for probe, acc in self.accumulators.items():
+            if probe in self.skipped:
+                continue
+            f, q = f_values.get(probe.var), q_values.get(probe.quant)
+            if f is None or q is None or not _comparable(f, q):
+                self.skipped.add(probe)
+                continue
+            if probe in self.scales:
+                f = f * self.scales[probe]
+            acc.add(q, f, self.sampler.picks(f.size))
+        for name, acc in self.outputs.items():  # every element: a softmax's few peaks carry its error
+            f, q = f_values[name], q_values[name]
+            if f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
+                acc.add(q, f, None)
+
+    def results(self) -> tuple[dict, dict]:
+        """(the probes' statistics, the model outputs')"""
+        stats = {p: acc.result() for p, acc in self.accumulators.items() if p not in self.skipped and acc.count}
+        return stats, {name: acc.result() for name, acc in self.outputs.items() if acc.count}
+
+
+def _row_notes(row_probes: set, scales: dict, skipped: set) -> list[str]:
+    """The report's notes on the rows: tensors compared in an equalized scale, tensors not compared."""
+    notes = []
     rescaled = {p.var for p in row_probes if p in scales}
     if rescaled:
         notes.append(
@@ -372,21 +396,7 @@ def measure(
     skipped_rows = row_probes & skipped
     if skipped_rows:
         notes.append(f"{len(skipped_rows)} tensor(s) not compared (not float, or shapes differ between the models)")
-    stats = {probe: acc.result() for probe, acc in accumulators.items() if probe not in skipped and acc.count}
-    outputs = {name: acc.result() for name, acc in output_accumulators.items() if acc.count}
-    return Measurement(
-        graph,
-        ops,
-        stats,
-        outputs,
-        used,
-        len(batches),
-        max_elements,
-        time.perf_counter() - started,
-        notes,
-        f"{used} calibration batch(es)",
-        output_values=output_values,
-    )
+    return notes
 
 
 def held_back_outputs(

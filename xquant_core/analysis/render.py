@@ -323,26 +323,61 @@ def render_chart(
     """A BGR image of what the flags use, per quantized op in graph order: SNR (top panel) and
     1 - cosine (bottom), both log scale, each with its flag threshold dashed; flagged ops red,
     the worst ops numbered and named below; ``float_ops`` (the Next step's #1) shaded green."""
-    import cv2
-
-    width, height = size
-    image = np.full((height, width, 3), 255, np.uint8)
-    ops = [op for op in measurement.ops if any(p in measurement.stats for p in op.inputs + op.outputs)]
+    chart = _Chart(measurement, size, set(float_ops))
+    ops, left, top, plot_w = chart.ops, chart.left, chart.top, chart.plot_w
     snr = [op_snr(op, measurement.stats) for op in ops]
     gap = [
         1.0 - min(measurement.stats[p].cosine for p in op.inputs + op.outputs if p in measurement.stats) for op in ops
     ]
+    chart.text(f"Per-op error along the graph (cumulative, lower is better): {title}"[:110], (left, 28), 0.6)
+    shaded = "; green: kept in float by the Next step's #1" if chart.float_ops & {op.name for op in ops} else ""
+    chart.text(
+        f"red: flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}); dashed: the thresholds; bar: the op's "
+        f"worst tensor{shaded}",
+        (left, 52),
+        0.45,
+        (0, 0, 200),
+    )
+    snr_y = chart.panel(snr, top, "SNR", FLAG_SNR)
+    chart.panel(gap, top + chart.panel_h + 24, "1 - cosine", 1.0 - FLAG_COSINE)
+    bottom = top + 2 * chart.panel_h + 24
+    chart.text(f"quantized ops in graph order ({len(ops)})", (left + plot_w // 2 - 120, bottom + 22))
+    worst = sorted(range(len(ops)), key=lambda i: (-_finite(snr[i]), i))[:CHART_LABELS]
+    for rank, i in enumerate(worst, 1):
+        x = int(left + (i + 0.5) * chart.step)
+        chart.text(str(rank), (x - 4, max(top + 12, snr_y(snr[i]) - 6)), 0.5, (0, 0, 0), 2)
+        chart.text(
+            f"{rank}: {ops[i].label}  SNR {_num(snr[i])}  cosine {_cos(1.0 - gap[i])}"[:140],
+            (left, bottom + 44 + 22 * (rank - 1)),
+        )
+    return chart.image
+
+
+class _Chart:
+    """The canvas of :func:`render_chart`: its geometry, text and the two log-scale panels."""
+
     left, right, top = 80, 20, 70
-    legend_h = 50 + 22 * CHART_LABELS
-    panel_h = (height - top - legend_h - 44) // 2
-    plot_w = width - left - right
-    step = plot_w / max(len(ops), 1)
-    float_ops = set(float_ops)
 
-    def text(s: str, org: tuple[int, int], scale: float = 0.45, color=(40, 40, 40), thick: int = 1) -> None:
-        cv2.putText(image, _ascii(s), org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+    def __init__(self, measurement: Measurement, size: tuple[int, int], float_ops: set[str]):
+        width, height = size
+        self.measurement, self.float_ops = measurement, float_ops
+        self.image = np.full((height, width, 3), 255, np.uint8)
+        self.ops = [op for op in measurement.ops if any(p in measurement.stats for p in op.inputs + op.outputs)]
+        legend_h = 50 + 22 * CHART_LABELS
+        self.panel_h = (height - self.top - legend_h - 44) // 2
+        self.plot_w = width - self.left - self.right
+        self.step = self.plot_w / max(len(self.ops), 1)
 
-    def panel(values: list[float], y0: int, name: str, threshold: float) -> Callable[[float], int]:
+    def text(self, s: str, org: tuple[int, int], scale: float = 0.45, color=(40, 40, 40), thick: int = 1) -> None:
+        import cv2
+
+        cv2.putText(self.image, _ascii(s), org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+
+    def panel(self, values: list[float], y0: int, name: str, threshold: float) -> Callable[[float], int]:
+        """Draw one panel of bars (one per op) from ``y0`` down; returns its value -> y mapping."""
+        import cv2
+
+        image, left, plot_w, panel_h, step = self.image, self.left, self.plot_w, self.panel_h, self.step
         logs = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
         low = max(-6, math.floor(min(logs + [math.log10(threshold)])))
         high = max(0, math.ceil(max(logs))) if logs else 0
@@ -353,50 +388,27 @@ def render_chart(
             level = (min(max(math.log10(min(value, 1e300)), low), high) - low) / (high - low)
             return round(y0 + panel_h - level * panel_h)
 
-        for i, op in enumerate(ops):  # the Next step's #1 behind the bars
-            if op.name in float_ops:
+        for i, op in enumerate(self.ops):  # the Next step's #1 behind the bars
+            if op.name in self.float_ops:
                 cv2.rectangle(
                     image, (int(left + i * step), y0), (int(left + (i + 1) * step), y0 + panel_h), (200, 235, 200), -1
                 )
         for exponent in range(low, high + 1):
             y = y_of(10.0**exponent)
             cv2.line(image, (left, y), (left + plot_w, y), (225, 225, 225), 1)
-            text(f"1e{exponent}", (8, y + 5))
-        text(name, (left + 6, y0 + 14), 0.5, (0, 0, 0))
+            self.text(f"1e{exponent}", (8, y + 5))
+        self.text(name, (left + 6, y0 + 14), 0.5, (0, 0, 0))
         y = y_of(threshold)
         for x in range(left, left + plot_w, 12):
             cv2.line(image, (x, y), (min(x + 6, left + plot_w), y), (0, 0, 200), 1)
-        for i, (op, value) in enumerate(zip(ops, values)):
+        for i, (op, value) in enumerate(zip(self.ops, values)):
             x0 = int(left + i * step + (1 if step > 3 else 0))
             x1 = max(x0, int(left + (i + 1) * step) - (1 if step > 3 else 0) - 1)
-            color = (40, 40, 220) if _op_flagged(op, measurement.stats) else (180, 130, 60)
+            color = (40, 40, 220) if _op_flagged(op, self.measurement.stats) else (180, 130, 60)
             cv2.rectangle(image, (x0, y_of(value)), (x1, y0 + panel_h), color, -1)
         cv2.line(image, (left, y0), (left, y0 + panel_h), (0, 0, 0), 1)
         cv2.line(image, (left, y0 + panel_h), (left + plot_w, y0 + panel_h), (0, 0, 0), 1)
         return y_of
-
-    text(f"Per-op error along the graph (cumulative, lower is better): {title}"[:110], (left, 28), 0.6)
-    shaded = "; green: kept in float by the Next step's #1" if float_ops & {op.name for op in ops} else ""
-    text(
-        f"red: flagged (SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}); dashed: the thresholds; bar: the op's "
-        f"worst tensor{shaded}",
-        (left, 52),
-        0.45,
-        (0, 0, 200),
-    )
-    snr_y = panel(snr, top, "SNR", FLAG_SNR)
-    panel(gap, top + panel_h + 24, "1 - cosine", 1.0 - FLAG_COSINE)
-    bottom = top + 2 * panel_h + 24
-    text(f"quantized ops in graph order ({len(ops)})", (left + plot_w // 2 - 120, bottom + 22))
-    worst = sorted(range(len(ops)), key=lambda i: (-_finite(snr[i]), i))[:CHART_LABELS]
-    for rank, i in enumerate(worst, 1):
-        x = int(left + (i + 0.5) * step)
-        text(str(rank), (x - 4, max(top + 12, snr_y(snr[i]) - 6)), 0.5, (0, 0, 0), 2)
-        text(
-            f"{rank}: {ops[i].label}  SNR {_num(snr[i])}  cosine {_cos(1.0 - gap[i])}"[:140],
-            (left, bottom + 44 + 22 * (rank - 1)),
-        )
-    return image
 
 
 def _ascii(text: str) -> str:

@@ -188,21 +188,16 @@ def write_report(
 ) -> Report:
     """Measure the exported QDQ model against the float model; write the report and its chart.
 
-    ``float_model`` is the model that was quantized (after onnxsim), ``quant_model`` the
-    exported QDQ model, ``batches`` calibration batches ``{input_name: array}`` (at most
-    :data:`DEFAULT_MAX_BATCHES` are used). Writes ``report_path`` (Markdown) and
-    ``report_path.with_suffix('.png')`` (the chart), each atomically, and returns the
-    summary lines for the console and the summary's figures (:func:`summary_figures`).
-    Neither model is modified. Raises on failure: the caller decides (the pipeline warns and
-    keeps the quantized model). ``sections`` are Markdown lines added after the settings (e.g.
-    the auto-precision result). With ``trial`` (the engine's quantized graph), the "Next step"
-    measures its float-fallback candidates (:mod:`xquant_core.analysis.fallback`); without it, it lists
-    the unmeasured growth suggestions.
-    ``held_back``: samples never calibrated on (listed after the first ``calibration_step``); when
-    given, the model outputs' figures and the candidates are measured on them, not on ``batches``.
+    ``float_model``: the model quantized (after onnxsim); ``quant_model``: the exported QDQ model;
+    ``batches``: calibration batches ``{input_name: array}`` (at most :data:`DEFAULT_MAX_BATCHES`).
+    Writes ``report_path`` (Markdown) and its ``.png`` chart atomically; returns the console's
+    summary lines and the summary's figures. Neither model is modified; raises on failure (the
+    pipeline warns and keeps the model). ``sections``: Markdown lines after the settings (e.g.
+    auto-precision's). With ``trial`` (the engine's quantized graph) the "Next step" measures its
+    float-fallback candidates (:mod:`.fallback`), else it lists unmeasured suggestions.
+    ``held_back``: samples never calibrated on; when given, the outputs' figures and the
+    candidates are measured on them, not on ``batches``.
     """
-    import cv2
-
     started = time.perf_counter()
     report_path = Path(report_path)
     budget = TIME_FRACTION * quantize_seconds if quantize_seconds > 0 else None
@@ -216,36 +211,18 @@ def write_report(
             float_model, quant_model, suggestions, trial, used, reference, quantized, progress
         )
     context = ReportContext(
-        float_model,
-        quant_model,
-        list(batches)[: measurement.batches_used],
-        dict(measurement.outputs),
-        measurement.outputs_on,
-        report_path,
-    )
+        float_model, quant_model, list(batches)[: measurement.batches_used], dict(measurement.outputs),
+        measurement.outputs_on, report_path,
+    )  # fmt: skip
     sections = (*sections, *get_host().report_sections(context))
     chart_path = report_path.with_suffix(".png")
     title = report_path.stem.removesuffix("_report")
-    helps = candidates and (baseline is None or candidates[0].error < baseline)
-    image = render_chart(measurement, title, float_ops=candidates[0].op_names if candidates and helps else ())
-    ok, png = cv2.imencode(".png", image)
-    if not ok:
-        raise RuntimeError("OpenCV could not encode the chart as PNG")
-    write_bytes_atomically(chart_path, png.tobytes())
+    _write_chart(chart_path, measurement, title, candidates, baseline)
     analysis_seconds = time.perf_counter() - started
     text = render_markdown(
-        measurement,
-        rows,
-        suggestions,
-        settings,
-        quantize_seconds,
-        analysis_seconds,
-        chart_path.name,
-        title,
-        sections,
-        candidates,
-        baseline,
-    )
+        measurement, rows, suggestions, settings, quantize_seconds, analysis_seconds, chart_path.name, title,
+        sections, candidates, baseline,
+    )  # fmt: skip
     write_bytes_atomically(report_path, text.encode("utf-8"))
     lines = summary_lines(measurement, rows, report_path, quantize_seconds, analysis_seconds, candidates, baseline)
     figures = summary_figures(measurement, rows, candidates, baseline, analysis_seconds)
@@ -257,3 +234,15 @@ def write_report(
         analysis_seconds,
     )
     return Report(lines, figures)
+
+
+def _write_chart(chart_path: Path, measurement, title: str, candidates, baseline) -> None:
+    """The per-op SNR chart as a PNG, the best measured fallback's ops marked when it helps."""
+    import cv2
+
+    helps = candidates and (baseline is None or candidates[0].error < baseline)
+    image = render_chart(measurement, title, float_ops=candidates[0].op_names if candidates and helps else ())
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the chart as PNG")
+    write_bytes_atomically(chart_path, png.tobytes())

@@ -171,58 +171,72 @@ def rank_layers_by_error(
     """
     import torch
     from ppq import QuantableOperation
-    from ppq.executor import QuantOPRuntimeHook
 
     quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
     layers = [op for op in quantable if op_types is None or op.type in op_types]
-    reference: dict[tuple, torch.Tensor] = {}
-    power: dict[tuple, list[float]] = {}  # key -> [noise, signal]
-    mode = {"float": True}
-
-    def record(key, value) -> None:
-        value = value.detach().float()
-        if mode["float"]:
-            reference[key] = value
-        elif key in reference and reference[key].shape == value.shape:
-            noise, signal = power.get(key, [0.0, 0.0])
-            power[key] = [
-                noise + float(((value - reference[key]) ** 2).sum()),
-                signal + float((reference[key] ** 2).sum()),
-            ]
-
-    class ErrorHook(QuantOPRuntimeHook):
-        def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-            for index, (var, value) in enumerate(zip(self._hook_to.inputs, quant_inputs)):
-                if not var.is_parameter and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    record((self._hook_to.name, "in", index), value)
-            return quant_inputs
-
-        def post_forward_hook(self, outputs, quant_outputs, quant_configs):
-            if isinstance(outputs[0], torch.Tensor) and outputs[0].is_floating_point():
-                record((self._hook_to.name, "out", 0), outputs[0])
-            return quant_outputs
-
-    hooks = {op.name: ErrorHook(op) for op in layers}
+    power = _ErrorPower()
+    hooks = {op.name: power.hook(op) for op in layers}
     with torch.no_grad():
         for index, feed in enumerate(feeds()):
             if index >= max_batches:
                 break
-            mode["float"] = True
+            power.float_pass = True
             with float_graph(graph):
                 executor.forward(inputs=feed, hooks=hooks)
-            mode["float"] = False
+            power.float_pass = False
             executor.forward(inputs=feed, hooks=hooks)
-            reference.clear()
-
-    def snr(key) -> float:
-        noise, signal = power.get(key, (0.0, 0.0))
-        return noise / signal if signal > 0 else 0.0
-
+            power.reference.clear()
     growth = []
     for op in layers:
-        inputs = [snr(key) for key in power if key[0] == op.name and key[1] == "in"]
-        growth.append((op.name, snr((op.name, "out", 0)) - max(inputs, default=0.0)))
+        inputs = [power.snr(key) for key in power.sums if key[0] == op.name and key[1] == "in"]
+        growth.append((op.name, power.snr((op.name, "out", 0)) - max(inputs, default=0.0)))
     return sorted(growth, key=lambda item: item[1], reverse=True)
+
+
+class _ErrorPower:
+    """Noise and signal power of ops' float input and output tensors, quantized pass against float
+    pass (``float_pass`` says which one the hooks are seeing)."""
+
+    def __init__(self):
+        self.reference: dict[tuple, Any] = {}
+        self.sums: dict[tuple, list[float]] = {}  # key -> [noise, signal]
+        self.float_pass = True
+
+    def record(self, key: tuple, value) -> None:
+        value = value.detach().float()
+        if self.float_pass:
+            self.reference[key] = value
+        elif key in self.reference and self.reference[key].shape == value.shape:
+            noise, signal = self.sums.get(key, [0.0, 0.0])
+            self.sums[key] = [
+                noise + float(((value - self.reference[key]) ** 2).sum()),
+                signal + float((self.reference[key] ** 2).sum()),
+            ]
+
+    def snr(self, key: tuple) -> float:
+        noise, signal = self.sums.get(key, (0.0, 0.0))
+        return noise / signal if signal > 0 else 0.0
+
+    def hook(self, operation):
+        """A PPQ runtime hook recording ``operation``'s float inputs and first output."""
+        import torch
+        from ppq.executor import QuantOPRuntimeHook
+
+        record = self.record
+
+        class ErrorHook(QuantOPRuntimeHook):
+            def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
+                for index, (var, value) in enumerate(zip(self._hook_to.inputs, quant_inputs)):
+                    if not var.is_parameter and isinstance(value, torch.Tensor) and value.is_floating_point():
+                        record((self._hook_to.name, "in", index), value)
+                return quant_inputs
+
+            def post_forward_hook(self, outputs, quant_outputs, quant_configs):
+                if isinstance(outputs[0], torch.Tensor) and outputs[0].is_floating_point():
+                    record((self._hook_to.name, "out", 0), outputs[0])
+                return quant_outputs
+
+        return ErrorHook(operation)
 
 
 class BiasShift:

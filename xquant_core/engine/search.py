@@ -119,41 +119,51 @@ class FloatOpSearch:
                 break
             if name in kept:
                 continue
-            # the op alone, and with its quantized neighbours: a float chain needs no int8 in between
-            operation = graph.operations[name]
-            neighbours = {
-                op.name
-                for op in graph.get_upstream_operations(operation) + graph.get_downstream_operations(operation)
-                if op.name in growth
-            }
-            best_set, best_value = None, best
-            for candidate in ({name}, {name} | neighbours):
-                candidate = candidate - kept
-                if not candidate or len(kept | candidate) > self.max_float_ops:
-                    continue
-                undo = keep_float(graph, kept | candidate)
-                value = measure()
-                undo()
-                tried += 1
-                if bar is not None:
-                    bar.update(1)
-                if self.metric.better(value, best_value):
-                    best_set, best_value = candidate, value
+            best_set, best_value, tries = self._best_extension(graph, name, growth, kept, best, measure, bar)
+            tried += tries
             if best_set is None:
                 continue
             kept |= best_set
             best = best_value
-            for member in sorted(best_set, key=lambda op_name: -growth[op_name]):
-                op = graph.operations[member]
-                chosen.append(
-                    FloatOp(
-                        member,
-                        op.type,
-                        growth[member],
-                        tuple(var.name for var in op.inputs if not var.is_parameter),
-                        tuple(var.name for var in op.outputs),
-                    )
-                )
+            chosen += [
+                _float_op(graph.operations[member], growth[member])
+                for member in sorted(best_set, key=lambda op_name: -growth[op_name])
+            ]
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
         keep_float(graph, kept - self.already_float)
         return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started, plain_value)
+
+    def _best_extension(self, graph, name: str, growth: dict, kept: set, best: float, measure, bar):
+        """Try ``name`` in float alone and with its quantized neighbours (a float chain needs no int8
+        in between): (the better set or None when neither beats ``best``, its value, tries made)."""
+        operation = graph.operations[name]
+        neighbours = {
+            op.name
+            for op in graph.get_upstream_operations(operation) + graph.get_downstream_operations(operation)
+            if op.name in growth
+        }
+        best_set, best_value, tried = None, best, 0
+        for candidate in ({name}, {name} | neighbours):
+            candidate = candidate - kept
+            if not candidate or len(kept | candidate) > self.max_float_ops:
+                continue
+            undo = keep_float(graph, kept | candidate)
+            value = measure()
+            undo()
+            tried += 1
+            if bar is not None:
+                bar.update(1)
+            if self.metric.better(value, best_value):
+                best_set, best_value = candidate, value
+        return best_set, best_value, tried
+
+
+def _float_op(op, growth: float) -> FloatOp:
+    """How the search reports an op it kept in float."""
+    return FloatOp(
+        op.name,
+        op.type,
+        growth,
+        tuple(var.name for var in op.inputs if not var.is_parameter),
+        tuple(var.name for var in op.outputs),
+    )
