@@ -117,6 +117,21 @@ def test_ppq_and_torch_stay_behind_their_boundary(heavy):
     assert offenders == [], f"{heavy} imported outside {HEAVY_ALLOWED}"
 
 
+
+#: the longest function the packages may hold (issue 14), docstring and signature included
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = sorted(
+        f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for module, path in modules().items()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    )
+    assert long == []
+
 def test_every_module_opens_with_one_line_saying_what_it_is_for():
     for module, path in modules().items():
         docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
