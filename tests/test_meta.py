@@ -217,6 +217,7 @@ def test_builtins_are_declared_as_entry_points():
         "metrics": "xquant_plugins.metrics",
         "preprocessors": "xquant_plugins.preprocessors",
         "readers": "xquant_plugins.readers",
+        "reporter": "xquant_plugins.reporter",
         "spacemit": "xquant_plugins.spacemit",
     }
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
@@ -226,7 +227,7 @@ def test_builtins_are_declared_as_entry_points():
 def test_host_loaded_the_builtins_from_entry_points():
     host = get_host()
     builtins = {name: info for name, info in host.infos.items() if info.builtin}
-    assert sorted(builtins) == ["calibration", "metrics", "preprocessors", "readers", "spacemit"]
+    assert sorted(builtins) == ["calibration", "metrics", "preprocessors", "readers", "reporter", "spacemit"]
     for info in builtins.values():
         assert info.distribution == DISTRIBUTION
         assert info.version == xquant_core.__version__

@@ -27,6 +27,7 @@ The component interfaces are documented in:
 - preprocessors: :class:`xquant_core.data.Preprocessor`
 - platforms: :class:`xquant_core.platform.Platform`
 - auto_precision metrics: :class:`xquant_core.metrics.Metric`
+- the report (``analysis_enable``): :class:`xquant_core.reporting.Reporter`
 
 A component that lacks a method of its interface is refused when its plugin registers it
 (:mod:`xquant_core.interfaces` lists the methods).
@@ -102,6 +103,18 @@ def xquant_register_metrics(register: Register) -> None:
     implement :class:`xquant_core.metrics.Metric`. The registered name is what users write
     in ``auto_precision.target.metric`` (built-ins: ``snr``, ``cosine``); a metric may
     evaluate task accuracy on the plugin's own labelled data.
+    """
+
+
+@hookspec
+def xquant_register_reporters(register: Register) -> None:
+    """Register the report writer that ``analysis_enable`` runs.
+
+    Called once, when a config is validated or a model is quantized. ``component`` must
+    implement :class:`xquant_core.reporting.Reporter`; the pipeline runs the one registered as
+    :data:`xquant_core.reporting.REPORTER` (the built-in analysis report; replace it with
+    ``override=True``). To add a section to the built-in report, use
+    :func:`xquant_report_sections`.
     """
 
 

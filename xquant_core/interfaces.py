@@ -3,8 +3,9 @@
 The interfaces themselves, with their documentation, are
 :class:`xquant_core.calibration.CalibrationAlgorithm` (``calibration_type``),
 :class:`xquant_core.data.Reader` (``file_type``), :class:`xquant_core.data.Preprocessor`
-(``preprocess_file``), :class:`xquant_core.platform.Platform` (``platform``) and
-:class:`xquant_core.metrics.Metric` (``auto_precision.target.metric``). This module names
+(``preprocess_file``), :class:`xquant_core.platform.Platform` (``platform``),
+:class:`xquant_core.metrics.Metric` (``auto_precision.target.metric``) and
+:class:`xquant_core.reporting.Reporter` (``analysis_enable``). This module names
 only their methods, so the plugin host can check a component without importing any of them.
 """
 
@@ -30,6 +31,7 @@ INTERFACES: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "metric": ("xquant_core.metrics.Metric", ("measure", "meets", "better")),
+    "reporter": ("xquant_core.reporting.Reporter", ("write",)),
 }
 
 

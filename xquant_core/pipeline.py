@@ -22,10 +22,11 @@ from . import control_flow
 from . import model as model_io
 from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
-from .data import CalibrationDataset, Subset, resolve_preprocessor
+from .data import CalibrationDataset, resolve_preprocessor
 from .errors import ModelError, XQuantError
 from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
+from .reporting import REPORTER, ReportRequest
 from .verify import diagnose_failure, verify_model
 
 log = logging.getLogger("xquant")
@@ -344,9 +345,8 @@ def analyse(
     trial=None,
     progress: ProgressFactory | None = None,
 ) -> tuple[Path | None, tuple[str, ...], dict | None]:
-    """Write ``<prefix>_report.md`` (+ chart); a failure costs a warning, never the model."""
-    from .analysis import CANDIDATE_BATCHES, DEFAULT_MAX_BATCHES, HELD_BACK_MAX, spread, write_report
-
+    """Write ``<prefix>_report.md`` (+ chart) with the registered reporter; a failure costs a
+    warning, never the model."""
     report_path = out_path.with_name(f"{out_path.stem}_report.md")
     settings = {
         "platform": cfg.quantization.platform,
@@ -361,27 +361,12 @@ def analyse(
         "truncate_var_names": list(cfg.quantization.truncate_var_names),
         "skip_onnxsim": cfg.model.skip_onnxsim,
     }
+    request = ReportRequest(float_model, quantized, dataset, report_path, settings, seconds, sections, trial, progress)
     try:
-        wanted = CANDIDATE_BATCHES if trial is not None else DEFAULT_MAX_BATCHES
-        batches = [dataset.batch(index) for index in spread(len(dataset), wanted)]
-        held_back = Subset(
-            dataset.held_back_batch, spread(dataset.held_back_count, HELD_BACK_MAX), dataset.held_back_count
-        )
-        report = write_report(
-            float_model,
-            quantized,
-            batches,
-            report_path,
-            settings,
-            seconds,
-            sections,
-            trial,
-            progress,
-            held_back if len(held_back) else None,
-        )
+        report = registry("reporter").get(REPORTER).write(request)
     except OutputError:
         raise  # the folder cannot take files (a full disk): the model would not be written either
-    except Exception as exc:  # the analysis is advice: never lose the quantized model over it
+    except Exception as exc:  # the report is advice: never lose the quantized model over it
         log.warning("the analysis report could not be made (%s: %s); going on without it", type(exc).__name__, exc)
         log.debug("analysis failure", exc_info=True)
         return None, (), None

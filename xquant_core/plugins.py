@@ -34,6 +34,7 @@ KINDS = {
     "preprocessor": ("xquant_register_preprocessors", "preprocess_file"),
     "platform": ("xquant_register_platforms", "platform"),
     "metric": ("xquant_register_metrics", "auto_precision.target.metric"),
+    "reporter": ("xquant_register_reporters", "analysis_enable"),
 }
 
 #: what else a name of that kind may be, told after the installed names

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = {
     "metrics": ("metric", ["snr", "cosine"]),
     "preprocessors": ("preprocessor", ["none", "PT_IMAGENET", "IMAGENET"]),
     "readers": ("reader", ["img", "npy", "raw"]),
+    "reporter": ("reporter", ["analysis"]),
     "spacemit": ("platform", ["spacemit"]),
 }
 

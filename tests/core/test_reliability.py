@@ -500,7 +500,8 @@ def test_repeated_runs_are_byte_identical_and_leave_inputs_untouched(tmp_path, r
 
 def test_interrupt_during_analysis_tells_the_truth_about_the_output(tmp_path, monkeypatch, capsys):
     """Ctrl-C after the model was written (during the report): the message must not say 'no output'."""
-    from xquant_core import analysis, cli
+    from xquant_core import cli
+    from xquant_plugins import analysis
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

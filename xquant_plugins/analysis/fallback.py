@@ -8,7 +8,7 @@ exported again with the subgraph in float (``custom_setting`` with ``precision_l
 :class:`xquant_core.engine.FloatTrial`), run with onnxruntime on the report's batches and
 compared with the float model's outputs. The proposals:
 
-- the subgraphs where the per-tensor error grows most (:func:`xquant_core.analysis.suggest`);
+- the subgraphs where the per-tensor error grows most (:func:`xquant_plugins.analysis.suggest`);
 - the stem: the model's inputs up to the first 1/8 and 1/4 of its Conv/MatMul/Gemm ops. Early
   layers see the raw input's range and, in compact backbones, their int8 rounding shifts the
   per-channel means that every later layer inherits (PP-OCRv4's recogniser).
@@ -28,9 +28,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnx
 
-from ..control_flow import COMPUTE_OPS
-from ..runtime import cores, in_parallel, outputs_on
-from ..snr import PowerSums
+from xquant_core.control_flow import COMPUTE_OPS
+from xquant_core.runtime import cores, in_parallel, outputs_on
+from xquant_core.snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..runtime import in_parallel, onnxruntime_session
-from ..snr import PowerSums, flat32
+from xquant_core.runtime import in_parallel, onnxruntime_session
+from xquant_core.snr import PowerSums, flat32
+
 from .graph import Probe, QuantizedOp, _QdqGraph, quantized_ops
 from .limits import DEFAULT_MAX_BATCHES, DEFAULT_MAX_ELEMENTS, FLAG_COSINE, FLAG_SNR, HISTOGRAM_BINS
 

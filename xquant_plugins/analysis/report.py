@@ -6,16 +6,17 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from ..hookspecs import ReportContext
-from ..outputs import write_bytes_atomically
-from ..plugins import get_host
+from xquant_core.hookspecs import ReportContext
+from xquant_core.outputs import write_bytes_atomically
+from xquant_core.plugins import get_host
+from xquant_core.reporting import Report
+
 from . import fallback
 from .findings import Row, _json_number, rows_worst_first, suggest
 from .limits import CANDIDATE_BATCHES, FLAG_COSINE, FLAG_SNR, HELD_BACK_CANDIDATES, TIME_FRACTION
@@ -113,14 +114,6 @@ def summary_figures(
         },
         "seconds": analysis_seconds,
     }
-
-
-@dataclass(frozen=True)
-class Report:
-    """What :func:`write_report` gives back: the console lines and the summary's figures."""
-
-    lines: list[str]
-    figures: dict[str, Any]
 
 
 def _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back):

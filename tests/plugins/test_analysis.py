@@ -1,4 +1,4 @@
-"""The quantization analysis report (``xquant_core.analysis``).
+"""The quantization analysis report (``xquant_plugins.analysis``).
 
 A small model with one deliberately bad activation (a Mul that gives one position of one
 channel a 1000x outlier, then a Clip) must show that activation at the top of the report,
@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import xquant
-from xquant_core import analysis
+from xquant_plugins import analysis
 from xquant_core.outputs import OutputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,7 +206,7 @@ def measured_candidates(markdown: str) -> list[dict[str, str]]:
 def test_the_pipeline_report_measures_its_candidates_and_pasting_the_first_gives_that_error(spiky, tmp_path):
     """Issue 15: each "Next step" candidate comes with the output error measured with it in float;
     pasting the snippet of the first one and quantizing again gives that error (within 10 %)."""
-    from xquant_core.analysis import fallback
+    from xquant_plugins.analysis import fallback
 
     config = json.loads(json.dumps(spiky["config"]))
     config["quantization_parameters"]["analysis_enable"] = True
@@ -238,7 +238,7 @@ def test_held_back_samples_carry_the_headline_and_the_next_step(spiky, tmp_path)
     """Issue 15: samples listed after the first calibration_step are never calibrated on; the report's
     output figures use every one of them and say how many, and its candidates are measured on them,
     so the stated error is what the INT8 model gives on data calibration never saw."""
-    from xquant_core.analysis import fallback
+    from xquant_plugins.analysis import fallback
 
     config = json.loads(json.dumps(spiky["config"]))
     config["calibration_parameters"]["calibration_step"] = 8  # 12 listed: 4 held back
@@ -522,7 +522,7 @@ def test_sample_report_figures_agree_with_an_independent_onnxruntime_run(sample_
 
 
 def test_analysis_module_imports_neither_torch_nor_ppq():
-    code = ("import sys, xquant_core.analysis; "
+    code = ("import sys, xquant_plugins.analysis, xquant_plugins.reporter; "
             "print([m for m in ('torch', 'ppq') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
