@@ -6,6 +6,10 @@ quantizer create the tensor quantization configs, calibrates, runs the fine-tuni
 passes, then asks the platform to export. Platform plugins may use PPQ directly; import
 it inside the methods, not at module level. The platform owns its policy: which op types each
 ``precision_level`` keeps float, which ops always stay float, which configs are tied.
+
+Optionally, ``passes(default)`` returns the pass sequence the engine runs after dispatch: the
+names of :data:`xquant_core.engine.core.PASSES` (reordered, some left out) and callables of its
+own taking a :class:`xquant_core.engine.core.PassRun` (graph, executor, plan, calibration feeds).
 """
 
 from __future__ import annotations

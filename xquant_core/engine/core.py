@@ -7,18 +7,20 @@ returns the quantized ``onnx.ModelProto``. The steps:
    folded into parameters, BatchNorm merged into Conv);
 2. dispatch: ops the platform quantizes go to INT8, the rest (and what
    ``precision_level`` or the platform keeps in float) to FP32;
-3. the platform's quantizer creates the tensor quantization configs; the platform
-   ties the configs of shape ops to their inputs;
-4. weights by min/max, activations by the configured calibration algorithm
-   (:mod:`.calibrate`), passive parameters (bias);
-5. optional fine-tuning and bias correction (:mod:`.finetune`);
-6. ops kept float after calibration, platform policy fixes, then export (or the
-   auto-precision search of :mod:`.search`), back in the model's own forms.
+3. the platform's quantizer creates the tensor quantization configs;
+4. the pass sequence, :data:`PASSES` (data: a platform may return its own from a ``passes``
+   method): activation fusion, the platform tying the configs of shape ops to their inputs,
+   weights by min/max, activations by the configured calibration algorithm (:mod:`.calibrate`),
+   the platform's policy on calibrated ranges, biases, optional fine-tuning and bias correction
+   (:mod:`.finetune`), the platform's last fixes;
+5. ops kept float after calibration, then export (or the auto-precision search of
+   :mod:`.search`), back in the model's own forms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -125,17 +127,10 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
         return feeds
 
     feeds = feeds_of(batches)
-    graph, executor, regions, apply = _calibrated(model, feeds, num_batches, platform, plan, progress)
-    apply(_ppq_pass("PassiveParameterQuantizePass"))
-    if plan.finetune_level >= 2:
-        bar = progress("fine-tuning", None) if progress else None
-        fine_tune_worst_layers(graph, executor, feeds, plan, apply)
-        if bar is not None:
-            bar.close()
-    if plan.finetune_level >= 2:  # fine-tuning moved the weights: measure their bias shifts again
-        with fast_fake_quant(graph, executor):
-            correct_bias(graph, executor, feeds, progress=progress)
-    platform.finalize(graph)
+    run = _prepared(model, feeds, num_batches, platform, plan, progress)
+    for step in _passes(platform):
+        (step if callable(step) else PASS_STEPS[step])(run)
+    graph, executor, regions = run.graph, run.executor, run.regions
     # the all-INT8 model, for a search that starts with ops already in float to compare against
     plain = forms.restore(platform.export(graph), model) if search is not None and search.already_float else None
     keep_float(
@@ -156,8 +151,33 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     return (export(), FloatTrial(graph, export)) if keep_graph else export()
 
 
-def _calibrated(model, feeds, num_batches, platform, plan, progress):
-    """Parse, dispatch, quantize the ops and calibrate the activations.
+@dataclasses.dataclass
+class PassRun:
+    """What every pass works on: the dispatched graph, its executor and the run's settings. A
+    platform's own pass (:func:`_passes`) gets it too."""
+
+    model: Any  #: the float ``onnx.ModelProto``
+    graph: Any  #: PPQ's graph, dispatched, its ops' quantization configs created
+    executor: Any  #: PPQ's ``TorchExecutor`` on the graph
+    quantizer: Any  #: the platform's PPQ quantizer
+    platform: Any
+    plan: EnginePlan
+    regions: list  #: the custom_setting regions (:func:`resolve_overrides`)
+    feeds: Callable[[], Iterable[dict[str, Any]]]  #: the calibration batches as torch tensors, again each call
+    num_batches: int
+    progress: Callable[[str, int | None], Any] | None
+
+    def apply(self, ppq_pass, data=None) -> None:
+        """Run a PPQ optimization pass on the calibration batches (its prints to the debug log)."""
+        data = Batches(self.feeds, self.num_batches) if data is None else data
+        with _ppq_output_to_log():
+            ppq_pass.optimize(
+                graph=self.graph, dataloader=data, executor=self.executor, calib_steps=len(data), collate_fn=None
+            )
+
+
+def _prepared(model, feeds, num_batches, platform, plan, progress) -> PassRun:
+    """Parse, equalize, dispatch and give the platform's quantizer each INT8 op.
 
     No general cross-layer equalization (only between a depthwise Conv and the Conv that alone
     reads it, :mod:`.equalize`): it balances weight ranges across channels, which per-channel
@@ -167,8 +187,6 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     strings read alike), made no difference on YOLOv8n and the ddddocr detector, and helped
     BlazeFace only (its outputs 0.0023 / 0.055 / 0.0043 / 0.0175 without, 0.0020 / 0.042 /
     0.0038 / 0.0047 with).
-
-    Returns the graph, its executor, the custom_setting regions and the pass runner.
     """
     from ppq import TargetPlatform, TorchExecutor
 
@@ -184,12 +202,6 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
     # PPQ's ParameterQuantizePass runs the graph on zeros: an If on an input's value (Silero
     # VAD's sample rate) would take a branch the data never takes, and fail there
     executor.dummy_forward = lambda hooks=None: executor.forward(inputs=first, hooks=hooks)
-
-    def apply(ppq_pass, data=None) -> None:
-        data = Batches(feeds, num_batches) if data is None else data
-        with _ppq_output_to_log():
-            ppq_pass.optimize(graph=graph, dataloader=data, executor=executor, calib_steps=len(data), collate_fn=None)
-
     for name, operation in list(graph.operations.items()):
         if operation.platform == TargetPlatform.UNSPECIFIED:
             operation.platform = (
@@ -198,23 +210,67 @@ def _calibrated(model, feeds, num_batches, platform, plan, progress):
         if operation.platform not in {TargetPlatform.FP32, TargetPlatform.SOI}:
             quantizer.quantize_operation(name)
     executor.load_graph(graph)
-    apply(
-        _ppq_pass(
-            "QuantizeFusionPass",
-            activation_type=quantizer.activation_fusion_types,
-            fuse_activation=True,
-            fuse_passive_op=False,
+    return PassRun(model, graph, executor, quantizer, platform, plan, regions, feeds, num_batches, progress)
+
+
+def _fuse_activations(run: PassRun) -> None:
+    fusion = _ppq_pass(
+        "QuantizeFusionPass", activation_type=run.quantizer.activation_fusion_types, fuse_activation=True,
+        fuse_passive_op=False,
+    )  # fmt: skip
+    run.apply(fusion)
+
+
+def _calibrate(run: PassRun) -> None:
+    """Activation ranges through the calibration plugin; at finetune_level 1 the bias correction
+    is measured in the same pass."""
+    plan = run.plan
+    with fast_fake_quant(run.graph, run.executor):
+        ActivationCalibration(plan, run.regions, correct_bias=plan.finetune_level == 1, float_model=run.model).run(
+            run.graph, run.executor, run.feeds, run.num_batches, run.progress
         )
-    )
-    apply(_ppq_pass("QuantizeSimplifyPass"))
-    platform.share_quantization(graph)
-    apply(_ppq_pass("ParameterQuantizePass"))
-    with fast_fake_quant(graph, executor):
-        ActivationCalibration(plan, regions, correct_bias=plan.finetune_level == 1, float_model=model).run(
-            graph, executor, feeds, num_batches, progress
-        )
-    platform.after_calibration(graph)
-    return graph, executor, regions, apply
+
+
+def _fine_tune(run: PassRun) -> None:
+    if run.plan.finetune_level >= 2:
+        bar = run.progress("fine-tuning", None) if run.progress else None
+        fine_tune_worst_layers(run.graph, run.executor, run.feeds, run.plan, run.apply)
+        if bar is not None:
+            bar.close()
+
+
+def _correct_bias(run: PassRun) -> None:
+    if run.plan.finetune_level >= 2:  # fine-tuning moved the weights: measure their bias shifts again
+        with fast_fake_quant(run.graph, run.executor):
+            correct_bias(run.graph, run.executor, run.feeds, progress=run.progress)
+
+
+#: the passes over the dispatched graph, by name, in the order :data:`PASSES` runs them
+PASS_STEPS: dict[str, Callable[[PassRun], None]] = {
+    "fuse activations": _fuse_activations,
+    "simplify quantization": lambda run: run.apply(_ppq_pass("QuantizeSimplifyPass")),
+    "share quantization": lambda run: run.platform.share_quantization(run.graph),
+    "quantize weights": lambda run: run.apply(_ppq_pass("ParameterQuantizePass")),
+    "calibrate activations": _calibrate,
+    "after calibration": lambda run: run.platform.after_calibration(run.graph),
+    "quantize biases": lambda run: run.apply(_ppq_pass("PassiveParameterQuantizePass")),
+    "fine-tune": _fine_tune,
+    "correct bias": _correct_bias,
+    "finalize": lambda run: run.platform.finalize(run.graph),
+}
+
+#: the pass sequence; a platform with a ``passes(default)`` method returns its own (names of
+#: :data:`PASS_STEPS` and callables taking a :class:`PassRun`, in order)
+PASSES: tuple[str, ...] = tuple(PASS_STEPS)
+
+
+def _passes(platform) -> list:
+    custom = getattr(platform, "passes", None)
+    steps = list(custom(PASSES)) if callable(custom) else list(PASSES)
+    unknown = [step for step in steps if not callable(step) and step not in PASS_STEPS]
+    if unknown:
+        raise ValueError(f"platform {type(platform).__name__}: unknown passes {unknown}; known: {list(PASS_STEPS)}")
+    return steps
 
 
 def _ppq_pass(name: str, **options):
