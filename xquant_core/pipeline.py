@@ -23,7 +23,7 @@ from . import model as model_io
 from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
-from .errors import ModelError, XQuantError
+from .errors import ConfigError, ModelError, XQuantError
 from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
 from .reporting import REPORTER, ReportRequest
@@ -121,29 +121,23 @@ def prepare(
     float_model = model_io.load_model(source)
     specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")
     float_model = model_io.fix_input_shapes(float_model, specs)
+    platform = registry("platform").get(cfg.quantization.platform)
     if cfg.quantization.precision_level == 3:
+        if not callable(getattr(platform, "quantize_dynamic", None)):
+            raise ConfigError(
+                [
+                    "$.quantization_parameters.precision_level: 3 (dynamic quantization) is not something platform "
+                    f"{cfg.quantization.platform} does (it has no quantize_dynamic); use 0-2, or 3 in a custom_setting"
+                ],
+                cfg.source or "config",
+            )
         check_not_read(out_path, files_read(model_path, float_model, cfg.source), also_writes)
-        return Prepared(model_path, out_path, float_model, specs, None, None, None)
+        return Prepared(model_path, out_path, float_model, specs, None, platform, None)
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
-    check_not_read(
-        out_path,
-        files_read(
-            model_path,
-            float_model,
-            cfg.source,
-            [spec.config.data_list_path for spec in specs],
-            [path for lists in (dataset.lists, dataset.held_back_lists) for paths in lists.values() for path in paths],
-            [
-                Path(spec.config.preprocess_file.rsplit(":", 1)[0])
-                for spec in specs
-                if ":" in spec.config.preprocess_file
-            ],
-        ),
-        also_writes,
-    )
+    check_not_read(out_path, _inputs_read(cfg, model_path, float_model, specs, dataset), also_writes)
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
     return Prepared(
         model_path,
@@ -151,8 +145,20 @@ def prepare(
         float_model,
         specs,
         dataset,
-        registry("platform").get(cfg.quantization.platform),
+        platform,
         registry("calibration").get(cfg.calibration.calibration_type),
+    )
+
+
+def _inputs_read(cfg: XQuantConfig, model_path, float_model, specs, dataset: CalibrationDataset):
+    """Every file a static run reads: the model, the config, the lists, the samples, the preprocessors."""
+    return files_read(
+        model_path,
+        float_model,
+        cfg.source,
+        [spec.config.data_list_path for spec in specs],
+        [path for lists in (dataset.lists, dataset.held_back_lists) for paths in lists.values() for path in paths],
+        [Path(spec.config.preprocess_file.rsplit(":", 1)[0]) for spec in specs if ":" in spec.config.preprocess_file],
     )
 
 
@@ -171,10 +177,8 @@ def run(
     if not cfg.model.skip_onnxsim:
         with _stage(progress, "onnxsim"):
             float_model = model_io.simplify(float_model, keep=_named_tensors(cfg))
-    if dataset is None:
-        from .dynamic import quantize_dynamic
-
-        quantized = quantize_dynamic(float_model)
+    if dataset is None:  # global precision_level 3: the platform's dynamic mode
+        quantized = prepared.platform.quantize_dynamic(float_model)
         write_model_atomically(quantized, out_path)
         return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
     _check_something_to_quantize(float_model)

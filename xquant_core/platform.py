@@ -7,7 +7,9 @@ passes, then asks the platform to export. Platform plugins may use PPQ directly;
 it inside the methods, not at module level. The platform owns its policy: which op types each
 ``precision_level`` keeps float, which ops always stay float, which configs are tied.
 
-Optionally, ``passes(default)`` returns the pass sequence the engine runs after dispatch: the
+Optionally, ``quantize_dynamic(model)`` gives global ``precision_level: 3`` a meaning (SpacemiT's:
+dynamic quantization of MatMul/Gemm, no calibration; a platform without it refuses that level),
+and ``passes(default)`` returns the pass sequence the engine runs after dispatch: the
 names of :data:`xquant_core.engine.core.PASSES` (reordered, some left out) and callables of its
 own taking a :class:`xquant_core.engine.core.PassRun` (graph, executor, plan, calibration feeds).
 """

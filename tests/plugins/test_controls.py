@@ -107,6 +107,32 @@ def test_global_precision_level_3_is_dynamic_quantization(project, tmp_path):
     assert np.abs(reference - dynamic).max() < 0.05 * np.abs(reference).max()
 
 
+
+def test_global_level_3_on_a_platform_without_a_dynamic_mode_is_a_config_error(project, monkeypatch):
+    """Global level 3 is the platform's dynamic mode (SpacemiT's, xquant_plugins/spacemit/dynamic.py);
+    a platform that has none refuses it, naming the field, before any data is read."""
+    from xquant_core import pipeline
+    from xquant_core.errors import ConfigError
+
+    real = pipeline.registry
+
+    class Static:  # the SpacemiT platform without quantize_dynamic
+        def __init__(self, base):
+            self._base = base
+
+        def __getattr__(self, name):
+            if name == "quantize_dynamic":
+                raise AttributeError(name)
+            return getattr(self._base, name)
+
+    class Platforms:
+        def get(self, name):
+            return Static(real("platform").get(name))
+
+    monkeypatch.setattr(pipeline, "registry", lambda kind: Platforms() if kind == "platform" else real(kind))
+    with pytest.raises(ConfigError, match=r"precision_level: 3 \(dynamic quantization\) is not something platform spacemit"):
+        xquant.quantize_onnx_model(_with(project, precision_level=3))
+
 def test_custom_setting_level_3_keeps_the_subgraph_float(project):
     setting = {"input_names": ["s1"], "output_names": ["a1"], "precision_level": 3}
     model = xquant.quantize_onnx_model(_with(project, custom_setting=[setting]))

@@ -53,6 +53,12 @@ class SpacemitPlatform:
 
         return export_qdq(graph)
 
+    def quantize_dynamic(self, model):
+        """Global ``precision_level: 3``: MatMul/Gemm weights int8, activations at run time."""
+        from .dynamic import quantize_dynamic
+
+        return quantize_dynamic(model)
+
 
 @hookimpl
 def xquant_register_platforms(register):

@@ -1,4 +1,4 @@
-"""``precision_level: 3`` globally: dynamic quantization, no calibration.
+"""SpacemiT's ``precision_level: 3`` globally: dynamic quantization, no calibration.
 
 MatMul and Gemm weights are stored as int8 (symmetric, per output channel); their
 activations are quantized at run time per batch (``DynamicQuantizeLinear`` +
@@ -16,7 +16,7 @@ import tempfile
 
 import onnx
 
-from ._version import __version__
+from xquant_core import __version__
 
 log = logging.getLogger("xquant.dynamic")
 
