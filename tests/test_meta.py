@@ -213,6 +213,7 @@ def test_builtins_are_declared_as_entry_points():
     assert dist.version == xquant_core.__version__
     declared = {ep.name: ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
     assert declared == {
+        "auto_precision": "xquant_plugins.auto_precision",
         "calibration": "xquant_plugins.calibration",
         "metrics": "xquant_plugins.metrics",
         "preprocessors": "xquant_plugins.preprocessors",
@@ -227,7 +228,7 @@ def test_builtins_are_declared_as_entry_points():
 def test_host_loaded_the_builtins_from_entry_points():
     host = get_host()
     builtins = {name: info for name, info in host.infos.items() if info.builtin}
-    assert sorted(builtins) == ["calibration", "metrics", "preprocessors", "readers", "reporter", "spacemit"]
+    assert sorted(builtins) == ["auto_precision", "calibration", "metrics", "preprocessors", "readers", "reporter", "spacemit"]
     for info in builtins.values():
         assert info.distribution == DISTRIBUTION
         assert info.version == xquant_core.__version__

@@ -28,6 +28,7 @@ The component interfaces are documented in:
 - platforms: :class:`xquant_core.platform.Platform`
 - auto_precision metrics: :class:`xquant_core.metrics.Metric`
 - the report (``analysis_enable``): :class:`xquant_core.reporting.Reporter`
+- the precision search (``auto_precision``): :class:`xquant_core.searching.PrecisionSearch`
 
 A component that lacks a method of its interface is refused when its plugin registers it
 (:mod:`xquant_core.interfaces` lists the methods).
@@ -115,6 +116,17 @@ def xquant_register_reporters(register: Register) -> None:
     :data:`xquant_core.reporting.REPORTER` (the built-in analysis report; replace it with
     ``override=True``). To add a section to the built-in report, use
     :func:`xquant_report_sections`.
+    """
+
+
+@hookspec
+def xquant_register_searchers(register: Register) -> None:
+    """Register the precision search that a config's ``auto_precision`` runs.
+
+    Called once, when a config is validated or a model is quantized. ``component`` must
+    implement :class:`xquant_core.searching.PrecisionSearch`; the pipeline runs the one
+    registered as :data:`xquant_core.searching.SEARCHER` (the built-in; replace it with
+    ``override=True``). Its metrics are registered with :func:`xquant_register_metrics`.
     """
 
 

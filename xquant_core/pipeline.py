@@ -27,6 +27,7 @@ from .errors import ConfigError, ModelError, XQuantError
 from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
 from .reporting import REPORTER, ReportRequest
+from .searching import SEARCHER
 from .verify import diagnose_failure, verify_model
 
 log = logging.getLogger("xquant")
@@ -193,9 +194,7 @@ def run(
     sections: tuple[str, ...] = ()
     snippet = None
     if search is not None:
-        from .auto_precision import finish_search
-
-        sections, summary, snippet = finish_search(cfg, search, out_path)
+        sections, summary, snippet = registry("searcher").get(SEARCHER).explain(cfg, search, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
     gap = verify_model(quantized, float_model, dataset.batch(0))
@@ -271,9 +270,8 @@ def _quantize(cfg: XQuantConfig, float_model, upper, dataset: CalibrationDataset
                 lambda branch, feeds: quantize_graph(branch, feeds, len(feeds), platform, branch_plan, progress),
             )
         if cfg.auto_precision is not None:
-            from .auto_precision import search_precision
-
-            quantized, search = search_precision(cfg, upper, dataset, platform, plan, progress)
+            searcher = registry("searcher").get(SEARCHER)
+            quantized, search = searcher.quantize(cfg, upper, dataset, platform, plan, progress)
         elif cfg.quantization.analysis_enable and not cfg.quantization.truncate_var_names:
             # the report measures float fallbacks on the quantized graph
             quantized, trial = quantize_graph(upper, dataset, len(dataset), platform, plan, progress, keep_graph=True)

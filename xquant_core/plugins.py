@@ -35,6 +35,7 @@ KINDS = {
     "platform": ("xquant_register_platforms", "platform"),
     "metric": ("xquant_register_metrics", "auto_precision.target.metric"),
     "reporter": ("xquant_register_reporters", "analysis_enable"),
+    "searcher": ("xquant_register_searchers", "auto_precision"),
 }
 
 #: what else a name of that kind may be, told after the installed names

@@ -21,6 +21,7 @@ from xquant_core.runtime import onnxruntime_session  # exact int8 arithmetic on 
 from xquant_test_models import two_input_model
 
 BUILTIN_PLUGINS = {
+    "auto_precision": ("searcher", ["auto_precision"]),
     "calibration": ("calibration", ["default", "kl", "minmax", "mse", "percentile"]),
     "metrics": ("metric", ["snr", "cosine"]),
     "preprocessors": ("preprocessor", ["none", "PT_IMAGENET", "IMAGENET"]),

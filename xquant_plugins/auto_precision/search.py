@@ -1,4 +1,4 @@
-"""auto_precision: search the fewest ops to keep in float for a target error, then explain it."""
+"""The auto-precision search: the fewest ops to keep in float for a target error, then explained."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import onnx
 
-from .config import XQuantConfig
-from .data import CalibrationDataset, Subset
-from .errors import DataError
-from .plugins import registry
-from .runtime import onnxruntime_session
+from xquant_core.config import XQuantConfig
+from xquant_core.data import CalibrationDataset, Subset
+from xquant_core.errors import DataError
+from xquant_core.plugins import registry
+from xquant_core.runtime import onnxruntime_session
 
 log = logging.getLogger("xquant")
 
@@ -66,7 +66,7 @@ def search_precision(cfg: XQuantConfig, model: onnx.ModelProto, dataset: Calibra
     the search goes on from there within the remaining budget. Every measurement is of an
     exported model run by onnxruntime, as the user will run it.
     """
-    from .engine import HOLD_BACK_EVERY, FloatOpSearch, quantize_graph
+    from xquant_core.engine import HOLD_BACK_EVERY, FloatOpSearch, quantize_graph
 
     auto = cfg.auto_precision
     assert auto is not None, "search_precision runs only with auto_precision set"
@@ -136,7 +136,7 @@ def _measurer(model: onnx.ModelProto, metric, held_back: list):
 
 def _keeping_float(plan, ops) -> Any:
     """``plan`` with ``ops`` kept float after calibration, after the config's own custom_setting."""
-    from .engine import SubgraphOverride
+    from xquant_core.engine import SubgraphOverride
 
     first = len(plan.overrides)
     extra = tuple(
