@@ -226,9 +226,10 @@ def _calibrate(run: PassRun) -> None:
     is measured in the same pass."""
     plan = run.plan
     with fast_fake_quant(run.graph, run.executor):
-        ActivationCalibration(plan, run.regions, correct_bias=plan.finetune_level == 1, float_model=run.model).run(
-            run.graph, run.executor, run.feeds, run.num_batches, run.progress
-        )
+        ActivationCalibration(
+            plan, run.regions, correct_bias=plan.finetune_level == 1, float_model=run.model,
+            export=lambda: forms.restore(run.platform.export(run.graph), run.model),
+        ).run(run.graph, run.executor, run.feeds, run.num_batches, run.progress)  # fmt: skip
 
 
 def _fine_tune(run: PassRun) -> None:
