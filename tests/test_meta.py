@@ -318,3 +318,43 @@ def test_registering_a_plugin_name_twice_is_refused(temporary_plugin):
     temporary_plugin(TemporaryCalibration(["tmp_a"]), "tmp-same")
     with pytest.raises(PluginError, match="'tmp-same' is already registered"):
         get_host().register(TemporaryCalibration(["tmp_b"]), "tmp-same")
+
+
+class TemporaryReporter:
+    """A plugin replacing the built-in analysis report (``analysis_enable``) with its own file."""
+
+    def __init__(self):
+        self.requests = []
+
+    @xquant_core.hookimpl
+    def xquant_register_reporters(self, register):
+        from xquant_core.reporting import REPORTER
+
+        register(REPORTER, self, override=True)
+
+    def write(self, request):
+        from xquant_core.outputs import write_bytes_atomically
+        from xquant_core.reporting import Report
+
+        self.requests.append(request)
+        text = f"# mine: {len(request.quant_model.graph.node)} nodes\n"
+        write_bytes_atomically(request.report_path, text.encode("utf-8"))
+        return Report(["my report"], {"mine": True})
+
+
+def test_a_plugin_reporter_replaces_the_analysis_report(temporary_plugin, small_project):
+    from xquant_core.config import load_config as load
+    from xquant_core.pipeline import run
+
+    config = json.loads((small_project / "cfg.json").read_text(encoding="utf-8"))
+    config["quantization_parameters"]["analysis_enable"] = True
+    (small_project / "cfg.json").write_text(json.dumps(config), encoding="utf-8")
+    plugin = temporary_plugin(TemporaryReporter(), "tmp-reporter")
+    result = run(load(small_project / "cfg.json"))
+    (request,) = plugin.requests
+    assert request.dataset.count == 12 and request.settings["calibration samples used"] == 12
+    assert request.report_path == result.report_path and result.report_path.name.endswith("_report.md")
+    assert result.report_path.read_text(encoding="utf-8").startswith("# mine: ")
+    assert "my report" in result.summary and result.analysis == {"mine": True}
+    provided = {info.name: names for info, names in get_host().describe()}
+    assert provided["tmp-reporter"] == {"reporter": ["analysis (overrides reporter)"]}

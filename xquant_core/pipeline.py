@@ -44,7 +44,7 @@ class QuantizationResult:
     device: str
     report_path: Path | None = None
     summary: tuple[str, ...] = ()
-    #: the analysis summary's figures (:func:`xquant_core.analysis.summary_figures`), None without a report
+    #: the report's summary figures (the built-in one's: :func:`xquant_plugins.analysis.summary_figures`), None without
     analysis: dict[str, Any] | None = None
 
 

@@ -371,6 +371,8 @@ def test_a_misspelt_hook_is_refused_naming_it():
     ("xquant_register_calibration_algorithms", "calibration", lambda stats, ctx: (0.0, 1.0), "compute_range"),
     ("xquant_register_platforms", "platform", types.SimpleNamespace(export=lambda graph: None),
      "create_quantizer, float_ops, float_op_types, share_quantization, after_calibration, finalize"),
+    ("xquant_register_reporters", "reporter", object(), "write"),
+    ("xquant_register_searchers", "searcher", types.SimpleNamespace(quantize=lambda *args: None), "explain"),
 ])
 def test_a_component_that_lacks_its_interfaces_methods_is_refused_when_registered(hook, kind, component, lacks):
     """Issue 14: a component is checked against its interface when registered, not when a run
