@@ -307,29 +307,25 @@ class ActivationCalibration:
         simulation's strategy on eight of nine models measured; EfficientNet-Lite0, a near tie,
         moved from the wider percentile windows to KL+MSE (held-out logits SNR 0.0056 -> 0.0058).
         None when a model cannot be exported or run."""
-        import torch
-
-        from ..runtime import outputs_on
-
         if self.export is None or self.float_model is None:
             return None
-        names = list(graph.outputs)
-        arrays = [{name: value.cpu().numpy() for name, value in batch.items()} for batch in batches]
         try:
             models = [self.float_model]
             for strategy in range(strategies):
                 for observer in observers.values():
                     observer.render(strategy)
                 models.append(self.export())
-            runs = [functools.partial(outputs_on, model, arrays, names, 1) for model in models]
-            outputs: list = []
-            for first, second in zip(runs[0::2], runs[1::2] + [lambda: None] * (len(runs) % 2)):
-                outputs += in_parallel(first, second)
         except Exception as exc:
             log.debug("strategy choice by onnxruntime failed (%s: %s): PPQ simulates it", type(exc).__name__, exc)
             return None
-        tensors = [[[torch.from_numpy(value) for value in values] for values in run] for run in outputs[: len(runs)]]
-        return [error_between(tensors[0], quantized) for quantized in tensors[1:]]
+        runs = [functools.partial(onnxruntime_outputs, model, batches, list(graph.outputs)) for model in models]
+        outputs: list = []
+        for first, second in zip(runs[0::2], runs[1::2] + [lambda: None] * (len(runs) % 2)):
+            outputs += in_parallel(first, second)
+        outputs = outputs[: len(runs)]
+        if any(values is None for values in outputs):  # onnxruntime could not run one of them
+            return None
+        return [error_between(outputs[0], quantized) for quantized in outputs[1:]]
 
     def _errors_as_simulated(self, graph, executor, batches, observers, strategies: int) -> list[float]:
         """Each strategy's output error in PPQ's quantized forward pass (float references from

@@ -38,9 +38,9 @@ def choice_batches(feeds) -> list:
 
 
 def onnxruntime_outputs(model, batches, names: list[str]):
-    """The float ``model``'s outputs ``names`` on each batch (dicts of torch tensors) as torch tensors,
-    run by onnxruntime on one thread (a second core, beside PPQ); None when it cannot (an output
-    name the model lacks, an op onnxruntime does not run)."""
+    """``model``'s outputs ``names`` on each batch (dicts of torch tensors) as torch tensors, run
+    by onnxruntime on one thread (a second core, beside PPQ); None when it cannot (an output name
+    the model lacks, an op onnxruntime does not run)."""
     import torch
 
     from ..runtime import outputs_on
@@ -50,8 +50,8 @@ def onnxruntime_outputs(model, batches, names: list[str]):
     arrays = [{name: value.cpu().numpy() for name, value in batch.items()} for batch in batches]
     try:
         return [[torch.from_numpy(value) for value in values] for values in outputs_on(model, arrays, names, 1)]
-    except Exception as exc:  # PPQ's own float pass is the fallback
-        log.debug("float references by onnxruntime failed (%s): PPQ runs them", exc)
+    except Exception as exc:  # PPQ running the graph is the fallback
+        log.debug("onnxruntime could not run the model (%s): PPQ runs it", exc)
         return None
 
 
