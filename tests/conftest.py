@@ -124,3 +124,26 @@ def small_project(tmp_path) -> Path:
     }
     (tmp_path / "cfg.json").write_text(json.dumps(config, indent=2))
     return tmp_path
+
+
+@pytest.fixture
+def temporary_plugin():
+    """``add(plugin, name)`` registers a plugin on the process-wide host; every plugin added is
+    unregistered afterwards, and the registries must be as they were."""
+    from xquant_core.plugins import KINDS, get_host, registry
+
+    host = get_host()
+    before = {kind: registry(kind).names() for kind in KINDS}
+    added = []
+
+    def add(plugin, name):
+        host.register(plugin, name, distribution="xquant-tests", version="0")
+        added.append(name)
+        return plugin
+
+    try:
+        yield add
+    finally:
+        for name in reversed(added):
+            host.unregister(name)
+        assert {kind: registry(kind).names() for kind in KINDS} == before

@@ -228,7 +228,8 @@ def test_builtins_are_declared_as_entry_points():
 def test_host_loaded_the_builtins_from_entry_points():
     host = get_host()
     builtins = {name: info for name, info in host.infos.items() if info.builtin}
-    assert sorted(builtins) == ["auto_precision", "calibration", "metrics", "preprocessors", "readers", "reporter", "spacemit"]
+    assert sorted(builtins) == ["auto_precision", "calibration", "metrics", "preprocessors", "readers", "reporter",
+                                "spacemit"]
     for info in builtins.values():
         assert info.distribution == DISTRIBUTION
         assert info.version == xquant_core.__version__
@@ -254,26 +255,6 @@ class TemporaryCalibration:
     def xquant_register_calibration_algorithms(self, register):
         for name in self.names:
             register(name, self.components[name], override=self.override)
-
-
-@pytest.fixture
-def temporary_plugin():
-    """Register plugins on the process-wide host; always unregister them afterwards."""
-    host = get_host()
-    before = {kind: registry(kind).names() for kind in KINDS}
-    added = []
-
-    def add(plugin, name):
-        host.register(plugin, name, distribution="xquant-tests", version="0")
-        added.append(name)
-        return plugin
-
-    try:
-        yield add
-    finally:
-        for name in reversed(added):
-            host.unregister(name)
-        assert {kind: registry(kind).names() for kind in KINDS} == before
 
 
 def test_temporary_plugin_name_resolves(temporary_plugin):

@@ -166,9 +166,8 @@ def test_an_unreachable_target_warns_and_writes_the_best_model(config, tmp_path,
     assert (tmp_path / "out" / "m.q.onnx").is_file()
 
 
-def test_a_third_party_metric_drives_the_search(config, monkeypatch):
+def test_a_third_party_metric_drives_the_search(config, monkeypatch, temporary_plugin):
     from xquant_core import hookimpl
-    from xquant_core.plugins import get_host
 
     calls = []
 
@@ -184,12 +183,8 @@ def test_a_third_party_metric_drives_the_search(config, monkeypatch):
         def xquant_register_metrics(self, register):
             register("max_abs_error", LargestOutputError())
 
-    host = get_host()
-    host.register(Plugin(), "test-metric-plugin")
-    try:
-        xquant.quantize_onnx_model(_auto(config, 1e-6, max_float_ops=2, metric="max_abs_error"))
-    finally:
-        host.unregister("test-metric-plugin")
+    temporary_plugin(Plugin(), "test-metric-plugin")
+    xquant.quantize_onnx_model(_auto(config, 1e-6, max_float_ops=2, metric="max_abs_error"))
     assert calls and all(count == 4 for count in calls)  # 16 samples, every 4th held back
 
 

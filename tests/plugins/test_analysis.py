@@ -650,19 +650,14 @@ class _SectionPlugin:
                 f"{context.outputs['logits'].snr:.4g} over {context.outputs_on}"]
 
 
-def test_a_plugin_adds_a_report_section_and_a_failing_one_costs_only_its_section(spiky, tmp_path, caplog):
+def test_a_plugin_adds_a_report_section_and_a_failing_one_costs_only_its_section(
+    spiky, tmp_path, caplog, temporary_plugin
+):
     """Issue 14: plugins may add report sections (pluggy hook ``xquant_report_sections``)."""
-    from xquant_core.plugins import get_host
-
-    host, good, bad = get_host(), _SectionPlugin(), _SectionPlugin(fail=True)
-    host.register(good, "tmp-section", distribution="xquant-tests", version="0")
-    host.register(bad, "tmp-section-broken", distribution="xquant-tests", version="0")
-    try:
-        report = tmp_path / "spiky.q_report.md"
-        analysis.write_report(spiky["float"], spiky["quant"], spiky["batches"], report, {}, spiky["seconds"])
-    finally:
-        host.unregister("tmp-section-broken")
-        host.unregister("tmp-section")
+    good = temporary_plugin(_SectionPlugin(), "tmp-section")
+    bad = temporary_plugin(_SectionPlugin(fail=True), "tmp-section-broken")
+    report = tmp_path / "spiky.q_report.md"
+    analysis.write_report(spiky["float"], spiky["quant"], spiky["batches"], report, {}, spiky["seconds"])
     text = report.read_text(encoding="utf-8")
     (context,) = good.seen
     assert context.report_path == report and context.quant_model is spiky["quant"]

@@ -130,7 +130,8 @@ def test_global_level_3_on_a_platform_without_a_dynamic_mode_is_a_config_error(p
             return Static(real("platform").get(name))
 
     monkeypatch.setattr(pipeline, "registry", lambda kind: Platforms() if kind == "platform" else real(kind))
-    with pytest.raises(ConfigError, match=r"precision_level: 3 \(dynamic quantization\) is not something platform spacemit"):
+    with pytest.raises(ConfigError,
+                       match=r"precision_level: 3 \(dynamic quantization\) is not something platform spacemit"):
         xquant.quantize_onnx_model(_with(project, precision_level=3))
 
 def test_custom_setting_level_3_keeps_the_subgraph_float(project):
@@ -231,14 +232,13 @@ def test_default_offers_the_percentile_window_and_the_histogram_search_with_the_
 
 
 @pytest.mark.parametrize("good", [0, 1])
-def test_the_engine_keeps_the_strategy_whose_output_is_closest_to_float(project, good, caplog):
+def test_the_engine_keeps_the_strategy_whose_output_is_closest_to_float(project, good, caplog, temporary_plugin):
     """An algorithm offering a sensible range and one 50x too wide: whichever position the
     sensible one has, the exported model uses it."""
     import logging
 
     from xquant_core import hookimpl
     from xquant_core.calibration import CalibrationAlgorithm
-    from xquant_core.plugins import get_host
 
     class TwoStrategies(CalibrationAlgorithm):
         needs_histogram = False
@@ -256,15 +256,11 @@ def test_the_engine_keeps_the_strategy_whose_output_is_closest_to_float(project,
         def xquant_register_calibration_algorithms(self, register):
             register("two_strategies", TwoStrategies())
 
-    host = get_host()
-    host.register(Plugin(), "test-two-strategies")
-    try:
-        with caplog.at_level(logging.INFO, logger="xquant"):
-            chosen = xquant.quantize_onnx_model({**project, "calibration_parameters": {
-                **project["calibration_parameters"], "calibration_type": "two_strategies"}})
-        minmax = xquant.quantize_onnx_model({**project, "calibration_parameters": {
-            **project["calibration_parameters"], "calibration_type": "minmax"}})
-    finally:
-        host.unregister("test-two-strategies")
+    temporary_plugin(Plugin(), "test-two-strategies")
+    with caplog.at_level(logging.INFO, logger="xquant"):
+        chosen = xquant.quantize_onnx_model({**project, "calibration_parameters": {
+            **project["calibration_parameters"], "calibration_type": "two_strategies"}})
+    minmax = xquant.quantize_onnx_model({**project, "calibration_parameters": {
+        **project["calibration_parameters"], "calibration_type": "minmax"}})
     assert f"keeping {('first', 'second')[good]}" in caplog.text
     assert chosen.SerializeToString() == minmax.SerializeToString()
