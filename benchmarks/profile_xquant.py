@@ -110,8 +110,9 @@ def zoo_stages() -> List[str]:
     work = HERE / "material" / "work"
     rows = []
     for log in sorted(work.glob("*/xquant_default.0.log")):
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("xquant: stages:")]
-        wrote = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("xquant: wrote")]
+        text = log.read_text(errors="replace").splitlines()
+        lines = [line for line in text if line.startswith("xquant: stages:")]
+        wrote = [line for line in text if line.startswith("xquant: wrote")]
         if lines:
             seconds = wrote[-1].rsplit(" in ", 1)[-1] if wrote else "?"
             rows.append(f"| {log.parent.name} | {seconds} | {lines[-1].removeprefix('xquant: stages: ')} |")
