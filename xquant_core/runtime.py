@@ -53,7 +53,10 @@ def num_threads() -> int:
 
 
 def onnxruntime_session(
-    model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None, fused: bool = False
+    model: onnx.ModelProto | bytes | str | os.PathLike,
+    threads: int | None = None,
+    fused: bool = False,
+    low_memory: bool = False,
 ):
     """A CPU onnxruntime session: quiet (errors are raised, not logged), no telemetry, no spinning
     threads, and by default in exact int8 arithmetic.
@@ -67,6 +70,9 @@ def onnxruntime_session(
     67 against 0.032, while CPUs with VNNI give the exact figures. xquant measures exactly, so its
     figures do not depend on the CPU; :func:`xquant_core.verify.fused_kernel_gap` tells the user
     when this CPU's fused kernels differ.
+
+    ``low_memory``: no memory arena, so what a run allocates goes back when it ends (for the many
+    small sessions of :mod:`xquant_plugins.analysis.segments`, whose arenas would add up).
     """
     import onnxruntime as ort
 
@@ -77,6 +83,8 @@ def onnxruntime_session(
     options.intra_op_num_threads = threads or num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if low_memory:
+        options.enable_cpu_mem_arena = False
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model

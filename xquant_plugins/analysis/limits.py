@@ -16,6 +16,9 @@ HELD_BACK_MAX = 256
 HELD_BACK_CANDIDATES = 32
 #: elements per tensor in its float histogram at most (over all batches)
 DEFAULT_MAX_ELEMENTS = 65536
+#: the report's float and quantized copies of the probed tensors alive at once at most (bytes, per
+#: batch): past it the models run in segments (:mod:`.segments`)
+SEGMENT_BYTES = 64 * 2**20
 #: after the first batch, run only as many batches as fit in this fraction of the quantization time
 TIME_FRACTION = 0.25
 #: bins of the float histogram sparkline

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from xquant_core.runtime import in_parallel, onnxruntime_session
+from xquant_core.runtime import in_parallel
 from xquant_core.snr import PowerSums, flat32
 
 from .graph import Probe, QuantizedOp, _QdqGraph, quantized_ops
-from .limits import DEFAULT_MAX_BATCHES, DEFAULT_MAX_ELEMENTS, FLAG_COSINE, FLAG_SNR, HISTOGRAM_BINS
+from .limits import DEFAULT_MAX_BATCHES, DEFAULT_MAX_ELEMENTS, FLAG_COSINE, FLAG_SNR, HISTOGRAM_BINS, SEGMENT_BYTES
+from .segments import SegmentedModel, groups_within, tensor_bytes
 
 
 def spread(count: int, wanted: int) -> list[int]:
@@ -136,35 +137,29 @@ class Measurement:
     output_values: list[tuple[dict, dict]] = field(default_factory=list)
 
 
-def _instrumented(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
-    """A serialized copy of ``model`` with ``names`` added as graph outputs."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {value.name for value in copy.graph.output}
-    inputs = {value.name for value in copy.graph.input}
-    for name in names:
-        if name not in present and name not in inputs:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return copy.SerializeToString()
+def _run_both(float_run: SegmentedModel, quant_run: SegmentedModel, batch: dict[str, np.ndarray]):
+    """Both models on one batch, segment by segment (:mod:`.segments`), the float one on the
+    second core (:func:`..runtime.in_parallel`): per segment ``(float values, quantized values)``."""
+    float_parts, quant_parts = float_run.run(batch), quant_run.run(batch)
+    while True:
+        f_values, q_values = in_parallel(
+            functools.partial(next, float_parts, None), functools.partial(next, quant_parts, None)
+        )
+        if f_values is None or q_values is None:
+            return
+        yield f_values, q_values
 
 
-def _session(model_bytes: bytes):
-    return onnxruntime_session(model_bytes)
-
-
-def _run(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    wanted = {value.name for value in session.get_inputs()}
-    feed = {name: array for name, array in batch.items() if name in wanted}
-    names = [value.name for value in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feed)))
-    values.update(feed)
-    return values
-
-
-def _run_both(float_session, quant_session, batch: dict[str, np.ndarray]):
-    """Both models on one batch, the float one on the second core (:func:`..runtime.in_parallel`)."""
-    return in_parallel(functools.partial(_run, float_session, batch), functools.partial(_run, quant_session, batch))
+def probe_groups(float_model: onnx.ModelProto, graph: _QdqGraph, probes: list[Probe], batch) -> list[list[Probe]]:
+    """The probes in the QDQ graph's order, cut into groups whose float and quantized copies
+    stay within :data:`.limits.SEGMENT_BYTES` for ``batch`` (one group when they all do)."""
+    ordered = sorted(probes, key=lambda p: (graph.producer.get(p.quant, -1), p.quant, p.var))
+    sizes = tensor_bytes(float_model, batch)
+    if not sizes:
+        return [ordered]
+    unknown = max(sizes.values())
+    costs = [2 * sizes.get(probe.var, unknown) for probe in ordered]
+    return [ordered] if sum(costs) <= SEGMENT_BYTES else groups_within(ordered, costs, SEGMENT_BYTES)
 
 
 class _Sampler:
@@ -269,19 +264,19 @@ def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
     return np.where(good, scale, 1.0).reshape(shape).astype(np.float32)
 
 
-def _equalization_scales(quant_model, float_session, probes, batch) -> dict[Probe, np.ndarray]:
+def _equalization_scales(quant_model, float_run, groups, batch) -> dict[Probe, np.ndarray]:
     """Per probe, the channel scales cross-layer equalization put on it (from one batch: the
     exported graph without its activation Q/DQ against the float model); only rescaled probes."""
     reference, renamed = float_activations(quant_model)
-    reference_session = _session(_instrumented(reference, {renamed.get(p.quant, p.quant) for p in probes}))
-    r_values, f_values = _run(reference_session, batch), _run(float_session, batch)
+    reference_run = SegmentedModel(reference, [[renamed.get(p.quant, p.quant) for p in group] for group in groups])
     scales: dict[Probe, np.ndarray] = {}
-    for probe in probes:
-        f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
-        if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
-            scale = channel_scales(r, f)
-            if scale is not None:
-                scales[probe] = scale
+    for group, r_values, f_values in zip(groups, reference_run.run(batch), float_run.run(batch)):
+        for probe in group:
+            f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
+            if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
+                scale = channel_scales(r, f)
+                if scale is not None:
+                    scales[probe] = scale
     return scales
 
 
@@ -319,9 +314,11 @@ def measure(
     )
     quant_outputs = {value.name for value in quant_model.graph.output}
     model_outputs = [value.name for value in float_model.graph.output if value.name in quant_outputs]
-    float_session = _session(_instrumented(float_model, [p.var for p in probes]))
-    quant_session = _session(_instrumented(quant_model, [p.quant for p in probes]))
-    scales = _equalization_scales(quant_model, float_session, probes, batches[0])
+    groups = probe_groups(float_model, graph, probes, batches[0])
+    float_outputs = [value.name for value in float_model.graph.output]
+    float_run = SegmentedModel(float_model, _fetches(groups, "var", float_outputs))
+    quant_run = SegmentedModel(quant_model, _fetches(groups, "quant", sorted(quant_outputs)))
+    scales = _equalization_scales(quant_model, float_run, groups, batches[0])
     planned = min(len(batches), max_batches)
     comparison = _Comparison(probes, model_outputs, scales, _Sampler(math.ceil(max_elements / planned)))
     notes: list[str] = []
@@ -329,11 +326,11 @@ def measure(
     output_values = []
     for batch in batches[:planned]:
         batch_started = time.perf_counter()
-        f_values, q_values = _run_both(float_session, quant_session, batch)
-        comparison.add(f_values, q_values)
+        for group, (f_values, q_values) in zip(groups, _run_both(float_run, quant_run, batch)):
+            comparison.add(f_values, q_values, group)
         output_values.append(
             (
-                {value.name: f_values[value.name] for value in float_model.graph.output},
+                {name: f_values[name] for name in float_outputs},
                 {name: q_values[name] for name in quant_outputs if name in q_values},
             )
         )
@@ -353,6 +350,14 @@ def measure(
     )  # fmt: skip
 
 
+def _fetches(groups: list[list[Probe]], side: str, outputs: list[str]) -> list[list[str]]:
+    """Per group, its probes' tensor names on ``side`` ("var": float, "quant": QDQ); the model
+    outputs with the last group."""
+    fetches = [[getattr(probe, side) for probe in group] for group in groups]
+    fetches[-1] += outputs
+    return fetches
+
+
 class _Comparison:
     """Every probe's and model output's accumulated INT8-against-float error; a probe whose values
     are missing or not comparable goes into ``skipped`` for good."""
@@ -363,8 +368,10 @@ class _Comparison:
         self.scales, self.sampler = scales, sampler
         self.skipped: set[Probe] = set()
 
-    def add(self, f_values: dict[str, np.ndarray], q_values: dict[str, np.ndarray]) -> None:
-        for probe, acc in self.accumulators.items():
+    def add(self, f_values: dict[str, np.ndarray], q_values: dict[str, np.ndarray], probes: Iterable[Probe]) -> None:
+        """``probes``' values (one segment's) and the model outputs among ``f_values``."""
+        for probe in probes:
+            acc = self.accumulators[probe]
             if probe in self.skipped:
                 continue
             f, q = f_values.get(probe.var), q_values.get(probe.quant)
@@ -375,7 +382,9 @@ class _Comparison:
                 f = f * self.scales[probe]
             acc.add(q, f, self.sampler.picks(f.size))
         for name, acc in self.outputs.items():  # every element: a softmax's few peaks carry its error
-            f, q = f_values[name], q_values[name]
+            f, q = f_values.get(name), q_values.get(name)
+            if f is None or q is None:
+                continue
             if f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
                 acc.add(q, f, None)
 
@@ -412,12 +421,12 @@ def held_back_outputs(
     element, and ``keep`` of the samples spread over them with both models' outputs (for the
     "Next step" candidates and their baseline). ``count``: how many samples ``held_back`` yields."""
     names = [value.name for value in float_model.graph.output]
-    float_session, quant_session = _session(float_model.SerializeToString()), _session(quant_model.SerializeToString())
+    float_run, quant_run = SegmentedModel(float_model, [names]), SegmentedModel(quant_model, [names])
     accumulators = {name: _Accumulator() for name in names}
     sampler, picks = _Sampler(math.ceil(max_elements / max(count, 1))), set(spread(count, keep))
     kept, reference, quantized = [], [], []
     for index, batch in enumerate(held_back):
-        f_values, q_values = _run_both(float_session, quant_session, batch)
+        f_values, q_values = next(_run_both(float_run, quant_run, batch))
         for name, acc in accumulators.items():
             f, q = f_values[name], q_values.get(name)
             if q is not None and f.shape == q.shape and np.issubdtype(f.dtype, np.floating):
