@@ -100,3 +100,25 @@ def outputs_on(model, batches, names: list[str], threads: int | None = None) -> 
     session = onnxruntime_session(model, threads)
     wanted = {value.name for value in session.get_inputs()}
     return [session.run(names, {name: value for name, value in batch.items() if name in wanted}) for batch in batches]
+
+
+def release_memory() -> None:
+    """Hand the memory freed so far back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc keeps what large numpy arrays and onnxruntime tensors freed in its heap, scattered
+    among live blocks, and raises its mmap threshold as they come and go, so a process that has
+    run a model at 480x640 keeps its peak memory for good. Trimmed between the report's stages,
+    PP-OCRv4 det's report peaked at 1.28 GB instead of 1.41 GB (calibration peaks at 1.18 GB).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+

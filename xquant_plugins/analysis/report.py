@@ -16,6 +16,7 @@ from xquant_core.hookspecs import ReportContext
 from xquant_core.outputs import write_bytes_atomically
 from xquant_core.plugins import get_host
 from xquant_core.reporting import Report
+from xquant_core.runtime import release_memory
 
 from . import fallback
 from .findings import Row, _json_number, rows_worst_first, suggest
@@ -194,10 +195,13 @@ def write_report(
     started = time.perf_counter()
     report_path = Path(report_path)
     budget = TIME_FRACTION * quantize_seconds if quantize_seconds > 0 else None
+    release_memory()  # what quantization freed: the report's runs come on top of what is kept
     measurement = measure(float_model, quant_model, list(batches), time_budget=budget)
+    release_memory()
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
     used, reference, quantized = _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back)
+    release_memory()
     candidates, baseline = None, None
     if trial is not None:
         candidates, baseline = _measure_candidates(
