@@ -64,3 +64,51 @@ def test_constant_tensors_count_in_the_first_bin():
     histogram.add(torch.full((10,), 3.0), 3.0, 3.0)
     counts = histogram.spread(3.0, 3.0, HISTOGRAM_BINS)
     assert counts[0] == 10 and counts[1:].sum() == 0
+
+
+# --------------------------------------------------------------------------- shared side work
+def _side_work_run(enabled: bool, watchers: int = 6, batches: int = 5) -> tuple[dict, set]:
+    """Each watcher's jobs record (step, thread); some jobs are slow so both threads take some."""
+    import threading
+    import time
+
+    from xquant_core.engine.calibrate import _SideWork
+
+    seen: dict[int, list[int]] = {w: [] for w in range(watchers)}
+    threads: set[int] = set()
+
+    def job(watcher: int, step: int) -> None:
+        threads.add(threading.get_ident())
+        time.sleep(0.002 * (watcher % 3))
+        seen[watcher].append(step)
+
+    with _SideWork(enabled=enabled) as side:
+        for step in range(batches):
+            for watcher in range(watchers):
+                side.collect(job, watcher, step)
+            time.sleep(0.001)  # the "forward pass"
+            side.finish_previous_and_start_collected()
+    return seen, threads
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_side_work_runs_every_job_once_in_batch_order_per_watcher(enabled):
+    seen, threads = _side_work_run(enabled)
+    assert all(steps == list(range(5)) for steps in seen.values())
+    if not enabled:
+        import threading
+
+        assert threads == {threading.get_ident()}  # one core: everything where it is collected
+
+
+def test_a_failing_side_job_fails_the_pass():
+    from xquant_core.engine.calibrate import _SideWork
+
+    def broken() -> None:
+        raise ValueError("observer failed")
+
+    with pytest.raises(ValueError, match="observer failed"):
+        with _SideWork(enabled=True) as side:
+            side.collect(broken)
+            side.finish_previous_and_start_collected()
+            side.finish_previous_and_start_collected()

@@ -168,6 +168,17 @@ def _measure_candidates(float_model, quant_model, suggestions, trial, used, refe
     return candidates, baseline
 
 
+def _measured(float_model, quant_model, batches, quantize_seconds: float) -> Measurement:
+    """Every probe measured within the report's time budget; what quantization freed and what the
+    measurement freed handed back to the system before and after (the report's runs come on top
+    of what is kept)."""
+    budget = TIME_FRACTION * quantize_seconds if quantize_seconds > 0 else None
+    release_memory()
+    measurement = measure(float_model, quant_model, list(batches), time_budget=budget)
+    release_memory()
+    return measurement
+
+
 def write_report(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -194,10 +205,7 @@ def write_report(
     """
     started = time.perf_counter()
     report_path = Path(report_path)
-    budget = TIME_FRACTION * quantize_seconds if quantize_seconds > 0 else None
-    release_memory()  # what quantization freed: the report's runs come on top of what is kept
-    measurement = measure(float_model, quant_model, list(batches), time_budget=budget)
-    release_memory()
+    measurement = _measured(float_model, quant_model, batches, quantize_seconds)
     rows = rows_worst_first(measurement)
     suggestions = suggest(measurement)
     used, reference, quantized = _where_outputs_are_measured(measurement, float_model, quant_model, batches, held_back)
