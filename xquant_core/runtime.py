@@ -121,4 +121,3 @@ def release_memory() -> None:
         return
     if trim is not None:
         trim(0)
-
