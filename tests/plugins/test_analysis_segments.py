@@ -119,3 +119,21 @@ def test_a_segmented_measurement_equals_the_whole_one(monkeypatch, tmp_path):
     split = measure_module.measure(float_model, quant_model, batches)
     assert split.stats.keys() == whole.stats.keys() and split.stats == whole.stats
     assert split.outputs == whole.outputs
+
+
+def test_comparisons_run_in_order_off_the_calling_thread_and_failures_surface():
+    import threading
+
+    seen: list[tuple[int, int]] = []
+    with measure_module._InOrder() as compare:
+        for index in range(20):
+            compare.submit(lambda i: seen.append((i, threading.get_ident())), index)
+    assert [i for i, _ in seen] == list(range(20))
+    assert {thread for _, thread in seen} != {threading.get_ident()}
+
+    def broken(_):
+        raise ValueError("comparison failed")
+
+    with pytest.raises(ValueError, match="comparison failed"):
+        with measure_module._InOrder() as compare:
+            compare.submit(broken, 0)
