@@ -1,4 +1,4 @@
-"""The report's segmented runs (xquant_plugins/analysis/segments.py): the same values as the whole model, less alive at once."""
+"""The report's segmented runs (analysis/segments.py): the whole model's values, less alive at once."""
 
 from __future__ import annotations
 
