@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from xquant_test_models import finish, npy_project, small_cnn
+
 from xquant_core.runtime import onnxruntime_session
 from xquant_plugins.analysis.segments import SegmentedModel, groups_within, tensor_bytes
 
