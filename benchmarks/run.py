@@ -16,7 +16,7 @@ For each real model (the MobileNetV2 sample and EfficientNet-Lite0) and each qua
 it quantizes in a subprocess of its own (``benchmarks/quantizers.py``) from the same
 calibration photos (``--photos``, default 100: the 40 of ``samples/material/calib/list.txt``,
 then their mirror images and centre crops), and records that process's wall time and peak RSS
-(``os.wait4``: the child's ``ru_maxrss``). With ``--repeat N`` the methods run in rounds; times
+(its ``VmHWM``, polled: ``zoo.quantizers.run_process``). With ``--repeat N`` the methods run in rounds; times
 are medians and xquant's ratio to onnxruntime is taken round by round. Then, in this process, it compares FP32
 and INT8 on the 20 labelled photos kept out of calibration (``samples/material/eval``; the
 reference preprocessing and metrics of ``samples/mobilenet_v2/evaluate.py``, with each model's
@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE))
 
 import chart  # noqa: E402
 import quantizers  # noqa: E402
+from zoo.quantizers import run_process  # noqa: E402
 
 SAMPLES = REPO / "samples"
 CALIB_LIST = SAMPLES / "material" / "calib" / "list.txt"
@@ -147,20 +148,15 @@ def quantize(model: Model, method: str, steps: int, workdir: Path, photo_list: P
     cmd = [sys.executable, str(HERE / "quantizers.py"), method, "--config", str(model.config),
            "--model", str(model.onnx), "--list", str(photo_list), "--steps", str(steps),
            "--output", str(out / f"{model.key}.{method}.onnx"), "--json", str(record_path)]
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    record: Dict = {"method": method, "process_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024.0,
-                    "returncode": child.returncode, "log": str(log_path)}
-    if child.returncode == 0 and record_path.is_file():
+    measured = run_process(cmd, log_path)
+    record: Dict = {"method": method, "process_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib,
+                    "returncode": measured.returncode, "log": str(log_path)}
+    if measured.returncode == 0 and record_path.is_file():
         record.update(json.loads(record_path.read_text()))
     else:
         tail = log_path.read_text().splitlines()[-15:]
-        record["error"] = tail[-1] if tail else f"exit {child.returncode}"
-        print(f"  {method} FAILED (exit {child.returncode}); log {log_path}:\n    " + "\n    ".join(tail))
+        record["error"] = tail[-1] if tail else f"exit {measured.returncode}"
+        print(f"  {method} FAILED (exit {measured.returncode}); log {log_path}:\n    " + "\n    ".join(tail))
     return record
 
 
@@ -374,7 +370,9 @@ def write_report(results: List[Dict], meta: Dict, path: Path, runs: Dict[tuple, 
         ("" if meta["repeat"] == 1 else f"Median of {meta['repeat']} runs per method (see the notes). ") +
         "Quantize s: wall time inside the quantizer process from reading the photos to the written "
         "model; process s: the whole subprocess, interpreter start and imports included; peak RSS: "
-        "that subprocess's `ru_maxrss` (`os.wait4`). torch runs 1 thread in the xquant and PPQ "
+        "that subprocess's own high-water mark (`VmHWM`, polled every 20 ms; `ru_maxrss` would include "
+        "this benchmark process's peak, which Linux carries into it at `exec`). torch runs 1 thread in "
+        "the xquant and PPQ "
         "processes; onnxruntime's calibrator keeps its default thread count.",
         "",
         table,

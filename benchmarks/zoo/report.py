@@ -205,7 +205,9 @@ onnxruntime on this CPU:
   `quant_pre_process` runs (its symbolic shape inference is skipped where it fails; the notes under
   each table say what was done).
 
-Wall time and peak RSS are those of the quantizer's own process (`os.wait4`), interpreter start
+Wall time and peak RSS are those of the quantizer's own process (the peak: its `VmHWM`, polled
+every 20 ms; not `ru_maxrss`, into which Linux carries the benchmark process's own peak at `exec`,
+so that every run measured at least ~460 MiB before 2026-12-05), interpreter start
 included; for xquant they include its analysis report (on by default). SNR is
 `sum((q-f)^2)/sum(f^2)` over all evaluation samples (lower is better), cosine the mean per sample.
 Q/DQ nodes are counted in the whole model including If/Loop subgraphs. A memory guard stops a
