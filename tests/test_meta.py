@@ -215,6 +215,7 @@ def test_builtins_are_declared_as_entry_points():
     assert declared == {
         "auto_precision": "xquant_plugins.auto_precision",
         "calibration": "xquant_plugins.calibration",
+        "commands": "xquant_plugins.commands",
         "metrics": "xquant_plugins.metrics",
         "preprocessors": "xquant_plugins.preprocessors",
         "readers": "xquant_plugins.readers",
@@ -228,7 +229,7 @@ def test_builtins_are_declared_as_entry_points():
 def test_host_loaded_the_builtins_from_entry_points():
     host = get_host()
     builtins = {name: info for name, info in host.infos.items() if info.builtin}
-    assert sorted(builtins) == ["auto_precision", "calibration", "metrics", "preprocessors", "readers", "reporter",
+    assert sorted(builtins) == ["auto_precision", "calibration", "commands", "metrics", "preprocessors", "readers", "reporter",
                                 "spacemit"]
     for info in builtins.values():
         assert info.distribution == DISTRIBUTION

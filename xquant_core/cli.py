@@ -1,7 +1,8 @@
-"""The command line: quantize, check, init, compare, plugins.
+"""The command line: quantize, check, plugins, and the commands plugins add (init, compare).
 
-``xquant -c cfg.json [-i in.onnx] [-o out.onnx] [--summary-json S.json]``, ``xquant check``,
-``xquant init``, ``xquant compare`` and ``xquant plugins``.
+``xquant -c cfg.json [-i in.onnx] [-o out.onnx] [--summary-json S.json]``, ``xquant check`` and
+``xquant plugins`` are the core's; ``xquant NAME ...`` runs the command a plugin registered as
+NAME (:class:`xquant_core.commands.Command`; built-ins ``init`` and ``compare``).
 
 Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
 3 internal error (a bug: the log file has the traceback), 130 interrupted.
@@ -19,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from ._version import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUANTIZATION_FAILED, EXIT_USAGE, XQuantError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, XQuantError
 
 log = logging.getLogger("xquant")
 #: where internal-error tracebacks go (one new file per failure); None: the temp folder
@@ -36,7 +37,14 @@ def write_error_log(details: str) -> Path:
     return Path(name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the core's own commands (a plugin cannot register these names)
+CORE_COMMANDS = ("plugins", "check")
+
+
+def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of the core's command line; ``commands``: the plugins' commands, listed in the help."""
+    commands = commands or {}
+    listed = "".join(f"  {command.summary}\n" for _, command in sorted(commands.items()))
     parser = argparse.ArgumentParser(
         prog="xquant",
         description="Post-training INT8 quantization of ONNX models for SpacemiT chips, from an "
@@ -44,39 +52,47 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="commands:\n  (none)    quantize the model the config describes (needs -c)\n"
         "  check     check the config, the model, every calibration sample and the output path\n"
         "            without quantizing (needs -c)\n"
-        "  init MODEL.onnx [DATA_DIR] [-o cfg.json]\n"
-        "            write a config for the model (and calibration/held-out lists of DATA_DIR)\n"
-        "  compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)\n"
-        "            INT8 against FP32 on the listed samples: SNR, cosine, max |diff|, top-1\n"
-        "  plugins   list the installed plugins and the names they register\n\n"
+        f"{listed}"
+        "  plugins   list the installed plugins and the names they register\n"
+        "  (xquant COMMAND --help: a plugin command's options)\n\n"
         "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
         "130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", choices=["plugins", "check", "compare", "init"], help=argparse.SUPPRESS)
-    parser.add_argument("models", nargs="*", help=argparse.SUPPRESS)  # compare FLOAT INT8 / init MODEL [DATA_DIR]
+    parser.add_argument("command", nargs="?", choices=[*CORE_COMMANDS, *sorted(commands)], help=argparse.SUPPRESS)
+    parser.add_argument("models", nargs="*", help=argparse.SUPPRESS)  # only to say they are unexpected
     parser.add_argument("-c", "--config", help="the JSON config file")
     parser.add_argument("-i", "--input", help="float ONNX model (overrides model_parameters.onnx_model)")
     parser.add_argument("-o", "--output", help="output model path (overrides <working_dir>/<output_prefix>.onnx)")
-    parser.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="LIST",
-        help="compare: a list of samples (npy without -c), one per model input",
-    )
-    parser.add_argument("--json", action="store_true", help="compare: print the figures as JSON")
-    parser.add_argument("--fail-snr", type=float, metavar="X", help="compare: exit 1 when an output's SNR exceeds X")
     parser.add_argument(
         "--summary-json",
         metavar="PATH",
         help="also write the run's summary figures (outputs' SNR, the report's verdict and "
         "measured candidates, stage times) to PATH as JSON",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    _common_options(parser)
     parser.add_argument("--version", action="version", version=f"xquant {__version__}")
     return parser
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
+def _plugin_commands(argv: list[str]) -> dict:
+    """The plugins' commands when the command line may name one (or asks for help), else none:
+    ``xquant -c cfg.json`` loads its plugins later, with the config."""
+    if not argv or (argv[0].startswith("-") and not {"-h", "--help"} & set(argv)) or argv[0] in CORE_COMMANDS:
+        return {}
+    from .errors import PluginError
+    from .plugins import registry
+
+    commands = registry("command")
+    for name in set(commands.names()) & set(CORE_COMMANDS):
+        plugin = commands.entries[name].plugin
+        raise PluginError(f"plugin '{plugin}' registers command '{name}', a name of the core's own commands")
+    return {name: commands.get(name) for name in commands.names()}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -161,45 +177,6 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
-def cmd_init(args) -> int:
-    from .init_config import write_config
-
-    if not 1 <= len(args.models) <= 2:
-        print("xquant: error: init needs the model: xquant init MODEL.onnx [DATA_DIR] [-o cfg.json]", file=sys.stderr)
-        return EXIT_USAGE
-    for line in write_config(
-        args.models[0], args.models[1] if len(args.models) > 1 else None, args.output or "cfg.json"
-    ):
-        print(f"xquant: init: {line}")
-    return EXIT_OK
-
-
-def cmd_compare(args) -> int:
-    import dataclasses
-    import json
-
-    from .compare import compare, comparison_config, render
-
-    if len(args.models) != 2:
-        print(
-            "xquant: error: compare needs two models: xquant compare FLOAT.onnx INT8.onnx (-c cfg.json | --data LIST)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    float_path, int8_path = args.models
-    figures, samples = compare(float_path, int8_path, comparison_config(float_path, args.config, args.data))
-    if args.json:
-        print(json.dumps({"samples": samples, "outputs": [dataclasses.asdict(item) for item in figures]}, indent=1))
-    else:
-        for line in render(figures, samples):
-            print(f"xquant: compare: {line}")
-    worst = max(item.snr for item in figures)
-    if args.fail_snr is not None and worst > args.fail_snr:
-        print(f"xquant: compare: SNR {worst:.5g} is above --fail-snr {args.fail_snr:g}", file=sys.stderr)
-        return EXIT_QUANTIZATION_FAILED
-    return EXIT_OK
-
-
 def cmd_quantize(args) -> int:
     import json
 
@@ -242,30 +219,48 @@ def cmd_quantize(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        commands = _plugin_commands(argv)
+    except XQuantError as exc:  # a plugin that does not load
+        print(f"xquant: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if argv and argv[0] in commands:
+        command = commands[argv[0]]
+        command_parser = argparse.ArgumentParser(prog=f"xquant {argv[0]}")
+        _common_options(command_parser)
+        command.add_arguments(command_parser)
+        args = command_parser.parse_args(argv[1:])
+        return _guarded(args, lambda: command.run(args))
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
+    return _guarded(args, lambda: _core_command(parser, args))
+
+
+def _core_command(parser: argparse.ArgumentParser, args) -> int:
+    if args.command == "plugins":
+        return cmd_plugins()
+    if args.models:
+        parser.print_usage(sys.stderr)
+        print(f"xquant: error: unexpected argument(s) {' '.join(args.models)}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.config:
+        parser.print_usage(sys.stderr)
+        what = "to check" if args.command == "check" else "to quantize"
+        print(f"xquant: error: -c/--config is required {what}", file=sys.stderr)
+        return EXIT_USAGE
+    return cmd_check(args) if args.command == "check" else cmd_quantize(args)
+
+
+def _guarded(args, run) -> int:
+    """``run()`` with the CLI's logging, exit codes and error messages (no traceback for the user)."""
     _setup_logging(args.verbose)
     if not args.verbose:
         # OpenCV logs its decoder's complaints (with a timestamp) on stderr before our own
         # message names the unreadable file; show them with -v only
         os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     try:
-        if args.command == "plugins":
-            return cmd_plugins()
-        if args.command == "compare":
-            return cmd_compare(args)
-        if args.command == "init":
-            return cmd_init(args)
-        if args.models:
-            parser.print_usage(sys.stderr)
-            print(f"xquant: error: unexpected argument(s) {' '.join(args.models)}", file=sys.stderr)
-            return EXIT_USAGE
-        if not args.config:
-            parser.print_usage(sys.stderr)
-            what = "to check" if args.command == "check" else "to quantize"
-            print(f"xquant: error: -c/--config is required {what}", file=sys.stderr)
-            return EXIT_USAGE
-        return cmd_check(args) if args.command == "check" else cmd_quantize(args)
+        return run()
     except XQuantError as exc:
         if args.verbose:
             traceback.print_exc()

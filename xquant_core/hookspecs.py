@@ -29,6 +29,7 @@ The component interfaces are documented in:
 - auto_precision metrics: :class:`xquant_core.metrics.Metric`
 - the report (``analysis_enable``): :class:`xquant_core.reporting.Reporter`
 - the precision search (``auto_precision``): :class:`xquant_core.searching.PrecisionSearch`
+- command-line commands (``xquant NAME``): :class:`xquant_core.commands.Command`
 
 A component that lacks a method of its interface is refused when its plugin registers it
 (:mod:`xquant_core.interfaces` lists the methods).
@@ -127,6 +128,17 @@ def xquant_register_searchers(register: Register) -> None:
     implement :class:`xquant_core.searching.PrecisionSearch`; the pipeline runs the one
     registered as :data:`xquant_core.searching.SEARCHER` (the built-in; replace it with
     ``override=True``). Its metrics are registered with :func:`xquant_register_metrics`.
+    """
+
+
+@hookspec
+def xquant_register_commands(register: Register) -> None:
+    """Register commands of the command line: ``xquant NAME ARGS...``.
+
+    Called once, when the command line starts with a name that is not an option. ``component``
+    must implement :class:`xquant_core.commands.Command`; the registered name is the word after
+    ``xquant`` (built-ins: ``init``, ``compare``; ``check`` and ``plugins`` belong to the core and
+    cannot be replaced).
     """
 
 

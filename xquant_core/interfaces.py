@@ -5,8 +5,9 @@ The interfaces themselves, with their documentation, are
 :class:`xquant_core.data.Reader` (``file_type``), :class:`xquant_core.data.Preprocessor`
 (``preprocess_file``), :class:`xquant_core.platform.Platform` (``platform``),
 :class:`xquant_core.metrics.Metric` (``auto_precision.target.metric``),
-:class:`xquant_core.reporting.Reporter` (``analysis_enable``) and
-:class:`xquant_core.searching.PrecisionSearch` (``auto_precision``). This module names
+:class:`xquant_core.reporting.Reporter` (``analysis_enable``),
+:class:`xquant_core.searching.PrecisionSearch` (``auto_precision``) and
+:class:`xquant_core.commands.Command` (``xquant NAME``). This module names
 only their methods, so the plugin host can check a component without importing any of them.
 """
 
@@ -34,6 +35,7 @@ INTERFACES: dict[str, tuple[str, tuple[str, ...]]] = {
     "metric": ("xquant_core.metrics.Metric", ("measure", "meets", "better")),
     "reporter": ("xquant_core.reporting.Reporter", ("write",)),
     "searcher": ("xquant_core.searching.PrecisionSearch", ("quantize", "explain")),
+    "command": ("xquant_core.commands.Command", ("add_arguments", "run")),
 }
 
 

@@ -36,6 +36,7 @@ KINDS = {
     "metric": ("xquant_register_metrics", "auto_precision.target.metric"),
     "reporter": ("xquant_register_reporters", "analysis_enable"),
     "searcher": ("xquant_register_searchers", "auto_precision"),
+    "command": ("xquant_register_commands", "command"),
 }
 
 #: what else a name of that kind may be, told after the installed names

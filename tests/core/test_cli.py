@@ -23,6 +23,7 @@ from xquant_test_models import two_input_model
 BUILTIN_PLUGINS = {
     "auto_precision": ("searcher", ["auto_precision"]),
     "calibration": ("calibration", ["default", "kl", "minmax", "mse", "percentile"]),
+    "commands": ("command", ["init", "compare"]),
     "metrics": ("metric", ["snr", "cosine"]),
     "preprocessors": ("preprocessor", ["none", "PT_IMAGENET", "IMAGENET"]),
     "readers": ("reader", ["img", "npy", "raw"]),

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xquant_core import hookimpl
 from xquant_core.config import InputConfig
 from xquant_core.data import InputSpec
 from xquant_core.errors import DataError
@@ -373,6 +374,7 @@ def test_a_misspelt_hook_is_refused_naming_it():
      "create_quantizer, float_ops, float_op_types, share_quantization, after_calibration, finalize"),
     ("xquant_register_reporters", "reporter", object(), "write"),
     ("xquant_register_searchers", "searcher", types.SimpleNamespace(quantize=lambda *args: None), "explain"),
+    ("xquant_register_commands", "command", types.SimpleNamespace(add_arguments=lambda parser: None), "run"),
 ])
 def test_a_component_that_lacks_its_interfaces_methods_is_refused_when_registered(hook, kind, component, lacks):
     """Issue 14: a component is checked against its interface when registered, not when a run
@@ -393,3 +395,51 @@ def test_a_component_that_lacks_its_interfaces_methods_is_refused_when_registere
     with pytest.raises(PluginError, match=rf"plugin 'half' registers {kind} 'half' as \w+, which lacks "
                                           rf"{re.escape(lacks)} \(see xquant_core\."):
         host.registry(kind)
+
+
+class _Hello:
+    """A third party's command: ``xquant hello NAME [--shout]``."""
+
+    summary = "hello NAME [--shout]\n            greet NAME"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def add_arguments(self, parser):
+        parser.add_argument("who")
+        parser.add_argument("--shout", action="store_true")
+
+    def run(self, args):
+        if args.who == "nobody":
+            raise DataError("hello: nobody to greet")
+        text = f"hello {args.who}"
+        print(text.upper() if args.shout else text)
+        return 0 if not args.verbose else 7
+
+    @hookimpl
+    def xquant_register_commands(self, register):
+        register(self.name, self)
+
+
+def test_a_plugin_command_runs_from_the_command_line_with_the_clis_options_and_errors(temporary_plugin, capsys):
+    """Issue 14: commands beyond quantizing are plugins (the built-in init and compare are too)."""
+    from xquant_core import cli
+
+    temporary_plugin(_Hello("hello"), "hello-plugin")
+    assert cli.main(["hello", "world", "--shout"]) == 0
+    assert capsys.readouterr().out.strip() == "HELLO WORLD"
+    assert cli.main(["hello", "world", "-v"]) == 7  # the common options are on every command's parser
+    assert cli.main(["hello", "nobody"]) == 2  # an XQuantError: its message and exit code, no traceback
+    captured = capsys.readouterr()
+    assert "xquant: error: hello: nobody to greet" in captured.err and "Traceback" not in captured.err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "hello NAME [--shout]" in capsys.readouterr().out
+
+
+def test_a_plugin_cannot_take_a_core_commands_name(temporary_plugin, capsys):
+    from xquant_core import cli
+
+    temporary_plugin(_Hello("check"), "check-plugin")
+    assert cli.main(["compare"]) == 2
+    assert "registers command 'check', a name of the core's own commands" in capsys.readouterr().err

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import model as model_io
-from .config import load_config
-from .data import CalibrationDataset, read_list, resolve_preprocessor
-from .errors import ConfigError, ModelError
-from .plugins import registry
-from .runtime import onnxruntime_session
-from .snr import snr
+from xquant_core import model as model_io
+from xquant_core.config import load_config
+from xquant_core.data import CalibrationDataset, read_list, resolve_preprocessor
+from xquant_core.errors import ConfigError, ModelError
+from xquant_core.plugins import registry
+from xquant_core.runtime import onnxruntime_session
+from xquant_core.snr import snr
 
 
 @dataclass(frozen=True)

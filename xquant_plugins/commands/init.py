@@ -16,8 +16,8 @@ from pathlib import Path
 
 import onnx
 
-from . import model as model_io
-from .errors import ConfigError, DataError
+from xquant_core import model as model_io
+from xquant_core.errors import ConfigError, DataError
 
 EXTENSIONS = {
     ".jpg": "img",
