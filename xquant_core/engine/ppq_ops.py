@@ -211,7 +211,7 @@ def resize(op, values, ctx=None, **kwargs):
         coords = _source_coordinates(torch.arange(out, dtype=torch.float32), scale, size, out, transform)
         if mode == "nearest":
             index = _nearest(coords, nearest_mode).clamp(0, size - 1).to(x.device)
-            x = x.index_select(axis, index)
+            x = _repeated(x, axis, index, size, out)
         else:
             low = torch.floor(coords)
             weight = (coords - low).to(x.dtype).to(x.device)
@@ -223,6 +223,16 @@ def resize(op, values, ctx=None, **kwargs):
             second = x.index_select(axis, (low + 1).clamp(0, size - 1).to(x.device))
             x = first + (second - first) * weight
     return x
+
+
+def _repeated(x, axis: int, index, size: int, out: int):
+    """``x.index_select(axis, index)``; as ``repeat_interleave`` when the index repeats every
+    source position k times in order (an integer upsampling), which is 5x faster on CPU (the
+    PP-OCRv4 detector's calibration spent 1.1 s in this op) and copies the same values."""
+    repeats = out // size
+    if repeats > 1 and out == size * repeats and torch.equal(index.cpu(), torch.arange(out) // repeats):
+        return x.repeat_interleave(repeats, dim=axis)
+    return x.index_select(axis, index)
 
 
 def _source_coordinates(x, scale: float, size: int, out: int, transform: str):
