@@ -12,6 +12,7 @@ the ones the whole model gives. A model whose probes fit in one group runs whole
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 import onnx
 
 from xquant_core.runtime import onnxruntime_session
+
+log = logging.getLogger("xquant.analysis")
 
 
 def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
@@ -104,12 +107,29 @@ class SegmentedModel:
         self._whole: Any = None
 
     def run(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Per group, its fetched tensors (graph inputs included) for ``batch``."""
+        """Per group, its fetched tensors (graph inputs included) for ``batch``. A segment that
+        onnxruntime cannot build or run (a sequence carried between segments, say) makes the
+        model run whole from then on: the same values, all alive at once."""
         inputs = {value.name for value in self.model.graph.input}
         values = {name: array for name, array in batch.items() if name in inputs}
-        if self.segments is None:
-            yield self._run_whole(values)
-            return
+        done = 0
+        if self.segments is not None:
+            try:
+                for part in self._run_segments(dict(values)):
+                    yield part
+                    done += 1
+                return
+            except Exception as exc:  # the whole model gives the same values
+                log.debug(
+                    "running %s in segments failed (%s: %s): whole", self.model.graph.name, type(exc).__name__, exc
+                )
+                self.segments = None
+        whole = self._run_whole(values)
+        for names in self.fetches[done:]:
+            yield {name: whole[name] for name in names if name in whole}
+
+    def _run_segments(self, values: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        assert self.segments is not None
         for index, segment in enumerate(self.segments):
             if index == len(self._sessions):
                 model = segment.model_for(values) if segment.nodes else None
@@ -123,7 +143,8 @@ class SegmentedModel:
 
     def _run_whole(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._whole is None:
-            self._whole = onnxruntime_session(_with_outputs(self.model, self.fetches[0]))
+            fetched = [name for names in self.fetches for name in names]
+            self._whole = onnxruntime_session(_with_outputs(self.model, fetched))
         session = self._whole
         wanted = {value.name for value in session.get_inputs()}
         names = [value.name for value in session.get_outputs()]
