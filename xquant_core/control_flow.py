@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .engine.forms import free_names, rename_free
+from .engine.forms import free_names, rename_free, with_outputs
 
 log = logging.getLogger("xquant.control_flow")
 
@@ -155,14 +155,8 @@ def _capture(model: onnx.ModelProto, feeds: Feeds, names: list[str]) -> list[dic
     """Run the float model on every feed; return the named tensors (inputs included) per feed."""
     from .runtime import onnxruntime_session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {value.name for value in probe.graph.output}
-    inputs = {value.name for value in probe.graph.input}
-    probe.graph.output.extend(
-        onnx.ValueInfoProto(name=name) for name in names if name not in outputs and name not in inputs
-    )
-    session = onnxruntime_session(probe, threads=1)  # what calibration sees: the same on every machine
+    inputs = {value.name for value in model.graph.input}
+    session = onnxruntime_session(with_outputs(model, names), threads=1)  # what calibration sees, on every machine
     fetched = [name for name in names if name not in inputs]
     captured = []
     for feed in feeds:

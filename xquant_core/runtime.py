@@ -111,13 +111,10 @@ def release_memory() -> None:
     PP-OCRv4 det's report peaked at 1.28 GB instead of 1.41 GB (calibration peaks at 1.18 GB).
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols: glibc's, if any
+    except (OSError, TypeError):  # no C library to open this way (Windows)
         return
     if trim is not None:
         trim(0)

@@ -361,10 +361,11 @@ class ActivationCalibration:
 
         bar = progress("calibration", num_batches) if progress else None
         with torch.no_grad(), _SideWork(enabled=cores() > 1) as side:
+            for watcher in watchers:
+                watcher.submit = side.collect
             for step, feed in enumerate(feeds()):
                 for watcher in watchers:
                     watcher.step = step
-                    watcher.submit = side.collect
                 executor.forward(inputs=feed, hooks=hooks)
                 side.finish_previous_and_start_collected()
                 if bar is not None:

@@ -309,6 +309,17 @@ def rename_free(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
             value.name = active[value.name]
 
 
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``names`` (graph inputs and outputs already there are left out)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {value.name for value in copy.graph.output} | {value.name for value in copy.graph.input}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    return copy
+
+
 def opaque_inputs(node: onnx.NodeProto) -> list[str]:
     """The opaque node's inputs: the node's own (distinct, non-empty), then what its subgraphs read."""
     names = [name for name in node.input if name]

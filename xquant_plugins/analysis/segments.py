@@ -19,33 +19,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from xquant_core.engine.forms import opaque_inputs, with_outputs
 from xquant_core.runtime import onnxruntime_session
 
 log = logging.getLogger("xquant.analysis")
-
-
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a control-flow body reads from the scopes around it (its outer-scope inputs)."""
-    produced = {value.name for value in graph.input} | {init.name for init in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(name for name in node.input if name)
-        used |= _outer_names(node)
-        produced.update(node.output)
-    return used - produced
-
-
-def _outer_names(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attribute in node.attribute:
-        for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            names |= _subgraph_names(body)
-    return names
-
-
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """What ``node`` reads: its inputs and, for If/Loop/Scan, the names its bodies take from outside."""
-    return [name for name in node.input if name] + sorted(_outer_names(node))
 
 
 def tensor_bytes(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, int]:
@@ -144,7 +121,7 @@ class SegmentedModel:
     def _run_whole(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._whole is None:
             fetched = [name for names in self.fetches for name in names]
-            self._whole = onnxruntime_session(_with_outputs(self.model, fetched))
+            self._whole = onnxruntime_session(with_outputs(self.model, fetched))
         session = self._whole
         wanted = {value.name for value in session.get_inputs()}
         names = [value.name for value in session.get_outputs()]
@@ -153,28 +130,23 @@ class SegmentedModel:
         return result
 
 
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
-    """A serialized copy of ``model`` with ``names`` added as graph outputs."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {value.name for value in copy.graph.output}
-    inputs = {value.name for value in copy.graph.input}
-    for name in names:
-        if name not in present and name not in inputs:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return copy.SerializeToString()
-
-
 class _Segment:
     """One sub-model: its nodes, what it reads from earlier segments or the graph inputs, what
     it hands on, and what the later segments still need once it has run."""
 
-    def __init__(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str], needed_later: set[str]):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        nodes: list[onnx.NodeProto],
+        reads: Iterable[str],
+        outputs: list[str],
+        needed_later: set[str],
+    ):
+        """``reads``: what the nodes read (:func:`opaque_inputs`: inputs and outer-scope names of their bodies)."""
         self.model, self.nodes, self.outputs, self.needed_later = model, nodes, outputs, needed_later
         constants = {init.name for init in model.graph.initializer}
         produced = {name for node in nodes for name in node.output}
-        reads = dict.fromkeys(name for node in nodes for name in node_inputs(node))
+        reads = dict.fromkeys(reads)
         self.initializers = [name for name in reads if name in constants]
         self.inputs = [name for name in reads if name not in constants and name not in produced]
 
@@ -201,6 +173,7 @@ class _Segment:
 def _segments(model: onnx.ModelProto, fetches: list[list[str]]) -> list[_Segment]:
     """Each node goes to the first group that needs it (its fetches' ancestors not yet placed)."""
     nodes = list(model.graph.node)
+    reads = [opaque_inputs(node) for node in nodes]  # inputs, and the outer names If/Loop bodies read
     producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
     placed: list[int | None] = [None] * len(nodes)
     for group, names in enumerate(fetches):
@@ -210,16 +183,18 @@ def _segments(model: onnx.ModelProto, fetches: list[list[str]]) -> list[_Segment
             if placed[index] is not None:
                 continue
             placed[index] = group
-            stack += [producer[name] for name in node_inputs(nodes[index]) if name in producer]
-    members = [[nodes[i] for i in range(len(nodes)) if placed[i] == group] for group in range(len(fetches))]
+            stack += [producer[name] for name in reads[index] if name in producer]
+    members = [[i for i in range(len(nodes)) if placed[i] == group] for group in range(len(fetches))]
+    group_reads = [[name for i in indices for name in reads[i]] for indices in members]
     read_after: list[set[str]] = [set() for _ in fetches]  # read or fetched by the groups after each
     later: set[str] = set()
     for group in reversed(range(len(fetches))):
         read_after[group] = set(later)
-        later |= {name for node in members[group] for name in node_inputs(node)} | set(fetches[group])
+        later |= set(group_reads[group]) | set(fetches[group])
     segments = []
-    for group, group_nodes in enumerate(members):
+    for group, indices in enumerate(members):
+        group_nodes = [nodes[i] for i in indices]
         produced = [name for node in group_nodes for name in node.output if name]
         outputs = [name for name in produced if name in read_after[group] or name in fetches[group]]
-        segments.append(_Segment(model, group_nodes, outputs, read_after[group]))
+        segments.append(_Segment(model, group_nodes, group_reads[group], outputs, read_after[group]))
     return segments
