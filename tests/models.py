@@ -95,3 +95,39 @@ def npy_project(folder: Path, model: onnx.ModelProto, count: int, seed: int, cal
         },
         "quantization_parameters": dict(quant),
     }
+
+
+def depthwise_block(seed: int = 0) -> onnx.ModelProto:
+    """BlazeFace's blocks in small: Conv-Relu, then a depthwise Conv -> pointwise Conv with no
+    activation between them (what cross-layer equalization rescales; the depthwise filters' gains
+    span 200x), added to the Relu's output padded with zero channels (a Concat, whose inputs share
+    one scale) and Relu'd, then a 1x1 Conv. The exporter folds each Relu into the Q after it."""
+    rng = np.random.default_rng(seed)
+    gains = np.array([0.1, 1.0, 10.0, 0.3, 3.0, 1.0, 0.05, 5.0]).reshape(8, 1, 1, 1)
+    arrays = {
+        "w1": rng.normal(0, 0.3, (8, 3, 3, 3)),
+        "b1": rng.normal(0, 0.1, (8,)),
+        "wd": rng.normal(0, 0.3, (8, 1, 3, 3)) * gains,
+        "wp": rng.normal(0, 0.3, (12, 8, 1, 1)) / gains.reshape(1, 8, 1, 1) ** 0.5,
+        "bp": rng.normal(0, 0.1, (12,)),
+        "zeros": np.zeros((1, 4, 16, 16)),
+        "wo": rng.normal(0, 0.3, (4, 12, 1, 1)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "wd"], ["dw"], pads=[1, 1, 1, 1], group=8, name="depthwise"),
+        helper.make_node("Conv", ["dw", "wp", "bp"], ["pw"], name="pointwise"),
+        helper.make_node("Concat", ["r1", "zeros"], ["padded"], axis=1, name="pad"),
+        helper.make_node("Add", ["pw", "padded"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "wo"], ["out"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "depthwise_block",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [numpy_helper.from_array(array.astype(np.float32), name) for name, array in arrays.items()],
+    )
+    return finish(graph)

@@ -36,7 +36,7 @@ from . import fallback
 from .findings import Row, Suggestion, rows_worst_first, suggest
 from .graph import Probe, QuantizedOp, quantized_ops
 from .limits import CANDIDATE_BATCHES, DEFAULT_MAX_BATCHES, FLAG_COSINE, FLAG_SNR, HELD_BACK_CANDIDATES, HELD_BACK_MAX
-from .measure import Measurement, TensorStats, channel_scales, float_activations, measure, spread
+from .measure import Measurement, TensorStats, channel_scales, measure, spread
 from .render import sparkline, verdict
 from .report import Report, summary_figures, summary_lines, write_report
 
@@ -56,7 +56,6 @@ __all__ = [
     "TensorStats",
     "channel_scales",
     "fallback",
-    "float_activations",
     "measure",
     "quantized_ops",
     "rows_worst_first",

@@ -34,6 +34,20 @@ class QuantizedOp:
         return f"{self.name}[{self.op_type}]"
 
 
+def folded_activations(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor -> the float model's Relu/Clip that reads it where the exported model has the tensor
+    but not the activation's output: the exporter removed the op because the int8 range of the
+    Q after it clips as it did (PPQ's ``remove_activation_ops``)."""
+    graph = quant_model.graph
+    names = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    names |= {name for node in graph.node for name in node.output}
+    return {
+        node.input[0]: node
+        for node in float_model.graph.node
+        if node.op_type in {"Relu", "Clip"} and node.output[0] not in names and node.input[0] in names
+    }
+
+
 class _QdqGraph:
     """Producer/consumer index of the QDQ model and the tensor-name mapping to the float model."""
 
@@ -61,6 +75,8 @@ class _QdqGraph:
             out for node in fgraph.node for out in node.output if out
         }
         self.float_names -= float_constants
+        #: QDQ tensor -> the float model's Relu/Clip on it that the exporter folded into its Q
+        self.folded = {name: node.output[0] for name, node in folded_activations(quant_model, float_model).items()}
 
     def _node(self, name: str) -> onnx.NodeProto | None:
         index = self.producer.get(name)
@@ -96,6 +112,8 @@ class _QdqGraph:
     def float_name(self, name: str) -> str | None:
         """The float model's name of a QDQ-model tensor (None when it has none)."""
         candidates = self.backward_chain(name)
+        if len(candidates) > 1 and candidates[-1] in self.folded:  # the Q clamps as the activation did
+            return self.folded[candidates[-1]]
         forward = self.forward_dq(name)
         if forward is not None:
             candidates.append(forward)
@@ -193,7 +211,7 @@ def quantized_ops(
             if var is None:
                 continue
             after = index.forward_dq(name)
-            outputs.append(Probe(after or name, var))
+            outputs.append(Probe(after, index.float_name(after) or var) if after else Probe(name, var))
             if after is not None:
                 raw_outputs.append(Probe(name, var))
         if inputs or outputs:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from xquant_core.runtime import in_parallel
 from xquant_core.snr import PowerSums, flat32
@@ -136,6 +137,8 @@ class Measurement:
     candidates_on: str = ""
     #: per measured batch, both models' outputs ``({name: float}, {name: quantized})``, for the candidates' baseline
     output_values: list[tuple[dict, dict]] = field(default_factory=list)
+    #: probes compared in the scale cross-layer equalization gave them: per-channel factors
+    scales: dict[Probe, np.ndarray] = field(default_factory=dict)
 
 
 def _run_both(float_run: SegmentedModel, quant_run: SegmentedModel, batch: dict[str, np.ndarray]):
@@ -180,105 +183,78 @@ class _Sampler:
         return self._cache[size]
 
 
-def float_activations(quant_model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The exported graph with its activation Q/DQ pairs removed (weights as exported), and the
-    map from each removed DQ output to the tensor that replaces it."""
-    graph = _QdqGraph(quant_model, quant_model)
-    replaced: dict[str, str] = {}
-    dropped: set[int] = set()
-    for index, node in enumerate(graph.nodes):
-        if node.op_type != "QuantizeLinear" or graph.is_constant(node.input[0]):
-            continue
-        consumers = graph.consumers.get(node.output[0], [])
-        if not consumers or any(graph.nodes[c].op_type != "DequantizeLinear" for c in consumers):
-            continue
-        dropped.add(index)
-        for consumer in consumers:
-            dropped.add(consumer)
-            replaced[graph.nodes[consumer].output[0]] = node.input[0]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(quant_model)
-    del copy.graph.node[:]
-    for index, node in enumerate(graph.nodes):
-        if index in dropped:
-            continue
-        node = copy_node = onnx.NodeProto()
-        copy_node.CopyFrom(graph.nodes[index])
-        for position, name in enumerate(node.input):
-            node.input[position] = _final(replaced, name)
-        copy.graph.node.append(node)
-    for value in copy.graph.output:
-        if value.name in replaced:
-            copy.graph.node.append(onnx.helper.make_node("Identity", [_final(replaced, value.name)], [value.name]))
-    return copy, {name: _final(replaced, name) for name in replaced}
+#: a Conv's output channel counts as rescaled by cross-layer equalization when its exported
+#: (dequantized) weights are the float ones times one factor this far from 1 ...
+RESCALE_MIN_CHANGE = 0.05
+#: ... every weight within this many of its quantization steps of that product (rounding: half a
+#: step; a Conv whose input channels were rescaled misses by tens of steps)
+RESCALE_TOLERANCE_STEPS = 1.0
 
 
-def _final(replaced: dict[str, str], name: str) -> str:
-    for _ in range(8):
-        if name not in replaced:
-            break
-        name = replaced[name]
-    return name
+def channel_scales(exported: np.ndarray, original: np.ndarray, step: np.ndarray | float = 0.0) -> np.ndarray | None:
+    """Per output channel (axis 0) of a Conv's weights, the factor s with exported = s * original
+    up to ``step`` (the weights' quantization step, per channel or one) where s is away from 1;
+    1 elsewhere. None when no channel is rescaled.
 
-
-#: a channel counts as rescaled by cross-layer equalization when the float-activation reference
-#: matches scale x float this closely (relative residual power) ...
-RESCALE_FIT = 1e-2
-#: ... with a scale this far from 1 (weight rounding alone moves channel gains far less)
-RESCALE_MIN_FACTOR = 1.25
-#: ... over at least this many nonzero float values in the channel (any scale fits one value)
-RESCALE_MIN_VALUES = 16
-
-
-def channel_scales(reference: np.ndarray, f: np.ndarray) -> np.ndarray | None:
-    """Per-channel (axis 1) factors s with reference ~= s * f where that fit is exact up to
-    weight rounding and s is far from 1; 1 elsewhere. None when no channel is rescaled.
-
-    Cross-layer equalization (finetune_level >= 1) scales the channels of the tensors
-    between the layers it balances, so the exported model's tensors are not comparable with
-    the float model's as they are. The float-activation reference (the exported graph
-    without its activation Q/DQ) tells the scales apart from damage: a channel zeroed or
-    distorted by a badly quantized constant does not fit ``s * f`` and keeps s = 1.
+    Cross-layer equalization (finetune_level >= 1, :mod:`xquant_core.engine.equalize`) divides
+    the output channels of a depthwise Conv by factors and multiplies the reader's inputs by
+    them: the tensor between is in another scale than the float model's, by exactly the ratio
+    of the first Conv's weights. A channel zeroed or distorted by a bad quantization scale does
+    not fit ``s * original`` and keeps s = 1, so its error shows.
     """
-    if f.ndim < 2 or f.shape != reference.shape or f.size < RESCALE_MIN_VALUES * f.shape[1]:
+    if exported.shape != original.shape or exported.ndim < 2:
         return None
-    axes = tuple(axis for axis in range(f.ndim) if axis != 1)
-    f = f.astype(np.float32, copy=False)
-    reference = reference.astype(np.float32, copy=False)
-    f_c = np.sum(f * f, axis=axes, dtype=np.float64)
-    r_c = np.sum(reference * reference, axis=axes, dtype=np.float64)
-    rf_c = np.sum(reference * f, axis=axes, dtype=np.float64)
+    axes = tuple(range(1, original.ndim))
+    e, o = exported.astype(np.float64), original.astype(np.float64)
+    o_c = np.sum(o * o, axis=axes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(f_c > 0, rf_c / f_c, 1.0)
-        residual = np.where(r_c > 0, (r_c - 2 * scale * rf_c + scale * scale * f_c) / r_c, 1.0)
-    support = np.count_nonzero(f, axis=axes)
-    good = (
-        (support >= RESCALE_MIN_VALUES)
-        & (r_c > 0)
-        & (residual < RESCALE_FIT)
-        & ((scale > RESCALE_MIN_FACTOR) | ((scale > 0) & (scale < 1 / RESCALE_MIN_FACTOR)))
-    )
-    if np.count_nonzero(good) < 2:  # one channel alone is no evidence of equalization
+        scale = np.where(o_c > 0, np.sum(e * o, axis=axes) / o_c, 1.0)
+    shape = (-1,) + (1,) * len(axes)
+    miss = np.abs(e - scale.reshape(shape) * o) - RESCALE_TOLERANCE_STEPS * np.asarray(step, np.float64)
+    fits = np.max(miss, axis=axes) <= 1e-6 * np.max(np.abs(e), axis=axes)
+    good = (o_c > 0) & (scale > 0) & fits & (np.abs(scale - 1.0) > RESCALE_MIN_CHANGE)
+    if not good.any():
         return None
-    shape = [1] * f.ndim
-    shape[1] = f.shape[1]
-    return np.where(good, scale, 1.0).reshape(shape).astype(np.float32)
+    return np.where(good, scale, 1.0).astype(np.float32)
 
 
-def _equalization_scales(quant_model, float_run, groups, batch) -> dict[Probe, np.ndarray]:
-    """Per probe, the channel scales cross-layer equalization put on it (from one batch: the
-    exported graph without its activation Q/DQ against the float model); only rescaled probes."""
-    reference, renamed = float_activations(quant_model)
-    reference_run = SegmentedModel(reference, [[renamed.get(p.quant, p.quant) for p in group] for group in groups])
-    scales: dict[Probe, np.ndarray] = {}
-    for group, r_values, f_values in zip(groups, reference_run.run(batch), float_run.run(batch)):
-        for probe in group:
-            f, r = f_values.get(probe.var), r_values.get(renamed.get(probe.quant, probe.quant))
-            if f is not None and r is not None and np.issubdtype(f.dtype, np.floating):
-                scale = channel_scales(r, f)
-                if scale is not None:
-                    scales[probe] = scale
-    return scales
+def _equalization_scales(quant_model, float_model, graph: _QdqGraph, probes) -> dict[Probe, np.ndarray]:
+    """Per probe, the channel scales cross-layer equalization put on its tensor: for the output of
+    a Conv, the ratio of its exported weights to the float model's (:func:`channel_scales`)."""
+    float_weights = {init.name: init for init in float_model.graph.initializer}
+    float_convs = {node.output[0]: node for node in float_model.graph.node if node.op_type == "Conv"}
+    quant_constants = {init.name: init for init in quant_model.graph.initializer}
+    by_var: dict[str, np.ndarray] = {}
+    for node in graph.nodes:
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        original = float_convs.get(graph.float_name(node.output[0]) or "")
+        exported = _dequantized(graph, quant_constants, node.input[1])
+        if original is None or original.input[1] not in float_weights or exported is None:
+            continue
+        values, step = exported
+        scale = channel_scales(values, numpy_helper.to_array(float_weights[original.input[1]]), step)
+        if scale is not None:
+            by_var[original.output[0]] = scale.reshape(1, -1, *([1] * (values.ndim - 2)))
+    return {probe: by_var[probe.var] for probe in probes if probe.var in by_var}
+
+
+def _dequantized(graph: _QdqGraph, constants: dict, name: str) -> tuple[np.ndarray, np.ndarray | float] | None:
+    """The float value of a constant weight as the exported model computes it and its quantization
+    step: an initializer (step 0), or DequantizeLinear of one (per tensor or per ``axis``)."""
+    if name in constants:
+        return numpy_helper.to_array(constants[name]).astype(np.float32), 0.0
+    node = graph._node(name)
+    if node is None or node.op_type != "DequantizeLinear" or any(i not in constants for i in node.input if i):
+        return None
+    values, scale = (numpy_helper.to_array(constants[i]) for i in node.input[:2])
+    zero = numpy_helper.to_array(constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+    shape = [1] * values.ndim
+    if np.ndim(scale) == 1 and values.ndim > 0:
+        shape[next((attr.i for attr in node.attribute if attr.name == "axis"), 1)] = -1
+    step = np.reshape(np.asarray(scale, np.float32), shape if np.ndim(scale) else [])
+    zero = np.reshape(np.asarray(zero, np.float32), shape if np.ndim(zero) else [])
+    return (values.astype(np.float32) - zero) * step, step
 
 
 def _comparable(f: np.ndarray, q: np.ndarray) -> bool:
@@ -319,7 +295,7 @@ def measure(
     float_outputs = [value.name for value in float_model.graph.output]
     float_run = SegmentedModel(float_model, _fetches(groups, "var", float_outputs))
     quant_run = SegmentedModel(quant_model, _fetches(groups, "quant", sorted(quant_outputs)))
-    scales = _equalization_scales(quant_model, float_run, groups, batches[0])
+    scales = _equalization_scales(quant_model, float_model, graph, probes)
     planned = min(len(batches), max_batches)
     comparison = _Comparison(probes, model_outputs, scales, _Sampler(math.ceil(max_elements / planned)))
     notes: list[str] = []
@@ -331,7 +307,7 @@ def measure(
     stats, outputs = comparison.results()
     return Measurement(
         graph, ops, stats, outputs, used, len(batches), max_elements, time.perf_counter() - started, notes,
-        f"{used} calibration batch(es)", output_values=output_values,
+        f"{used} calibration batch(es)", output_values=output_values, scales=scales,
     )  # fmt: skip
 
 
