@@ -155,3 +155,29 @@ def test_float_graph_as_ppq_runs_it_equals_onnxruntime(name):
     for want, have in zip(expected, got):
         assert have.shape == want.shape
         np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
+
+
+def test_caffe_descriptor_is_read_from_the_generated_module_without_parsing_it():
+    """PPQ's Caffe ``_pb2`` is rebuilt from its ``serialized_pb`` literal (protobuf >= 4): the
+    literal is read from its tokens, the same bytes a full parse of the 0.5 MB module gives."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    from xquant_core import ppq_compat
+
+    spec = importlib.util.find_spec("ppq")
+    source = (Path(spec.submodule_search_locations[0]) / "parser" / "caffe" / "ppl_caffe_pb2.py").read_text()
+    parsed = next(
+        ast.literal_eval(node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.keyword) and node.arg == "serialized_pb"
+    )
+    assert ppq_compat._serialized_descriptor(source) == parsed and len(parsed) > 10000
+    assert ppq_compat._serialized_descriptor("f(serialized_pb=b'ab'\n    b'cd', x=1)") == b"abcd"
+    assert ppq_compat._serialized_descriptor("f(serialized_pb=None)") is None
+    assert ppq_compat._serialized_descriptor("no descriptor here") is None
+    ppq_compat.import_ppq()
+    from ppq.parser.caffe import ppl_caffe_pb2
+
+    assert ppl_caffe_pb2.NetParameter.DESCRIPTOR.full_name == "caffe.NetParameter"
