@@ -185,6 +185,9 @@ def cmd_quantize(args) -> int:
 
     cfg = load_config(args.config)  # before the pipeline's imports (onnx: ~0.6 s): a bad config fails fast
     from .pipeline import run
+    from .runtime import load_libraries
+
+    load_libraries(ppq=cfg.quantization.precision_level != 3)  # global 3 is dynamic: no PPQ
 
     summary_path = Path(args.summary_json) if args.summary_json else None
     also_writes = {}
