@@ -1,4 +1,4 @@
-"""onnxruntime sessions and the thread count, made one way for every part of xquant."""
+"""onnxruntime sessions, the thread count and the up-front imports, made one way for every part of xquant."""
 
 from __future__ import annotations
 
