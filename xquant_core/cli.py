@@ -185,9 +185,6 @@ def cmd_quantize(args) -> int:
 
     cfg = load_config(args.config)  # before the pipeline's imports (onnx: ~0.6 s): a bad config fails fast
     from .pipeline import run
-    from .runtime import load_libraries
-
-    load_libraries(ppq=cfg.quantization.precision_level != 3)  # global 3 is dynamic: no PPQ
 
     summary_path = Path(args.summary_json) if args.summary_json else None
     also_writes = {}
@@ -195,7 +192,7 @@ def cmd_quantize(args) -> int:
         check_folder(summary_path)
         also_writes[summary_path] = "the --summary-json file"
     stages = Stages(quiet=args.quiet)
-    result = run(cfg, model=args.input, output=args.output, progress=stages, also_writes=also_writes)
+    result = run(cfg, model=args.input, output=args.output, progress=stages, also_writes=also_writes, own_process=True)
     how = (
         f"{result.samples} calibration samples on {result.device}"
         if result.samples

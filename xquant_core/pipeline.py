@@ -27,6 +27,7 @@ from .errors import ConfigError, ModelError, XQuantError
 from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
 from .reporting import REPORTER, ReportRequest
+from .runtime import libraries_loaded
 from .searching import SEARCHER
 from .verify import diagnose_failure, verify_model
 
@@ -169,11 +170,20 @@ def run(
     output: str | os.PathLike | None = None,
     progress: ProgressFactory | None = None,
     also_writes: Mapping[Path, str] | None = None,
+    own_process: bool = False,
 ) -> QuantizationResult:
     """Run the whole pipeline; raise an :class:`XQuantError` on bad input. ``also_writes``: see
-    :func:`prepare`."""
+    :func:`prepare`. The inputs are checked before the heavy libraries load (a bad input fails in
+    a second); those load up front and out of garbage collection (:func:`.runtime.libraries_loaded`;
+    ``own_process``: the process ends with the run, as the command line's does)."""
     started = time.perf_counter()
     prepared = prepare(cfg, model, output, also_writes)
+    needs_ppq, needs_onnxsim = prepared.dataset is not None, not cfg.model.skip_onnxsim
+    with libraries_loaded(ppq=needs_ppq, onnxsim=needs_onnxsim, own_process=own_process):
+        return _run(cfg, prepared, started, progress)
+
+
+def _run(cfg: XQuantConfig, prepared: Prepared, started: float, progress: ProgressFactory | None) -> QuantizationResult:
     out_path, float_model, dataset = prepared.out_path, prepared.float_model, prepared.dataset
     if not cfg.model.skip_onnxsim:
         with _stage(progress, "onnxsim"):

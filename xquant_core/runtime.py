@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -121,27 +123,43 @@ def release_memory() -> None:
         trim(0)
 
 
-def load_libraries(ppq: bool = True) -> None:
-    """Import onnxruntime and (``ppq``) PPQ with torch now, with the garbage collector paused, and
-    freeze what they made (``gc.freeze``): for the command line, whose process is xquant's own.
+@contextlib.contextmanager
+def libraries_loaded(ppq: bool = True, onnxsim: bool = True, own_process: bool = False) -> Iterator[None]:
+    """Import onnxruntime, onnxsim and (``ppq``) PPQ with torch up front, with the garbage collector
+    paused, and keep what they made out of collections (``gc.freeze``; nothing is frozen when the
+    caller has frozen objects of its own).
 
-    Importing torch and PPQ leaves about a million objects that live to the end of the run;
-    every full collection after it walked them all: 0.4 s of MTCNN O-net's 3.4 s run (625
-    collections), 0.8 s of YOLOv8n's, plus PPQ's own ``gc.collect()`` around its passes. Frozen,
-    they are left out of collections (O-net 3.4 -> 2.8 s, GC 0.07 s). onnxsim is imported after
-    the freeze: its nanobind executor must stay collectable, or nanobind reports it leaked at exit.
-    The results do not change: collections free memory, they compute nothing.
+    Importing torch, onnxsim and PPQ leaves about a million objects that live to the end of the
+    run, and every full collection walked them all: 0.4 s of MTCNN O-net's 3.4 s run (625
+    collections), 0.8 s of YOLOv8n's, PPQ's own ``gc.collect()`` around its passes included.
+    Frozen, they are skipped (O-net's collections 0.4 -> 0.01 s). The results do not change:
+    collections free memory, they compute nothing.
+
+    In a caller's process they are unfrozen when the block ends. ``own_process`` (the command
+    line, which exits after the run): they stay frozen, since the collection at interpreter
+    exit would walk them again (0.45 s), and onnxsim is left to load unfrozen, since nanobind
+    reports its objects as leaked when they are still alive at exit (O-net 3.4 -> 2.7 s).
     """
-    from .ppq_compat import import_ppq
-
+    ours = gc.get_freeze_count() == 0
     enabled = gc.isenabled()
     gc.disable()
     try:
         import onnxruntime  # noqa: F401
 
+        from .ppq_compat import import_ppq
+
         if ppq:
             import_ppq()
+        if onnxsim and not own_process:
+            with contextlib.suppress(Exception):  # model.simplify names a broken onnxsim itself
+                import onnxsim as _onnxsim  # noqa: F401
+        if ours:
+            gc.freeze()
     finally:
-        gc.freeze()
         if enabled:
             gc.enable()
+    try:
+        yield
+    finally:
+        if ours and not own_process:
+            gc.unfreeze()
