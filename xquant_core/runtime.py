@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -138,9 +139,12 @@ def libraries_loaded(ppq: bool = True, onnxsim: bool = True, own_process: bool =
     In a caller's process they are unfrozen when the block ends. ``own_process`` (the command
     line, which exits after the run): they stay frozen, since the collection at interpreter
     exit would walk them again (0.45 s), and onnxsim is left to load unfrozen, since nanobind
-    reports its objects as leaked when they are still alive at exit (O-net 3.4 -> 2.7 s).
+    reports its objects as leaked when they are still alive at exit (O-net 3.4 -> 2.7 s); if
+    onnxsim is loaded already (the command line called in a process that used it), they are
+    unfrozen at the end as for a caller.
     """
     ours = gc.get_freeze_count() == 0
+    own_process = own_process and "onnxsim" not in sys.modules
     enabled = gc.isenabled()
     gc.disable()
     try:
