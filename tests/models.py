@@ -101,14 +101,18 @@ def depthwise_block(seed: int = 0) -> onnx.ModelProto:
     """BlazeFace's blocks in small: Conv-Relu, then a depthwise Conv -> pointwise Conv with no
     activation between them (what cross-layer equalization rescales; the depthwise filters' gains
     span 200x), added to the Relu's output padded with zero channels (a Concat, whose inputs share
-    one scale) and Relu'd, then a 1x1 Conv. The exporter folds each Relu into the Q after it."""
+    one scale) and Relu'd, then a 1x1 Conv. The exporter folds each Relu into the Q after it. The
+    pointwise Conv's first output channel reads only the first depthwise channel, so its weights
+    also change by one factor per output channel when that channel is equalized."""
     rng = np.random.default_rng(seed)
     gains = np.array([0.1, 1.0, 10.0, 0.3, 3.0, 1.0, 0.05, 5.0]).reshape(8, 1, 1, 1)
     arrays = {
         "w1": rng.normal(0, 0.3, (8, 3, 3, 3)),
         "b1": rng.normal(0, 0.1, (8,)),
         "wd": rng.normal(0, 0.3, (8, 1, 3, 3)) * gains,
-        "wp": rng.normal(0, 0.3, (12, 8, 1, 1)) / gains.reshape(1, 8, 1, 1) ** 0.5,
+        # the pointwise Conv's first output channel reads one input channel: it scales with it
+        "wp": rng.normal(0, 0.3, (12, 8, 1, 1)) / gains.reshape(1, 8, 1, 1) ** 0.5 * (np.arange(12) > 0)[:, None, None, None]
+        + np.eye(12, 8)[:, :, None, None] * (np.arange(12) == 0)[:, None, None, None],
         "bp": rng.normal(0, 0.1, (12,)),
         "zeros": np.zeros((1, 4, 16, 16)),
         "wo": rng.normal(0, 0.3, (4, 12, 1, 1)),

@@ -83,14 +83,31 @@ def _serialized_descriptor(source: str) -> bytes | None:
     start = source.find("serialized_pb=")
     if start < 0:
         return None
-    parts = []
+    parts: list = []
     tokens = tokenize.generate_tokens(io.StringIO(source[start + len("serialized_pb=") :]).readline)
-    for token in tokens:
-        if token.type == tokenize.STRING:
-            parts.append(ast.literal_eval(token.string))
-        elif token.type not in _BETWEEN_STRINGS or not parts:
-            break
+    try:
+        for token in tokens:
+            if token.type == tokenize.STRING:
+                parts.append(ast.literal_eval(token.string))
+            elif token.type not in _BETWEEN_STRINGS or not parts:
+                break
+    except (SyntaxError, tokenize.TokenError, ValueError):  # not the plain literal protoc writes
+        return _serialized_by_parsing(source)
+    if token.type != tokenize.OP or token.string not in (",", ")"):  # the literal is part of an expression
+        return _serialized_by_parsing(source)
     return b"".join(parts) if parts and all(isinstance(part, bytes) for part in parts) else None
+
+
+def _serialized_by_parsing(source: str) -> bytes | None:
+    """The ``serialized_pb`` keyword's value from the whole module's syntax tree, when it is a
+    bytes literal (the slow way, for a module not written as protoc writes it)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.keyword) and node.arg == "serialized_pb":
+            with contextlib.suppress(ValueError, SyntaxError):
+                value = ast.literal_eval(node.value)
+                return value if isinstance(value, bytes) else None
+            return None
+    return None
 
 
 def _install_onnx_mapping() -> None:

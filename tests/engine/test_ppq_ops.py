@@ -177,6 +177,10 @@ def test_caffe_descriptor_is_read_from_the_generated_module_without_parsing_it()
     assert ppq_compat._serialized_descriptor("f(serialized_pb=b'ab'\n    b'cd', x=1)") == b"abcd"
     assert ppq_compat._serialized_descriptor("f(serialized_pb=None)") is None
     assert ppq_compat._serialized_descriptor("no descriptor here") is None
+    # not written as protoc writes it: the whole module is parsed instead, and nothing raises
+    assert ppq_compat._serialized_descriptor("f(\n  serialized_pb=b'ab'\n    b'cd'\n  , x=1)") == b"abcd"
+    assert ppq_compat._serialized_descriptor("f(serialized_pb=b'ab' + x)") is None
+    assert ppq_compat._serialized_descriptor("f(serialized_pb=_b('x'))") is None
     ppq_compat.import_ppq()
     from ppq.parser.caffe import ppl_caffe_pb2
 

@@ -220,7 +220,9 @@ def channel_scales(exported: np.ndarray, original: np.ndarray, step: np.ndarray 
 
 def _equalization_scales(quant_model, float_model, graph: _QdqGraph, probes) -> dict[Probe, np.ndarray]:
     """Per probe, the channel scales cross-layer equalization put on its tensor: for the output of
-    a Conv, the ratio of its exported weights to the float model's (:func:`channel_scales`)."""
+    a depthwise Conv (the first of the pairs equalization balances), the ratio of its exported
+    weights to the float model's (:func:`channel_scales`). Not other Convs: an output channel of
+    the pair's second Conv that reads one input channel would fit the scale of its input."""
     float_weights = {init.name: init for init in float_model.graph.initializer}
     float_convs = {node.output[0]: node for node in float_model.graph.node if node.op_type == "Conv"}
     quant_constants = {init.name: init for init in quant_model.graph.initializer}
@@ -233,6 +235,9 @@ def _equalization_scales(quant_model, float_model, graph: _QdqGraph, probes) -> 
         if original is None or original.input[1] not in float_weights or exported is None:
             continue
         values, step = exported
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        if values.ndim < 2 or values.shape[1] != 1 or group != values.shape[0]:
+            continue
         scale = channel_scales(values, numpy_helper.to_array(float_weights[original.input[1]]), step)
         if scale is not None:
             by_var[original.output[0]] = scale.reshape(1, -1, *([1] * (values.ndim - 2)))
@@ -249,6 +254,8 @@ def _dequantized(graph: _QdqGraph, constants: dict, name: str) -> tuple[np.ndarr
         return None
     values, scale = (numpy_helper.to_array(constants[i]) for i in node.input[:2])
     zero = numpy_helper.to_array(constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+    if np.ndim(scale) > 1 or np.ndim(zero) > 1:  # blocked quantization (opset 21): not read here
+        return None
     shape = [1] * values.ndim
     if np.ndim(scale) == 1 and values.ndim > 0:
         shape[next((attr.i for attr in node.attribute if attr.name == "axis"), 1)] = -1
