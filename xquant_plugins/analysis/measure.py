@@ -228,15 +228,15 @@ def _equalization_scales(quant_model, float_model, graph: _QdqGraph, probes) -> 
     quant_constants = {init.name: init for init in quant_model.graph.initializer}
     by_var: dict[str, np.ndarray] = {}
     for node in graph.nodes:
-        if node.op_type != "Conv" or len(node.input) < 2:
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        if node.op_type != "Conv" or len(node.input) < 2 or group == 1:  # no weights dequantized for nothing
             continue
         original = float_convs.get(graph.float_name(node.output[0]) or "")
         exported = _dequantized(graph, quant_constants, node.input[1])
         if original is None or original.input[1] not in float_weights or exported is None:
             continue
         values, step = exported
-        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
-        if values.ndim < 2 or values.shape[1] != 1 or group != values.shape[0]:
+        if values.ndim < 2 or values.shape[1] != 1 or group != values.shape[0]:  # depthwise only
             continue
         scale = channel_scales(values, numpy_helper.to_array(float_weights[original.input[1]]), step)
         if scale is not None:
