@@ -333,3 +333,12 @@ def reattach(
     merged.producer_name, merged.producer_version = quantized_upper.producer_name, quantized_upper.producer_version
     merged.metadata_props.extend(quantized_upper.metadata_props)
     return merged
+
+
+def keep_metadata(quantized: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
+    """Carry the float model's ``metadata_props`` into the quantized one, before the keys the
+    exporter wrote (``xquant_version`` ...), which win a clash. Runtimes read them: an Ultralytics
+    export's class names, stride and image size are what its loader takes from the file."""
+    props = {prop.key: prop.value for prop in float_model.metadata_props}
+    props.update((prop.key, prop.value) for prop in quantized.metadata_props)
+    onnx.helper.set_model_props(quantized, props)

@@ -190,6 +190,7 @@ def _run(cfg: XQuantConfig, prepared: Prepared, started: float, progress: Progre
             float_model = model_io.simplify(float_model, keep=_named_tensors(cfg))
     if dataset is None:  # global precision_level 3: the platform's dynamic mode
         quantized = prepared.platform.quantize_dynamic(float_model)
+        model_io.keep_metadata(quantized, prepared.float_model)
         write_model_atomically(quantized, out_path)
         return QuantizationResult(quantized, out_path, time.perf_counter() - started, 0, "cpu")
     _check_something_to_quantize(float_model)
@@ -207,6 +208,7 @@ def _run(cfg: XQuantConfig, prepared: Prepared, started: float, progress: Progre
         sections, summary, snippet = registry("searcher").get(SEARCHER).explain(cfg, search, out_path)
     if cut:
         quantized = model_io.reattach(quantized, float_model, lower)
+    model_io.keep_metadata(quantized, prepared.float_model)
     gap = verify_model(quantized, float_model, dataset.batch(0))
     if gap:
         log.warning(gap)

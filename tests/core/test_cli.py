@@ -173,12 +173,17 @@ def test_api_accepts_a_model_proto(small_project):
     import xquant
 
     proto = onnx.load(str(small_project / "small.onnx"))
+    # what an Ultralytics export carries and its loader reads back; a key xquant writes itself
+    onnx.helper.set_model_props(proto, {"names": "{0: 'face'}", "stride": "32", "xquant_version": "0.0"})
     model = xquant.quantize_onnx_model(str(small_project / "cfg.json"), model=proto)
     # no model file: the output is named after "model" in working_dir
     written = small_project / "out" / "model.q.onnx"
     assert written.is_file()
     assert model.SerializeToString() == written.read_bytes()
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in model.graph.node}
+    props = [(prop.key, prop.value) for prop in model.metadata_props]
+    assert props == [("names", "{0: 'face'}"), ("stride", "32"), ("xquant_version", xquant.__version__),
+                     ("xquant_platform", "spacemit")]
 
 
 # --------------------------------------------------------------------------- failures and exit codes
