@@ -148,7 +148,7 @@ def quantize(model: Model, method: str, steps: int, workdir: Path, photo_list: P
     cmd = [sys.executable, str(HERE / "quantizers.py"), method, "--config", str(model.config),
            "--model", str(model.onnx), "--list", str(photo_list), "--steps", str(steps),
            "--output", str(out / f"{model.key}.{method}.onnx"), "--json", str(record_path)]
-    measured = run_process(cmd, log_path)
+    measured = run_process(cmd, log_path, {"XQUANT_CACHE_DIR": ""})  # as a first run: no onnxsim result kept
     record: Dict = {"method": method, "process_s": measured.wall_s, "peak_rss_mib": measured.peak_rss_mib,
                     "returncode": measured.returncode, "log": str(log_path)}
     if measured.returncode == 0 and record_path.is_file():

@@ -36,6 +36,20 @@ MATERIAL = SAMPLES / "material"
 SAMPLE_MODEL = SAMPLES / "mobilenet_v2" / "mobilenet_v2.onnx"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def onnxsim_cache(tmp_path_factory) -> Path:
+    """The tests' own onnxsim cache (``XQUANT_CACHE_DIR``, inherited by the runs in subprocesses):
+    empty when the session starts, nothing written to the user's ``~/.cache``."""
+    folder = tmp_path_factory.mktemp("xquant_cache")
+    saved = os.environ.get("XQUANT_CACHE_DIR")
+    os.environ["XQUANT_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("XQUANT_CACHE_DIR", None)
+    else:
+        os.environ["XQUANT_CACHE_DIR"] = saved
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -87,26 +88,108 @@ def _half_precision(model: onnx.ModelProto) -> list[str]:
     return values + [f"initializer {init.name}" for init in graph.initializer if init.data_type in half]
 
 
-def simplify(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProto:
+def simplify(model: onnx.ModelProto, keep: Iterable[str] = (), cache: OnnxsimCache | None = None) -> onnx.ModelProto:
     """onnxsim the model (on failure warn and go on with the original), then the exact rewrites of
-    :mod:`xquant_core.rewrite`, which leave the tensors named in ``keep`` as they are."""
-    try:
-        import onnxsim
+    :mod:`xquant_core.rewrite`, which leave the tensors named in ``keep`` as they are. ``cache``:
+    where onnxsim's result for this model is kept between runs (:class:`OnnxsimCache`)."""
+    simplified = cache.load() if cache is not None else None
+    if simplified is None:
+        try:
+            import onnxsim
 
-        with _native_output_to_log("onnxsim"):
-            simplified, ok = onnxsim.simplify(model)
-    except Exception as exc:  # onnxsim raises many kinds of errors on exotic graphs
-        log.warning(
-            "onnxsim failed (%s: %s); going on with the original graph",
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-        )
-        simplified, ok = model, True
-    if not ok:
-        log.warning("onnxsim could not validate the simplified model; going on with the original graph")
-        simplified = model
+            with _native_output_to_log("onnxsim"):
+                simplified, ok = onnxsim.simplify(model)
+        except Exception as exc:  # onnxsim raises many kinds of errors on exotic graphs
+            log.warning(
+                "onnxsim failed (%s: %s); going on with the original graph",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            simplified, ok = model, True
+        if not ok:
+            log.warning("onnxsim could not validate the simplified model; going on with the original graph")
+            simplified = model
+        elif cache is not None and simplified is not model:
+            cache.store(simplified)
     keep = set(keep)
     return rewrite.fold_affine_into_conv(rewrite.fuse_hard_activations(simplified, keep), keep)
+
+
+class OnnxsimCache:
+    """onnxsim's result for one model, kept between runs: the daily loop quantizes the same model
+    again and again (a calibration setting, the report's ``custom_setting``), and a hit spares
+    importing onnxsim (0.5 s: 0.8.1 loads ~60 modules and sympy) and running it (0.1-0.5 s on the
+    zoo's models). The model is the same bytes either way (the file holds onnxsim's output as it
+    gave it). Keyed by the SHA-256 of the model's bytes and the versions of onnxsim, onnx,
+    protobuf and onnxruntime; kept in ``$XQUANT_CACHE_DIR`` (an empty value turns it off), else
+    ``$XDG_CACHE_HOME/xquant`` or ``~/.cache/xquant``, under ``onnxsim/``; the least recently
+    used files go beyond ``MAX_BYTES``. Failures to read or write it only cost the time."""
+
+    MAX_BYTES = 1 << 30
+    MAX_MODEL_BYTES = 256 << 20
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def for_model(cls, model: onnx.ModelProto) -> OnnxsimCache | None:
+        """The model's entry; None when caching is off or the model is too big to keep twice."""
+        folder = cls.folder()
+        if folder is None or model.ByteSize() > cls.MAX_MODEL_BYTES:
+            return None
+        from importlib import metadata
+
+        digest = hashlib.sha256(model.SerializeToString())
+        for package in ("onnxsim", "onnx", "protobuf", "onnxruntime"):
+            try:
+                digest.update(f"\0{package}={metadata.version(package)}".encode())
+            except metadata.PackageNotFoundError:
+                digest.update(f"\0{package}=-".encode())
+        return cls(folder / f"{digest.hexdigest()}.onnx")
+
+    @staticmethod
+    def folder() -> Path | None:
+        configured = os.environ.get("XQUANT_CACHE_DIR")
+        if configured is not None:
+            return Path(configured) / "onnxsim" if configured.strip() else None
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "xquant" / "onnxsim"
+
+    @property
+    def hit(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> onnx.ModelProto | None:
+        if not self.hit:
+            return None
+        try:
+            model = onnx.load(str(self.path))
+            os.utime(self.path)  # recently used
+        except Exception as exc:  # unreadable: onnxsim runs again and rewrites it
+            log.debug("onnxsim cache %s not read (%s)", self.path, exc)
+            return None
+        log.debug("onnxsim's result read from %s", self.path)
+        return model
+
+    def store(self, model: onnx.ModelProto) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".part", delete=False) as part:
+                part.write(model.SerializeToString())
+            os.replace(part.name, self.path)
+            self._trim()
+        except (OSError, ValueError) as exc:  # a read-only home, a full disk: run without it
+            log.debug("onnxsim cache %s not written (%s)", self.path, exc)
+            with contextlib.suppress(OSError, NameError):
+                os.unlink(part.name)
+
+    def _trim(self) -> None:
+        entries = sorted(self.path.parent.glob("*.onnx"), key=lambda entry: entry.stat().st_mtime, reverse=True)
+        total = 0
+        for entry in entries:
+            total += entry.stat().st_size
+            if total > self.MAX_BYTES and entry != self.path:
+                entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -178,16 +178,19 @@ def run(
     ``own_process``: the process ends with the run, as the command line's does)."""
     started = time.perf_counter()
     prepared = prepare(cfg, model, output, also_writes)
-    needs_ppq, needs_onnxsim = prepared.dataset is not None, not cfg.model.skip_onnxsim
-    with libraries_loaded(ppq=needs_ppq, onnxsim=needs_onnxsim, own_process=own_process):
-        return _run(cfg, prepared, started, progress)
+    cache = None if cfg.model.skip_onnxsim else model_io.OnnxsimCache.for_model(prepared.float_model)
+    needs_onnxsim = not cfg.model.skip_onnxsim and not (cache is not None and cache.hit)
+    with libraries_loaded(ppq=prepared.dataset is not None, onnxsim=needs_onnxsim, own_process=own_process):
+        return _run(cfg, prepared, started, progress, cache)
 
 
-def _run(cfg: XQuantConfig, prepared: Prepared, started: float, progress: ProgressFactory | None) -> QuantizationResult:
+def _run(
+    cfg: XQuantConfig, prepared: Prepared, started: float, progress: ProgressFactory | None, cache
+) -> QuantizationResult:
     out_path, float_model, dataset = prepared.out_path, prepared.float_model, prepared.dataset
     if not cfg.model.skip_onnxsim:
         with _stage(progress, "onnxsim"):
-            float_model = model_io.simplify(float_model, keep=_named_tensors(cfg))
+            float_model = model_io.simplify(float_model, keep=_named_tensors(cfg), cache=cache)
     if dataset is None:  # global precision_level 3: the platform's dynamic mode
         quantized = prepared.platform.quantize_dynamic(float_model)
         model_io.keep_metadata(quantized, prepared.float_model)

@@ -119,6 +119,11 @@ class Measured:
     guard: Optional[str]  # why the memory guard stopped it, if it did
 
 
+# xquant as on a first run: one thread (issue 10's bytes), no onnxsim result kept from an earlier
+# run (the cache would spare re-runs onnxsim; onnxruntime keeps nothing between runs either)
+XQUANT_ENV = {"XQUANT_NUM_THREADS": "1", "XQUANT_CACHE_DIR": ""}
+
+
 def run_process(cmd: Sequence[str], log: Path, env: Optional[Dict[str, str]] = None) -> Measured:
     """Run ``cmd`` (stdout+stderr to ``log``) under the memory guard and measure it."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +206,7 @@ def quantize(bench: Bench, method: str, attempt: int, ort_pre_process: bool = Tr
     log = folder / f"{slug}.{attempt}.log"
     if method == "xquant default":
         cmd = [str(XQUANT), "-c", str(bench.config_path), "-o", str(output)]
-        return _finish(method, output, cmd, log, env={"XQUANT_NUM_THREADS": "1"})
+        return _finish(method, output, cmd, log, env=XQUANT_ENV)
     if method == FOLLOW_REPORT:
         report = folder / f"{bench.key}.xquant_default_report.md"
         snippet = report_snippet(report)
@@ -214,7 +219,7 @@ def quantize(bench: Bench, method: str, attempt: int, ort_pre_process: bool = Tr
         followed = bench.folder / "config_report_1.json"  # beside the config: its relative paths hold
         followed.write_text(json.dumps(config, indent=2) + "\n")
         cmd = [str(XQUANT), "-c", str(followed), "-o", str(output)]
-        run = _finish(method, output, cmd, log, env={"XQUANT_NUM_THREADS": "1"})
+        run = _finish(method, output, cmd, log, env=XQUANT_ENV)
         run.notes.insert(0, f"the report's custom_setting: `{json.dumps(snippet)}`")
         return run
     cmd = [str(VENV_PYTHON), str(ZOO / "ort_worker.py"), bench.key, method.split()[1].lower(), str(output)]

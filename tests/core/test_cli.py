@@ -7,6 +7,7 @@ writes ``out/small.q.onnx`` (about 3 s per quantization).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -418,3 +419,31 @@ def test_the_run_keeps_its_libraries_out_of_garbage_collection(tmp_path):
     )
     assert int(fresh.stdout) > 100_000 and "leaked" not in fresh.stderr, fresh.stderr
     assert (enabled, torch_loaded, onnxsim_loaded) == ("True", "True", "True") and second == "True True True", done.stderr
+
+
+def test_a_rerun_on_the_same_model_reads_onnxsim_s_result_from_the_cache(small_project, tmp_path_factory):
+    """onnxsim's result is kept between runs (``XQUANT_CACHE_DIR``): the second run on the same
+    model neither imports nor runs onnxsim and writes the same bytes; an unreadable entry is
+    rewritten; ``XQUANT_CACHE_DIR=`` (empty) keeps nothing."""
+    cache = tmp_path_factory.mktemp("rerun_cache")
+    code = (
+        "import sys, xquant\n"
+        "model = xquant.quantize_onnx_model('cfg.json')\n"
+        "print('onnxsim' in sys.modules)\n"
+    )
+
+    def run(folder: str) -> tuple[str, bytes]:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=small_project, env={**os.environ, "XQUANT_CACHE_DIR": folder})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip(), (small_project / "out" / "small.q.onnx").read_bytes()
+
+    loaded, first = run(str(cache))
+    entries = list((cache / "onnxsim").glob("*.onnx"))
+    assert loaded == "True" and len(entries) == 1
+    assert run(str(cache)) == ("False", first)
+    entries[0].write_bytes(b"not a model")
+    assert run(str(cache)) == ("True", first)
+    onnx.load(str(entries[0]))  # rewritten whole
+    assert run("") == ("True", first)
+    assert [path.name for path in (cache / "onnxsim").iterdir()] == [entries[0].name]  # no partial files
