@@ -421,6 +421,7 @@ def test_the_run_keeps_its_libraries_out_of_garbage_collection(tmp_path):
     assert (enabled, torch_loaded, onnxsim_loaded) == ("True", "True", "True") and second == "True True True", done.stderr
 
 
+@pytest.mark.slow
 def test_a_rerun_on_the_same_model_reads_onnxsim_s_result_from_the_cache(small_project, tmp_path_factory):
     """onnxsim's result is kept between runs (``XQUANT_CACHE_DIR``): the second run on the same
     model neither imports nor runs onnxsim and writes the same bytes; an unreadable entry is
