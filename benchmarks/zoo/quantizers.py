@@ -1,7 +1,7 @@
 """Run the quantizers in subprocesses and measure them: exit code, wall time, peak RSS, log.
 
-* xquant: ``.venv/bin/xquant -c CONFIG -o OUT.onnx`` with ``XQUANT_NUM_THREADS=1`` (the config is
-  the model's, default settings);
+* xquant: ``.venv/bin/xquant -c CONFIG -o OUT.onnx`` with ``XQUANT_NUM_THREADS=1`` and the onnxsim
+  cache off (the config is the model's, default settings);
 * xquant + report's #1: the same with the ``custom_setting`` that the default run's analysis
   report recommends (its "Next step" snippet) added to the config, as a user following the
   report would;

@@ -191,8 +191,9 @@ same calibration inputs and scored against FP32 on held-out inputs (different so
 onnxruntime on this CPU:
 
 * **xquant default**: `.venv/bin/xquant -c benchmarks/material/data/<model>/config.json -o OUT.onnx`,
-  `XQUANT_NUM_THREADS=1`; the config has default quantization settings and only describes the inputs
-  (the configs are written by the benchmark, paths below);
+  `XQUANT_NUM_THREADS=1` and `XQUANT_CACHE_DIR=` (no onnxsim result kept from an earlier run);
+  the config has default quantization settings and only describes the inputs (the configs are
+  written by the benchmark, paths below);
 * **xquant + report's #1**: the same, with the `custom_setting` that the default run's analysis
   report recommends (the snippet of its "Next step": the float-fallback candidate it measured
   best) added to the config (`config_report_1.json` beside it), as a user following the report would;
