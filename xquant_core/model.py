@@ -172,16 +172,20 @@ class OnnxsimCache:
         return model
 
     def store(self, model: onnx.ModelProto) -> None:
+        """Write the entry whole (a temporary file renamed: a reader never sees part of one)."""
+        part = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".part", delete=False) as part:
-                part.write(model.SerializeToString())
-            os.replace(part.name, self.path)
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".part", delete=False) as handle:
+                part = handle.name
+                handle.write(model.SerializeToString())
+            os.replace(part, self.path)
             self._trim()
         except (OSError, ValueError) as exc:  # a read-only home, a full disk: run without it
             log.debug("onnxsim cache %s not written (%s)", self.path, exc)
-            with contextlib.suppress(OSError, NameError):
-                os.unlink(part.name)
+            if part is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
 
     def _trim(self) -> None:
         entries = sorted(self.path.parent.glob("*.onnx"), key=lambda entry: entry.stat().st_mtime, reverse=True)
