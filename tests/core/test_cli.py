@@ -448,3 +448,25 @@ def test_a_rerun_on_the_same_model_reads_onnxsim_s_result_from_the_cache(small_p
     onnx.load(str(entries[0]))  # rewritten whole
     assert run("") == ("True", first)
     assert [path.name for path in (cache / "onnxsim").iterdir()] == [entries[0].name]  # no partial files
+
+
+def test_an_onnxsim_cache_that_cannot_be_written_or_read_only_costs_the_time(tmp_path, monkeypatch):
+    from xquant_core.model import OnnxsimCache
+    from xquant_test_models import small_cnn
+
+    model = small_cnn()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XQUANT_CACHE_DIR", str(blocker))  # its onnxsim/ cannot be made
+    cache = OnnxsimCache.for_model(model)
+    cache.store(model)  # no exception
+    assert not cache.hit and cache.load() is None and blocker.read_text() == "not a folder"
+
+    monkeypatch.setenv("XQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    cache = OnnxsimCache.for_model(model)
+    cache.store(model)
+    assert cache.load().SerializeToString() == model.SerializeToString()
+    other = OnnxsimCache.for_model(small_cnn(seed=1))
+    assert other.path != cache.path and other.path.parent == cache.path.parent and not other.hit
+    monkeypatch.setenv("XQUANT_CACHE_DIR", "")
+    assert OnnxsimCache.for_model(model) is None
