@@ -80,7 +80,8 @@ def sample_module():
 
 @pytest.fixture
 def run_xquant():
-    """Run the CLI in a subprocess: ``run_xquant(*args, cwd=None, env=None, module=False)``."""
+    """Run the CLI in a subprocess: ``run_xquant(*args, cwd=None, env=None, module=False)``; a
+    variable set to None in ``env`` is left out."""
 
     def run(*args: str, cwd: Path | None = None, env: dict | None = None, module: bool = False,
             timeout: float = 600) -> subprocess.CompletedProcess:
@@ -88,7 +89,7 @@ def run_xquant():
             command = [sys.executable, "-m", "xquant", *args]
         else:
             command = [str(Path(sys.executable).with_name("xquant")), *args]
-        full_env = {**os.environ, **(env or {})}
+        full_env = {key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None}
         return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -119,14 +121,19 @@ class OnnxsimCache:
     """onnxsim's result for one model, kept between runs: the daily loop quantizes the same model
     again and again (a calibration setting, the report's ``custom_setting``), and a hit spares
     importing onnxsim (0.5 s: 0.8.1 loads ~60 modules and sympy) and running it (0.1-0.5 s on the
-    zoo's models). The model is the same bytes either way (the file holds onnxsim's output as it
-    gave it). Keyed by the SHA-256 of the model's bytes and the versions of onnxsim, onnx,
-    protobuf and onnxruntime; kept in ``$XQUANT_CACHE_DIR`` (an empty value turns it off), else
-    ``$XDG_CACHE_HOME/xquant`` or ``~/.cache/xquant``, under ``onnxsim/``; the least recently
-    used files go beyond ``MAX_BYTES``. Failures to read or write it only cost the time."""
+    zoo's models). The model is the same bytes either way (the entry holds onnxsim's output as it
+    gave it, followed by its SHA-256: a damaged entry is a miss, and is rewritten).
+
+    Keyed by the SHA-256 of the model's bytes, of what simplifies it (xquant's, onnxsim's, onnx's,
+    protobuf's and onnxruntime's versions, onnxsim's ``ONNXSIM_*`` settings) and of the call. Kept
+    in ``$XQUANT_CACHE_DIR`` (an empty value turns it off), else ``$XDG_CACHE_HOME/xquant`` or
+    ``~/.cache/xquant``, under ``onnxsim/``; after each write the least recently used entries go
+    beyond ``MAX_BYTES``. Failures to read or write it only cost the time."""
 
     MAX_BYTES = 1 << 30
     MAX_MODEL_BYTES = 256 << 20
+    CALL = "onnxsim.simplify(model)"  #: what :func:`simplify` asks of onnxsim (change with it)
+    SUFFIX = ".onnxsim"
 
     def __init__(self, path: Path):
         self.path = path
@@ -137,22 +144,18 @@ class OnnxsimCache:
         folder = cls.folder()
         if folder is None or model.ByteSize() > cls.MAX_MODEL_BYTES:
             return None
-        from importlib import metadata
-
         digest = hashlib.sha256(model.SerializeToString())
-        for package in ("onnxsim", "onnx", "protobuf", "onnxruntime"):
-            try:
-                digest.update(f"\0{package}={metadata.version(package)}".encode())
-            except metadata.PackageNotFoundError:
-                digest.update(f"\0{package}=-".encode())
-        return cls(folder / f"{digest.hexdigest()}.onnx")
+        digest.update(json.dumps([cls.CALL, *_simplifier_versions(), *_onnxsim_settings()]).encode())
+        return cls(folder / f"{digest.hexdigest()}{cls.SUFFIX}")
 
     @staticmethod
     def folder() -> Path | None:
         configured = os.environ.get("XQUANT_CACHE_DIR")
         if configured is not None:
-            return Path(configured) / "onnxsim" if configured.strip() else None
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            return Path(configured).expanduser().absolute() / "onnxsim" if configured.strip() else None
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(base):  # unset, empty or relative: ignored, as the XDG spec says
+            base = os.path.join(os.path.expanduser("~"), ".cache")
         return Path(base) / "xquant" / "onnxsim"
 
     @property
@@ -160,14 +163,23 @@ class OnnxsimCache:
         return self.path.is_file()
 
     def load(self) -> onnx.ModelProto | None:
-        if not self.hit:
-            return None
+        """The cached model, or None (no entry; an entry that does not check out, which is removed)."""
         try:
-            model = onnx.load(str(self.path))
-            os.utime(self.path)  # recently used
-        except Exception as exc:  # unreadable: onnxsim runs again and rewrites it
-            log.debug("onnxsim cache %s not read (%s)", self.path, exc)
+            data = self.path.read_bytes()
+        except OSError:
             return None
+        content, digest = data[:-32], data[-32:]
+        try:
+            if hashlib.sha256(content).digest() != digest:
+                raise ValueError("its checksum does not match")
+            model = onnx.load_from_string(content)
+        except Exception as exc:  # damaged: onnxsim runs again and rewrites it
+            log.debug("onnxsim cache %s not used (%s)", self.path, exc)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return None
+        with contextlib.suppress(OSError):  # a read-only cache still serves
+            os.utime(self.path)  # recently used
         log.debug("onnxsim's result read from %s", self.path)
         return model
 
@@ -175,10 +187,14 @@ class OnnxsimCache:
         """Write the entry whole (a temporary file renamed: a reader never sees part of one)."""
         part = None
         try:
+            content = model.SerializeToString()
+            if len(content) > self.MAX_MODEL_BYTES:
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".part", delete=False) as handle:
                 part = handle.name
-                handle.write(model.SerializeToString())
+                handle.write(content + hashlib.sha256(content).digest())
+            os.chmod(part, 0o644)  # as other cache files (mkstemp makes them 0600)
             os.replace(part, self.path)
             self._trim()
         except (OSError, ValueError) as exc:  # a read-only home, a full disk: run without it
@@ -188,12 +204,38 @@ class OnnxsimCache:
                     os.unlink(part)
 
     def _trim(self) -> None:
-        entries = sorted(self.path.parent.glob("*.onnx"), key=lambda entry: entry.stat().st_mtime, reverse=True)
+        """Entries beyond ``MAX_BYTES``, least recently used first, and parts a killed run left."""
+        folder = self.path.parent
+        for part in folder.glob("*.part"):
+            with contextlib.suppress(OSError):
+                if time.time() - part.stat().st_mtime > 3600:
+                    part.unlink()
         total = 0
-        for entry in entries:
+        for entry in sorted(folder.glob(f"*{self.SUFFIX}"), key=lambda entry: entry.stat().st_mtime, reverse=True):
             total += entry.stat().st_size
             if total > self.MAX_BYTES and entry != self.path:
                 entry.unlink(missing_ok=True)
+
+
+def _simplifier_versions() -> list[str]:
+    """What decides onnxsim's output besides the model: the packages (onnx and protobuf are
+    loaded; onnxruntime and xquant by their modules, whatever their distributions are named)."""
+    from importlib import metadata
+
+    import google.protobuf
+    import onnxruntime
+
+    from ._version import __version__
+
+    try:
+        onnxsim = metadata.version("onnxsim")
+    except metadata.PackageNotFoundError:
+        onnxsim = "-"
+    return [__version__, onnxsim, onnx.__version__, google.protobuf.__version__, onnxruntime.__version__]
+
+
+def _onnxsim_settings() -> list[str]:
+    return sorted(f"{name}={value}" for name, value in os.environ.items() if name.startswith("ONNXSIM"))
 
 
 @contextlib.contextmanager

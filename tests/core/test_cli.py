@@ -424,9 +424,11 @@ def test_the_run_keeps_its_libraries_out_of_garbage_collection(tmp_path):
 @pytest.mark.slow
 def test_a_rerun_on_the_same_model_reads_onnxsim_s_result_from_the_cache(small_project, tmp_path_factory):
     """onnxsim's result is kept between runs (``XQUANT_CACHE_DIR``): the second run on the same
-    model neither imports nor runs onnxsim and writes the same bytes; an unreadable entry is
-    rewritten; ``XQUANT_CACHE_DIR=`` (empty) keeps nothing."""
-    cache = tmp_path_factory.mktemp("rerun_cache")
+    model neither imports nor runs onnxsim and writes the same bytes; a damaged entry is rewritten;
+    ``XQUANT_CACHE_DIR=`` (empty) keeps nothing, in the cache or the home folder."""
+    from xquant_core.model import OnnxsimCache
+
+    cache, home = tmp_path_factory.mktemp("rerun_cache"), tmp_path_factory.mktemp("rerun_home")
     code = (
         "import sys, xquant\n"
         "model = xquant.quantize_onnx_model('cfg.json')\n"
@@ -434,20 +436,21 @@ def test_a_rerun_on_the_same_model_reads_onnxsim_s_result_from_the_cache(small_p
     )
 
     def run(folder: str) -> tuple[str, bytes]:
+        env = {**os.environ, "XQUANT_CACHE_DIR": folder, "HOME": str(home), "XDG_CACHE_HOME": ""}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              cwd=small_project, env={**os.environ, "XQUANT_CACHE_DIR": folder})
+                              cwd=small_project, env=env)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip(), (small_project / "out" / "small.q.onnx").read_bytes()
 
     loaded, first = run(str(cache))
-    entries = list((cache / "onnxsim").glob("*.onnx"))
-    assert loaded == "True" and len(entries) == 1
+    entries = list((cache / "onnxsim").iterdir())
+    assert loaded == "True" and len(entries) == 1 and entries[0].suffix == ".onnxsim"
     assert run(str(cache)) == ("False", first)
-    entries[0].write_bytes(b"not a model")
+    entries[0].write_bytes(entries[0].read_bytes()[:-100])  # cut short, as by a crash
     assert run(str(cache)) == ("True", first)
-    onnx.load(str(entries[0]))  # rewritten whole
+    assert OnnxsimCache(entries[0]).load() is not None  # rewritten whole
     assert run("") == ("True", first)
-    assert [path.name for path in (cache / "onnxsim").iterdir()] == [entries[0].name]  # no partial files
+    assert list((cache / "onnxsim").iterdir()) == entries and list(home.iterdir()) == []
 
 
 def test_an_onnxsim_cache_that_cannot_be_written_or_read_only_costs_the_time(tmp_path, monkeypatch):
@@ -462,11 +465,25 @@ def test_an_onnxsim_cache_that_cannot_be_written_or_read_only_costs_the_time(tmp
     cache.store(model)  # no exception
     assert not cache.hit and cache.load() is None and blocker.read_text() == "not a folder"
 
-    monkeypatch.setenv("XQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XQUANT_CACHE_DIR", "cache")  # relative: taken from the folder of the run
     cache = OnnxsimCache.for_model(model)
+    assert cache.path.parent == tmp_path / "cache" / "onnxsim"
     cache.store(model)
     assert cache.load().SerializeToString() == model.SerializeToString()
+    assert cache.path.stat().st_mode & 0o777 == 0o644
     other = OnnxsimCache.for_model(small_cnn(seed=1))
     assert other.path != cache.path and other.path.parent == cache.path.parent and not other.hit
+    monkeypatch.setenv("ONNXSIM_FIXED_POINT_ITERS", "100")  # onnxsim's own setting: another entry
+    assert OnnxsimCache.for_model(model).path != cache.path
+
+    data = cache.path.read_bytes()
+    cache.path.write_bytes(data[:-33] + bytes([data[-33] ^ 1]) + data[-32:])  # one bit of the model
+    assert cache.load() is None and not cache.hit  # a damaged entry is a miss, and removed
+
     monkeypatch.setenv("XQUANT_CACHE_DIR", "")
     assert OnnxsimCache.for_model(model) is None
+    monkeypatch.delenv("XQUANT_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG spec says
+    assert OnnxsimCache.folder() == tmp_path / "home" / ".cache" / "xquant" / "onnxsim"

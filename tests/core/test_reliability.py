@@ -614,17 +614,23 @@ def test_the_final_gate_names_what_is_wrong_with_a_quantized_model():
 
 
 @pytest.mark.slow
-def test_a_run_leaves_nothing_in_the_home_and_temp_folders(tmp_path, run_xquant):
-    """onnxruntime's telemetry wrote ~/.cache/Microsoft/DeveloperTools/... and $TMPDIR/.ses."""
+def test_a_run_leaves_nothing_in_the_home_and_temp_folders_but_its_onnxsim_cache(tmp_path, run_xquant):
+    """onnxruntime's telemetry wrote ~/.cache/Microsoft/DeveloperTools/... and $TMPDIR/.ses. What
+    a run may leave is the one entry of its onnxsim cache (``~/.cache/xquant/onnxsim``)."""
     project = make_project(tmp_path / "p", analysis_enable=True)
     home, temp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()
     temp.mkdir()
     result = run_xquant("-c", str(project / "cfg.json"), cwd=project,
                         env={"HOME": str(home), "TMPDIR": str(temp), "XDG_CACHE_HOME": "",
+                             "XQUANT_CACHE_DIR": None,  # the default place (the tests set their own)
                              "ORT_DISABLE_TELEMETRY": ""})  # as if unset (this process has it set)
     assert result.returncode == 0, result.stderr
-    assert list(home.rglob("*")) == [] and list(temp.rglob("*")) == []
+    cache = home / ".cache" / "xquant" / "onnxsim"
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".onnxsim", entries
+    assert sorted(home.rglob("*")) == sorted([home / ".cache", cache.parent, cache, entries[0]])
+    assert list(temp.rglob("*")) == []
 
 
 def test_an_unwritable_output_folder_is_found_before_any_work(tmp_path, monkeypatch, capsys):
