@@ -55,6 +55,12 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
         f"{listed}"
         "  plugins   list the installed plugins and the names they register\n"
         "  (xquant COMMAND --help: a plugin command's options)\n\n"
+        "environment:\n"
+        "  XQUANT_NUM_THREADS=N          threads of the onnxruntime sessions that measure (default: half\n"
+        "                                the cores); the model is the same bytes at any N\n"
+        "  XQUANT_CACHE_DIR=DIR          where onnxsim's results are kept between runs (default\n"
+        "                                ~/.cache/xquant); empty: keep none\n"
+        "  XQUANT_DISABLE_PLUGIN_AUTOLOAD=1  the built-in plugins only\n\n"
         "exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input, 3 internal error, "
         "130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -285,7 +285,8 @@ def test_version(run_xquant, tmp_path):
 def test_help(run_xquant, tmp_path):
     result = run_xquant("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for text in ("-c CONFIG", "plugins", "exit codes"):
+    for text in ("-c CONFIG", "plugins", "exit codes", "XQUANT_NUM_THREADS", "XQUANT_CACHE_DIR",
+                 "XQUANT_DISABLE_PLUGIN_AUTOLOAD"):
         assert text in result.stdout
 
 
