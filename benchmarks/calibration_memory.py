@@ -59,7 +59,7 @@ def measure(samples: int, analysis: bool, finetune_level: int) -> tuple[float, f
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "xquant", "-c", str(config)],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=tmp)
+                                 cwd=tmp, env={**os.environ, "XQUANT_CACHE_DIR": ""})  # as a first run
         output = child.stdout.read()
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
