@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from . import rewrite
+from . import rewrite, runtime
 from .config import InputConfig
 from .data import InputSpec
 from .engine.forms import at_least_opset_13, default_opset
@@ -97,8 +97,7 @@ def simplify(model: onnx.ModelProto, keep: Iterable[str] = (), cache: OnnxsimCac
     simplified = cache.load() if cache is not None else None
     if simplified is None:
         try:
-            import onnxsim
-
+            onnxsim = runtime.import_onnxsim()
             with _native_output_to_log("onnxsim"):
                 simplified, ok = onnxsim.simplify(model)
         except Exception as exc:  # onnxsim raises many kinds of errors on exotic graphs
