@@ -137,7 +137,7 @@ def import_onnxsim():
         import onnxsim
 
         return onnxsim
-    sys.modules["sympy"] = None  # type: ignore[assignment]  # ``import sympy`` raises ImportError
+    sys.modules["sympy"] = None  # ``import sympy`` raises ImportError while it is None
     try:
         import onnxsim
     finally:
