@@ -155,7 +155,7 @@ def run_onnxruntime(args, config: Dict, photos: List[Path], method: str) -> Dict
 
 
 def run_ppq(args, config: Dict, photos: List[Path]) -> Dict:
-    from xquant_core.ppq_compat import import_ppq
+    from xquant_core.engine.backend.compat import import_ppq
 
     import_ppq()
     import torch

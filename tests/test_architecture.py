@@ -16,12 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("xquant", "xquant_core", "xquant_plugins")
 
-#: the only modules that may import PPQ or torch: the compatibility layer, the engine package
-#: (PPQ's IR, passes and executor) and the SpacemiT platform's quantizer and exporter, which
-#: speak PPQ's quantization configs. The issue asks for one backend module inside the engine:
-#: not done yet, so the whole engine package is the boundary for now.
-HEAVY_ALLOWED = ("xquant_core.ppq_compat", "xquant_core.engine", "xquant_plugins.spacemit.quantizer",
-                 "xquant_plugins.spacemit.exporter")
+#: the only modules that may import PPQ or torch (issue 14): the engine's backend package (PPQ's
+#: IR, op table and import compatibility, and the torch functions the algorithms call) and the
+#: SpacemiT platform's quantizer and exporter, which speak PPQ's quantization configs
+HEAVY_ALLOWED = ("xquant_core.engine.backend", "xquant_plugins.spacemit.quantizer", "xquant_plugins.spacemit.exporter")
+#: PPQ's private attributes the code reaches into: only where PPQ may be imported
+PPQ_PRIVATE = re.compile(
+    r"\._(scale|offset|dequantized|dominator|executing_context|delegates|default_quant_fn|hook_to|detail|"
+    r"quant_min|quant_max|graph_input_dictionary|executing_order)\b"
+)
 
 
 def modules() -> dict[str, Path]:
@@ -115,6 +118,12 @@ def test_ppq_and_torch_stay_behind_their_boundary(heavy):
                        if not any(module == allowed or module.startswith(allowed + ".") for allowed in HEAVY_ALLOWED)
                        and any(name.split(".")[0] == heavy for name in imported_names(module, path)))
     assert offenders == [], f"{heavy} imported outside {HEAVY_ALLOWED}"
+
+
+def test_ppq_s_private_attributes_are_touched_behind_the_boundary_only():
+    allowed = lambda module: any(module == a or module.startswith(a + ".") for a in HEAVY_ALLOWED)  # noqa: E731
+    touching = {module for module, path in modules().items() if PPQ_PRIVATE.search(path.read_text(encoding="utf-8"))}
+    assert touching and {module for module in touching if not allowed(module)} == set()
 
 
 

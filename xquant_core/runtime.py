@@ -43,7 +43,7 @@ def in_parallel(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
 def num_threads() -> int:
     """Threads for the onnxruntime sessions that measure (the final check, the analysis report):
     ``XQUANT_NUM_THREADS``, else half the cores. What the model is built from runs on one thread
-    (:data:`xquant_core.engine.core.TORCH_THREADS`), so the result does not depend on this.
+    (:data:`xquant_core.engine.backend.tensors.TORCH_THREADS`), so the result does not depend on this.
 
     torch's OpenMP kernels and onnxruntime's spinning threads slow down by 10x or more when
     they compete with other processes for every core (measured on a 2-core machine: a 1x1
@@ -171,7 +171,7 @@ def libraries_loaded(ppq: bool = True, onnxsim: bool = True, own_process: bool =
     try:
         import onnxruntime  # noqa: F401
 
-        from .ppq_compat import import_ppq
+        from .engine.backend.compat import import_ppq
 
         if ppq:
             import_ppq()

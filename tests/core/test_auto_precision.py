@@ -112,7 +112,7 @@ def test_a_stricter_target_is_met_with_few_float_ops(config, caplog):
 
 def test_keep_float_leaves_earlier_float_ops_float(config):
     """An undo of a candidate must not quantize ops an earlier call (or the plan) keeps float."""
-    from xquant_core.ppq_compat import import_ppq
+    from xquant_core.engine.backend.compat import import_ppq
 
     import_ppq()  # PPQ imports only through the compatibility layer (protobuf >= 4, onnx >= 1.19)
     from ppq import QuantableOperation

@@ -235,7 +235,7 @@ def test_depthwise_pointwise_pairs_are_equalized_exactly():
     the regular Conv -> Conv pair keeps its weights (equalizing those hurt the MobileNetV2 sample)."""
     import torch
 
-    from xquant_core.engine.core import _load_graph
+    from xquant_core.engine.backend.graph import load_graph as _load_graph
     from xquant_core.engine.equalize import equalize_depthwise_pairs
     from ppq import TorchExecutor
 

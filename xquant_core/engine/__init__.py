@@ -1,15 +1,20 @@
-"""The one package that talks to PPQ.
+"""Quantize a graph: the algorithms, and the backend through which alone they reach PPQ and torch.
 
 - :mod:`.plan`: ``EnginePlan`` and ``SubgraphOverride`` (the config resolved for the engine);
-- :mod:`.core`: ``quantize_graph`` (parse, dispatch, the pass sequence, export);
+- :mod:`.core`: ``quantize_graph`` (the pass sequence as data, custom_setting regions, export);
 - :mod:`.calibrate`: activation calibration driven by the calibration plugins;
 - :mod:`.finetune`: bias correction, learned step size, ranking layers by error;
 - :mod:`.search`: the auto-precision search;
-- :mod:`.common`: switching ops to float and constants they share.
+- :mod:`.equalize`: depthwise cross-layer equalization;
+- :mod:`.forms`: the ONNX forms PPQ parses and runs right, and the model's own forms restored;
+- :mod:`.common`: constants and batch views the algorithms share;
+- :mod:`.backend`: the only importer of PPQ and torch (PPQ's IR, op table, compatibility, tensors).
 """
 
-from .common import HOLD_BACK_EVERY, keep_float
-from .core import FloatTrial, cuda_available, quantize_graph
+from .backend.graph import keep_float
+from .backend.tensors import cuda_available
+from .common import HOLD_BACK_EVERY
+from .core import FloatTrial, quantize_graph
 from .plan import EnginePlan, SubgraphOverride
 from .search import FloatOp, FloatOpSearch, SearchResult
 

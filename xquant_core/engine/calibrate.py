@@ -14,7 +14,9 @@ import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
 from ..runtime import cores, in_parallel
-from .common import choice_batches, clearly_lower, float_graph, onnxruntime_outputs, run_now
+from .backend import graph as ppq_graph
+from .backend import tensors
+from .common import choice_batches, clearly_lower, onnxruntime_outputs, run_now
 from .finetune import BiasShift, bias_layers, error_between
 from .plan import EnginePlan
 
@@ -43,8 +45,6 @@ class OnePassHistogram:
 
     def add(self, value, low: float, high: float) -> None:
         """Count ``value`` (a tensor), whose min and max are ``low`` and ``high``."""
-        import torch
-
         if not self.width:
             if high <= low:
                 self.constant.append((low, value.numel()))
@@ -54,8 +54,7 @@ class OnePassHistogram:
             self.first = math.floor(low / self.width)
         self._cover(low, high)
         start, bins = self.first * self.width, len(self.counts)
-        counts = torch.histc(value, bins=bins, min=start, max=start + bins * self.width)
-        self.counts += counts.cpu().numpy().astype(np.float64)
+        self.counts += tensors.histogram_counts(value, bins, start, start + bins * self.width)
         for constant, count in self.constant:
             self.counts[min(math.floor(constant / self.width) - self.first, bins - 1)] += count
         self.constant = []
@@ -112,10 +111,8 @@ class _TensorObserver:
         if self.last_step == self.step:  # the same tensor seen as an output and as an input
             return
         self.last_step = self.step
-        import torch
-
         value = value.detach().float()
-        low, high = (bound.item() for bound in torch.aminmax(value))
+        low, high = tensors.min_max(value)
         self.low, self.high = min(self.low, low), max(self.high, high)
         if self.histogram is not None:
             self.submit(self.histogram.add, value, low, high)
@@ -141,27 +138,16 @@ class _TensorObserver:
 
     def render(self, strategy: int = 0) -> None:
         """Write the range of ``strategy`` (the last one when there are fewer) into the configs."""
-        import torch
-        from ppq import QuantizationProperty, QuantizationStates
-
         low, high = self.ranges[min(strategy, len(self.ranges) - 1)]
         for config in self.configs:
             scale, offset = range_to_scale_offset(
-                low,
-                high,
-                config.quant_min,
-                config.quant_max,
-                symmetric=config.policy.has_property(QuantizationProperty.SYMMETRICAL),
+                low, high, config.quant_min, config.quant_max, symmetric=ppq_graph.is_symmetric(config)
             )
-            config.scale = torch.tensor(scale, dtype=torch.float32)
-            config.offset = torch.tensor(offset, dtype=torch.float32)
-            config.state = QuantizationStates.ACTIVATED
+            ppq_graph.set_range(config, tensors.scalar(scale), tensors.scalar(offset))
 
 
 def _no_grad(function, *args) -> None:
-    import torch
-
-    with torch.no_grad():  # grad mode is per thread
+    with tensors.no_grad():  # grad mode is per thread
         function(*args)
 
 
@@ -177,22 +163,6 @@ def range_to_scale_offset(
     scale = max((high - low) / (quant_max - quant_min), 1e-8)
     offset = float(np.clip(quant_min - np.round(low / scale), quant_min, quant_max))
     return scale, offset
-
-
-def _calibration_hook(operation, table, shift):
-    """PPQ's calibration hook for one op, which also feeds the op's bias shift when it has one."""
-    from ppq.quantization.observer import CalibrationHook
-
-    class Hook(CalibrationHook):
-        def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-            if shift is not None:
-                shift.observe(inputs, quant_inputs)
-            return super().pre_forward_hook(inputs, quant_inputs, quant_configs)
-
-        def render_quantization_config(self):  # rendering happens once, in ActivationCalibration
-            return None
-
-    return Hook(operation=operation, observer_table=table)
 
 
 class ActivationCalibration:
@@ -228,17 +198,13 @@ class ActivationCalibration:
         return settings
 
     def run(self, graph, executor, feeds, num_batches: int, progress) -> None:
-        from ppq import QuantableOperation, QuantizationStates
-
         per_tensor = self._settings_per_tensor(graph)
         observers: dict[str, _TensorObserver] = {}
         tables: dict[str, dict] = {}
-        for operation in graph.topological_sort():
-            if not isinstance(operation, QuantableOperation):
-                continue
+        for operation in ppq_graph.quantized_ops(graph, order=True):
             table = {}
             for config, var in operation.config_with_variable:
-                if var.is_parameter or config.state != QuantizationStates.INITIAL:
+                if var.is_parameter or not ppq_graph.awaits_calibration(config):
                     continue
                 observer = observers.get(var.name)
                 if observer is None:
@@ -254,10 +220,12 @@ class ActivationCalibration:
         if not observers:
             return
 
-        context = executor._executing_context
+        context = ppq_graph.op_context(executor)
         shifts = {op.name: BiasShift(op, context) for op in bias_layers(graph)} if self.correct_bias else {}
         hooks = {
-            name: _calibration_hook(graph.operations[name], tables.get(name, {}), shifts.get(name))
+            name: ppq_graph.calibration_hook(
+                graph.operations[name], tables.get(name, {}), shifts[name].observe if name in shifts else None
+            )
             for name in set(tables) | set(shifts)
         }
         self._forward_all(executor, feeds, hooks, [*observers.values(), *shifts.values()], num_batches, progress)
@@ -331,12 +299,11 @@ class ActivationCalibration:
     def _errors_as_simulated(self, graph, executor, batches, observers, strategies: int) -> list[float]:
         """Each strategy's output error in PPQ's quantized forward pass (float references from
         onnxruntime on the second core while PPQ runs the first strategy, else PPQ's float pass)."""
-        import torch
 
         def quantized(strategy: int) -> list:
             for observer in observers.values():
                 observer.render(strategy)
-            with torch.no_grad():
+            with tensors.no_grad():
                 return [executor.forward(inputs=feed) for feed in batches]
 
         references, first = in_parallel(
@@ -346,7 +313,7 @@ class ActivationCalibration:
             functools.partial(quantized, 0),
         )
         if references is None:
-            with torch.no_grad(), float_graph(graph):
+            with tensors.no_grad(), ppq_graph.float_graph(graph):
                 references = [executor.forward(inputs=feed) for feed in batches]
         errors = [error_between(references, first)]
         return errors + [error_between(references, quantized(strategy)) for strategy in range(1, strategies)]
@@ -357,10 +324,8 @@ class ActivationCalibration:
         batch is counted on it while the next batch runs, and the main thread takes its share once
         that forward is done (:class:`_SideWork`). The same numbers whichever thread counts them:
         each watcher's work runs in batch order, one batch's before the next one's is handed out."""
-        import torch
-
         bar = progress("calibration", num_batches) if progress else None
-        with torch.no_grad(), _SideWork(enabled=cores() > 1) as side:
+        with tensors.no_grad(), _SideWork(enabled=cores() > 1) as side:
             for watcher in watchers:
                 watcher.submit = side.collect
             for step, feed in enumerate(feeds()):
@@ -388,9 +353,7 @@ class _SideWork:
         self.started: list[tuple[_Job, Future]] = []
 
     def __enter__(self) -> _SideWork:
-        import torch
-
-        self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) if self.enabled else None
+        self.pool = ThreadPoolExecutor(1, initializer=tensors.one_thread) if self.enabled else None
         return self
 
     def collect(self, function, *args) -> None:

@@ -23,8 +23,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -32,22 +30,19 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ModelError
-from ..ppq_compat import import_ppq
 from . import forms
+from .backend import graph as ppq_graph
+from .backend import tensors
+from .backend.compat import import_ppq
+from .backend.graph import fast_fake_quant, keep_float
 from .calibrate import ActivationCalibration
-from .common import Batches, fast_fake_quant, keep_float
+from .common import Batches
 from .equalize import equalize_depthwise_pairs
 from .finetune import correct_bias, fine_tune_worst_layers
 from .plan import EnginePlan, SubgraphOverride
 from .search import FloatOpSearch
 
 log = logging.getLogger("xquant.engine")
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class FloatTrial:
@@ -91,38 +86,16 @@ def quantize_graph(
     ``keep_graph``, ``(exported model, FloatTrial)``.
     """
     import_ppq()
-    import torch
-
-    torch.manual_seed(0)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads())
-    try:
-        with warnings.catch_warnings():  # torch's deprecation notes about PPQ's indexing code
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"ppq\.")
-            return _quantize(model, batches, num_batches, platform, plan, progress, search, keep_graph)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-#: torch threads while a model is quantized: always one, whatever the machine or ``XQUANT_NUM_THREADS``.
-#: torch splits its reductions (and some conv kernels) by the thread count, so its float sums
-#: differed in the last bits, every scale and rounding after them moved, and the MobileNetV2
-#: sample came out as other bytes with another logits SNR at 1, 2 and 8 threads (0.0118 / 0.0131);
-#: a second thread saved 10 % of the time there (12.7 -> 11.4 s)
-TORCH_THREADS = 1
-
-
-def torch_threads() -> int:
-    return TORCH_THREADS
+    with tensors.deterministic(), warnings.catch_warnings():  # torch's deprecation notes about PPQ's indexing code
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ppq\.")
+        return _quantize(model, batches, num_batches, platform, plan, progress, search, keep_graph)
 
 
 def _quantize(model, batches, num_batches, platform, plan, progress, search=None, keep_graph=False):
-    import torch
-
     def feeds_of(data):
         def feeds() -> Iterable[dict[str, Any]]:
             for batch in data:
-                yield {name: torch.from_numpy(array).to(plan.device) for name, array in batch.items()}
+                yield {name: tensors.to_tensor(array, plan.device) for name, array in batch.items()}
 
         return feeds
 
@@ -188,33 +161,20 @@ def _prepared(model, feeds, num_batches, platform, plan, progress) -> PassRun:
     BlazeFace only (its outputs 0.0023 / 0.055 / 0.0043 / 0.0175 without, 0.0020 / 0.042 /
     0.0038 / 0.0047 with).
     """
-    from ppq import TargetPlatform, TorchExecutor
-
-    graph = _load_graph(model)
+    graph = ppq_graph.load_graph(model)
     if plan.finetune_level >= 1:
         equalize_depthwise_pairs(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
-    _dispatch(graph, quantizer.quant_operation_types, plan, regions, platform)
-    executor = TorchExecutor(graph=graph, device=plan.device)
-    first = next(iter(feeds()))
-    executor.tracing_operation_meta(inputs=first)
-    # PPQ's ParameterQuantizePass runs the graph on zeros: an If on an input's value (Silero
-    # VAD's sample rate) would take a branch the data never takes, and fail there
-    executor.dummy_forward = lambda hooks=None: executor.forward(inputs=first, hooks=hooks)
-    for name, operation in list(graph.operations.items()):
-        if operation.platform == TargetPlatform.UNSPECIFIED:
-            operation.platform = (
-                quantizer.target_platform if operation.type in quantizer.quant_operation_types else TargetPlatform.FP32
-            )
-        if operation.platform not in {TargetPlatform.FP32, TargetPlatform.SOI}:
-            quantizer.quantize_operation(name)
-    executor.load_graph(graph)
+    ppq_graph.dispatch(
+        graph, quantizer.quant_operation_types, plan.precision_level, _levels(regions), platform
+    )  # fmt: skip
+    executor = ppq_graph.executor_for(graph, quantizer, plan.device, next(iter(feeds())))
     return PassRun(model, graph, executor, quantizer, platform, plan, regions, feeds, num_batches, progress)
 
 
 def _fuse_activations(run: PassRun) -> None:
-    fusion = _ppq_pass(
+    fusion = ppq_graph.ppq_pass(
         "QuantizeFusionPass", activation_type=run.quantizer.activation_fusion_types, fuse_activation=True,
         fuse_passive_op=False,
     )  # fmt: skip
@@ -249,12 +209,12 @@ def _correct_bias(run: PassRun) -> None:
 #: the passes over the dispatched graph, by name, in the order :data:`PASSES` runs them
 PASS_STEPS: dict[str, Callable[[PassRun], None]] = {
     "fuse activations": _fuse_activations,
-    "simplify quantization": lambda run: run.apply(_ppq_pass("QuantizeSimplifyPass")),
+    "simplify quantization": lambda run: run.apply(ppq_graph.ppq_pass("QuantizeSimplifyPass")),
     "share quantization": lambda run: run.platform.share_quantization(run.graph),
-    "quantize weights": lambda run: run.apply(_ppq_pass("ParameterQuantizePass")),
+    "quantize weights": lambda run: run.apply(ppq_graph.ppq_pass("ParameterQuantizePass")),
     "calibrate activations": _calibrate,
     "after calibration": lambda run: run.platform.after_calibration(run.graph),
-    "quantize biases": lambda run: run.apply(_ppq_pass("PassiveParameterQuantizePass")),
+    "quantize biases": lambda run: run.apply(ppq_graph.ppq_pass("PassiveParameterQuantizePass")),
     "fine-tune": _fine_tune,
     "correct bias": _correct_bias,
     "finalize": lambda run: run.platform.finalize(run.graph),
@@ -274,12 +234,6 @@ def _passes(platform) -> list:
     return steps
 
 
-def _ppq_pass(name: str, **options):
-    from ppq.quantization import optim
-
-    return getattr(optim, name)(**options)
-
-
 @contextlib.contextmanager
 def _ppq_output_to_log():
     """PPQ passes report with print(): keep that out of the user's terminal (debug log)."""
@@ -291,24 +245,6 @@ def _ppq_output_to_log():
         text = captured.getvalue().strip()
         if text:
             log.debug("%s", text)
-
-
-def _load_graph(model):
-    """Parse an ``onnx.ModelProto`` into PPQ's IR (in the forms PPQ runs right) and format it."""
-    import onnx
-    from ppq.api.interface import format_graph
-    from ppq.parser.onnx_parser import OnnxParser
-
-    from . import ppq_ops
-
-    handle, path = tempfile.mkstemp(suffix=".onnx", prefix="xquant-")
-    os.close(handle)
-    try:
-        onnx.save(forms.for_ppq(model, ppq_ops.runnable_types()), path)
-        graph = OnnxParser().build(path)
-    finally:
-        os.unlink(path)
-    return format_graph(graph)
 
 
 def resolve_overrides(graph, overrides) -> list[tuple[SubgraphOverride, set[str]]]:
@@ -361,40 +297,14 @@ def _reachable(start: set, neighbours) -> set:
     return seen
 
 
-def _dispatch(graph, quant_types: set, plan: EnginePlan, regions, platform) -> None:
-    """Send each op to INT8 (decided by the quantizer) or FP32, honouring precision levels (the
-    platform's op types for each) and the ops the platform keeps float."""
-    from ppq import TargetPlatform
-    from ppq.scheduler import DISPATCHER_TABLE
-
-    dispatcher = DISPATCHER_TABLE["conservative"](graph)
-    table = dispatcher.dispatch(
-        graph=graph,
-        quant_types=quant_types,
-        quant_platform=TargetPlatform.UNSPECIFIED,
-        fp32_platform=TargetPlatform.FP32,
-        SOI_platform=TargetPlatform.SOI,
-    )
-    for operation in graph.operations.values():
-        # PPQ's dispatcher only quantizes what it reaches walking down from a computing op to an
-        # end: a Conv whose input comes from a float op (Mish, Tanh) and that writes a model
-        # output is not reached, and stayed float
-        if operation.is_computing_op and operation.type in quant_types and table[operation.name] == TargetPlatform.FP32:
-            table[operation.name] = TargetPlatform.UNSPECIFIED
-    platform_float = platform.float_ops(graph)
-    levels = {name: plan.precision_level for name in graph.operations}
+def _levels(regions) -> dict[str, int]:
+    """The precision level of each op a ``custom_setting`` gives one (the last entry wins); a
+    subgraph kept float after calibration is quantized now (:func:`.backend.graph.keep_float` later)."""
+    levels: dict[str, int] = {}
     for override, ops in regions:
         if override.precision_level == 3 and override.float_after_calibration:
-            continue  # quantized now, put back to float after calibration (keep_float)
+            continue
         if override.precision_level is not None:
             for name in ops:
                 levels[name] = override.precision_level
-    for operation in graph.operations.values():
-        operation.platform = table[operation.name]
-        level = levels[operation.name]
-        if (
-            level >= 3
-            or (operation.type in platform.float_op_types(level) and not operation.parameters)
-            or operation.name in platform_float
-        ):
-            operation.platform = TargetPlatform.FP32
+    return levels

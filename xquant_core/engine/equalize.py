@@ -53,16 +53,14 @@ def depthwise_conv_pairs(graph) -> list:
 
 def equalize_depthwise_pairs(graph) -> int:
     """Rescale the channels of every :func:`depthwise_conv_pairs` pair; returns how many pairs."""
-    import torch
-
     pairs = depthwise_conv_pairs(graph)
     for first, second in pairs:
         w1, w2 = first.inputs[1].value, second.inputs[1].value
         r1 = w1.abs().reshape(w1.shape[0], -1).sum(dim=1).double()  # L1 norm: the channel's gain
         r2 = w2.abs().transpose(0, 1).reshape(w2.shape[1], -1).amax(dim=1).double()
         usable = (r1 > 0) & (r2 > 0)
-        scale = torch.ones_like(r1)
-        scale[usable] = torch.sqrt(r1[usable] / r2[usable])
+        scale = r1.new_ones(r1.shape)
+        scale[usable] = (r1[usable] / r2[usable]).sqrt()
         first.inputs[1].value = (w1.double() / scale.reshape(-1, *([1] * (w1.dim() - 1)))).to(w1.dtype)
         if len(first.inputs) > 2 and first.inputs[2].value is not None:
             bias = first.inputs[2].value

@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, float_graph, run_now
+from .backend import graph as ppq_graph
+from .backend import tensors
+from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, run_now
 from .plan import EnginePlan
 
 log = logging.getLogger("xquant.engine")
@@ -28,8 +30,6 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
     outputs' error on those held-back samples goes down; otherwise the layers are
     restored.
     """
-    from ppq.quantization.optim import LearnedStepSizePass, PassiveParameterQuantizePass
-
     layers, steps = FINETUNE_SCHEDULE[plan.finetune_level]
     batches = list(feeds())
     held_back = batches[::HOLD_BACK_EVERY]
@@ -42,9 +42,10 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
     ranking = rank_layers_by_error(graph, executor, lambda: iter(training), RANKING_BATCHES)
     worst = [name for name, _ in ranking[:layers]]
     before = output_error(graph, executor, held_back)
-    saved = _snapshot(graph, worst)
+    saved = ppq_graph.snapshot(graph, worst)
     apply(
-        LearnedStepSizePass(
+        ppq_graph.ppq_pass(
+            "LearnedStepSizePass",
             interested_layers=worst,
             steps=steps,
             lr=LSQ_LEARNING_RATE,
@@ -54,7 +55,7 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
         ),
         training,
     )
-    apply(PassiveParameterQuantizePass())
+    apply(ppq_graph.ppq_pass("PassiveParameterQuantizePass"))
     after = output_error(graph, executor, held_back)
     if clearly_lower(after, before):
         log.info(
@@ -65,34 +66,13 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
             after,
         )
     else:
-        _restore(graph, saved)
-        apply(PassiveParameterQuantizePass())
+        ppq_graph.restore(saved)
+        apply(ppq_graph.ppq_pass("PassiveParameterQuantizePass"))
         log.info(
             "fine-tuning did not lower the held-back output error (%.5f -> %.5f): kept the layers as they were",
             before,
             after,
         )
-
-
-def _snapshot(graph, op_names) -> list:
-    """Weights and quantization parameters of the given ops, to undo fine-tuning."""
-    saved = []
-    for name in op_names:
-        operation = graph.operations[name]
-        for config, var in operation.config_with_variable:
-            value = var.value.clone() if var.is_parameter and var.value is not None else None
-            root = config.dominated_by
-            scale = root._scale.clone() if root._scale is not None else None
-            offset = root._offset.clone() if root._offset is not None else None
-            saved.append((var, value, root, scale, offset, root.state))
-    return saved
-
-
-def _restore(graph, saved) -> None:
-    for var, value, root, scale, offset, state in saved:
-        if value is not None:
-            var.value = value
-        root._scale, root._offset, root.state = scale, offset, state
 
 
 def output_error(graph, executor, batches, references=None) -> float:
@@ -105,11 +85,9 @@ def output_error(graph, executor, batches, references=None) -> float:
     scores in [0, 1], and summed together the pixels drowned every score error.
     ``references``: the float outputs of each batch, when already known.
     """
-    import torch
-
-    with torch.no_grad():
+    with tensors.no_grad():
         if references is None:
-            with float_graph(graph):
+            with ppq_graph.float_graph(graph):
                 references = [executor.forward(inputs=batch) for batch in batches]
         outputs = [executor.forward(inputs=batch) for batch in batches]
     return error_between(references, outputs)
@@ -169,19 +147,16 @@ def rank_layers_by_error(
     cumulative) minus the largest of its inputs': the error the op itself adds. Runs the
     float and the quantized graph on up to ``max_batches`` batches.
     """
-    import torch
-    from ppq import QuantableOperation
-
-    quantable = [op for op in graph.operations.values() if isinstance(op, QuantableOperation)]
+    quantable = ppq_graph.quantized_ops(graph)
     layers = [op for op in quantable if op_types is None or op.type in op_types]
     power = _ErrorPower()
     hooks = {op.name: power.hook(op) for op in layers}
-    with torch.no_grad():
+    with tensors.no_grad():
         for index, feed in enumerate(feeds()):
             if index >= max_batches:
                 break
             power.float_pass = True
-            with float_graph(graph):
+            with ppq_graph.float_graph(graph):
                 executor.forward(inputs=feed, hooks=hooks)
             power.float_pass = False
             executor.forward(inputs=feed, hooks=hooks)
@@ -218,25 +193,18 @@ class _ErrorPower:
         return noise / signal if signal > 0 else 0.0
 
     def hook(self, operation):
-        """A PPQ runtime hook recording ``operation``'s float inputs and first output."""
-        import torch
-        from ppq.executor import QuantOPRuntimeHook
+        """A runtime hook recording ``operation``'s float inputs and first output."""
 
-        record = self.record
+        def before(inputs, quant_inputs) -> None:
+            for index, (var, value) in enumerate(zip(operation.inputs, quant_inputs)):
+                if not var.is_parameter and tensors.is_float_tensor(value):
+                    self.record((operation.name, "in", index), value)
 
-        class ErrorHook(QuantOPRuntimeHook):
-            def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-                for index, (var, value) in enumerate(zip(self._hook_to.inputs, quant_inputs)):
-                    if not var.is_parameter and isinstance(value, torch.Tensor) and value.is_floating_point():
-                        record((self._hook_to.name, "in", index), value)
-                return quant_inputs
+        def after(outputs) -> None:
+            if tensors.is_float_tensor(outputs[0]):
+                self.record((operation.name, "out", 0), outputs[0])
 
-            def post_forward_hook(self, outputs, quant_outputs, quant_configs):
-                if isinstance(outputs[0], torch.Tensor) and outputs[0].is_floating_point():
-                    record((self._hook_to.name, "out", 0), outputs[0])
-                return quant_outputs
-
-        return ErrorHook(operation)
+        return ppq_graph.runtime_hook(operation, before, after)
 
 
 class BiasShift:
@@ -271,10 +239,7 @@ class BiasShift:
             key, mean = tuple(x.shape[1:]), x.mean(dim=0)
             self.inputs[key] = mean if key not in self.inputs else self.inputs[key].add_(mean)
             return
-        from ppq.executor.base import OPERATION_FORWARD_TABLE
-
-        forward = OPERATION_FORWARD_TABLE[self.operation.platform][self.operation.type]
-        difference = forward(self.operation, [x, self.delta], self.context).double()
+        difference = ppq_graph.run_op(self.operation, [x, self.delta], self.context).double()
         channel = difference.ndim - 1 if self.operation.type == "Gemm" else 1
         mean = difference.mean(dim=[d for d in range(difference.ndim) if d != channel])
         self.total = mean if self.total is None else self.total + mean
@@ -303,52 +268,26 @@ def _tap_means(operation, x, kernel_shape):
     batch and the output positions, [channels, taps]; None for other ops. The shift is linear in
     them, so the op need not run on the weight difference for every batch: the inputs are summed
     and their tap means taken once."""
-    import torch
-    import torch.nn.functional as F
-
-    attributes = operation.attributes
     if not _plain_conv2d(operation, x):
         return None
-    kernel_h, kernel_w = kernel_shape[2:]
-    stride_h, stride_w = attributes.get("strides", [1, 1])
-    dilation_h, dilation_w = attributes.get("dilations", [1, 1])
-    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
-    padded = F.pad(x, (left, right, top, bottom))
-    rows = (padded.shape[2] - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
-    columns = (padded.shape[3] - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
-    means = [
-        padded[
-            :,
-            :,
-            a * dilation_h : a * dilation_h + (rows - 1) * stride_h + 1 : stride_h,
-            b * dilation_w : b * dilation_w + (columns - 1) * stride_w + 1 : stride_w,
-        ].mean(dim=(0, 2, 3))
-        for a in range(kernel_h)
-        for b in range(kernel_w)
-    ]
-    return torch.stack(means, dim=1).double()
+    return tensors.tap_means(operation.attributes, x, kernel_shape)
 
 
 def _conv_of_tap_means(operation, delta, means):
     """The per-output-channel shift, sum over taps and input channels of (W - W_q) x tap mean."""
-    import torch
-
     out_channels, per_group = delta.shape[:2]
     groups = int(operation.attributes.get("group", 1))
     taps = means.reshape(groups, per_group, -1)
     weights = delta.double().reshape(groups, out_channels // groups, per_group, -1)
-    return torch.einsum("gopk,gpk->go", weights, taps).reshape(out_channels)
+    return tensors.grouped_weights_times_taps(weights, taps).reshape(out_channels)
 
 
 def bias_layers(graph) -> list:
     """The ops whose bias correction folds in: Conv/ConvTranspose/Gemm with a constant bias."""
-    from ppq import QuantableOperation
-
     return [
         operation
-        for operation in graph.operations.values()
-        if isinstance(operation, QuantableOperation)
-        and operation.type in {"Conv", "ConvTranspose", "Gemm"}
+        for operation in ppq_graph.quantized_ops(graph)
+        if operation.type in {"Conv", "ConvTranspose", "Gemm"}
         and operation.num_of_input == 3
         and operation.inputs[2].value is not None
     ]
@@ -358,25 +297,12 @@ def correct_bias(graph, executor, feeds, progress=None) -> None:
     """Bias correction in a pass of its own, after fine-tuning moved the weights (finetune_level 2
     and up; at level 1 the calibration pass measures it): each :class:`BiasShift` on the op's
     quantized input in the quantized graph. All layers are measured in one pass, then corrected."""
-    import torch
-    from ppq.executor import QuantOPRuntimeHook
-
-    shifts = [BiasShift(operation, executor._executing_context) for operation in bias_layers(graph)]
+    shifts = [BiasShift(operation, ppq_graph.op_context(executor)) for operation in bias_layers(graph)]
     if not shifts:
         return
-
-    class ShiftHook(QuantOPRuntimeHook):
-        def __init__(self, shift: BiasShift):
-            super().__init__(shift.operation)
-            self.shift = shift
-
-        def pre_forward_hook(self, inputs, quant_inputs, quant_configs):
-            self.shift.observe(inputs, quant_inputs)
-            return quant_inputs
-
-    hooks = {shift.operation.name: ShiftHook(shift) for shift in shifts}
+    hooks = {shift.operation.name: ppq_graph.runtime_hook(shift.operation, shift.observe) for shift in shifts}
     bar = progress("bias correction", None) if progress else None
-    with torch.no_grad():
+    with tensors.no_grad():
         for feed in feeds():
             executor.forward(inputs=feed, hooks=hooks)
             if bar is not None:

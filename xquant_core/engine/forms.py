@@ -16,7 +16,7 @@ and :func:`restore` turns the exported QDQ model back into the model's opset. Re
 - every other node PPQ cannot run as it is (an op PPQ does not know, another domain, a node
   with a subgraph such as If/Loop/Scan, a later-opset feature with no opset-13 form)
   becomes an opaque :data:`OPAQUE` node: PPQ runs it through onnxruntime in float
-  (:mod:`.ppq_ops`) and :func:`restore` puts the original node back. The outer-scope
+  (:mod:`.backend.ops`) and :func:`restore` puts the original node back. The outer-scope
   tensors its subgraphs read become explicit inputs, so PPQ feeds them.
 
 Pure ONNX: nothing here imports PPQ or torch.
@@ -209,7 +209,7 @@ def _pad_all_axes(node: onnx.NodeProto, ctx: _Context) -> None:
 
 
 def _resize_supported(node: onnx.NodeProto, ctx: _Context) -> None:
-    """Resize modes :func:`.ppq_ops.resize` implements; the rest run in onnxruntime."""
+    """Resize modes :func:`.backend.ops.resize` implements; the rest run in onnxruntime."""
     mode = _attr(node, "mode", "nearest")
     transform = _attr(node, "coordinate_transformation_mode", "half_pixel")
     if transform == "tf_crop_and_resize" or mode not in {"nearest", "linear", "cubic"}:

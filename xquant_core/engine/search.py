@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import keep_float
+from .backend import tensors
+from .backend.graph import keep_float
 from .finetune import rank_layers_by_error
 
 log = logging.getLogger("xquant.engine")
@@ -88,8 +89,6 @@ class FloatOpSearch:
                 bar.close()
 
     def _run(self, graph, executor, device: str, export: Callable[[], Any], plain: Any, bar) -> SearchResult:
-        import torch
-
         def measure() -> float:
             return float(self.measure_model(export()))
 
@@ -104,7 +103,7 @@ class FloatOpSearch:
 
         def feeds():
             return iter(
-                {name: torch.from_numpy(np.ascontiguousarray(array)).to(device) for name, array in feed.items()}
+                {name: tensors.to_tensor(np.ascontiguousarray(array), device) for name, array in feed.items()}
                 for feed in self.held_back
             )
 

@@ -13,7 +13,7 @@ the int8 range already clips). Two things differ for SpacemiT and are handled he
 
 from __future__ import annotations
 
-from xquant_core.ppq_compat import import_ppq
+from xquant_core.engine.backend.compat import import_ppq
 
 import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/onnx
 

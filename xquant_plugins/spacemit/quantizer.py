@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from xquant_core.ppq_compat import import_ppq
+from xquant_core.engine.backend.compat import import_ppq
 
 import_ppq()  # before any ppq import: makes PPQ importable on current protobuf/onnx
 

@@ -1,7 +1,7 @@
 """The float graph as PPQ runs it equals onnxruntime, op class by op class, at opsets 11 to 21.
 
 Each case is a one-node model built here; xquant parses it the way the engine does
-(:mod:`xquant_core.engine.forms`, :mod:`xquant_core.engine.ppq_ops`) and runs it in
+(:mod:`xquant_core.engine.forms`, :mod:`xquant_core.engine.backend.ops`) and runs it in
 float with PPQ's executor. Before these fixes, PPQ 0.6.6 failed or disagreed on every
 case marked "was:".
 """
@@ -132,8 +132,8 @@ CASES = _cases()
 def _run_as_ppq(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import torch
 
-    from xquant_core.engine.core import _load_graph
-    from xquant_core.ppq_compat import import_ppq
+    from xquant_core.engine.backend.graph import load_graph as _load_graph
+    from xquant_core.engine.backend.compat import import_ppq
 
     import_ppq()
     from ppq import TorchExecutor
@@ -164,7 +164,7 @@ def test_caffe_descriptor_is_read_from_the_generated_module_without_parsing_it()
     import importlib.util
     from pathlib import Path
 
-    from xquant_core import ppq_compat
+    from xquant_core.engine.backend import compat as ppq_compat
 
     spec = importlib.util.find_spec("ppq")
     source = (Path(spec.submodule_search_locations[0]) / "parser" / "caffe" / "ppl_caffe_pb2.py").read_text()

@@ -1,7 +1,7 @@
 """Op implementations PPQ 0.6.6 gets wrong, and onnxruntime for the ops it cannot run.
 
 Installed into PPQ's forward table (every platform) by :func:`install`; each one is checked
-against onnxruntime by ``tests/engine/test_ppq_ops.py``. What PPQ 0.6.6 does instead:
+against onnxruntime by ``tests/engine/test_backend_ops.py``. What PPQ 0.6.6 does instead:
 
 - PRelu: ``torch.prelu`` takes the slope as per-channel, so the [C,1,1] / [1,C,1,1] slopes
   ``torch.onnx.export`` writes for ``nn.PReLU(C)`` fail, and ONNX's other broadcastable
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from .forms import OPAQUE, has_subgraph, opaque_inputs, opaque_original
+from ..forms import OPAQUE, has_subgraph, opaque_inputs, opaque_original
 
 _installed = False
 
@@ -289,7 +289,7 @@ def onnxruntime_node(op, values, ctx=None, **kwargs):
 
 def _session(op, arrays, constant):
     """A one-node model of the original node: its constant inputs as initializers, the rest as inputs."""
-    from ..runtime import onnxruntime_session
+    from ...runtime import onnxruntime_session
 
     node, opsets = opaque_original(op.attributes)
     symbolic = has_subgraph(node)
