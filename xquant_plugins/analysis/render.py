@@ -178,7 +178,7 @@ def render_markdown(
         "cumulative (the whole INT8 graph against the whole float graph), measured with "
         f"onnxruntime on the exported model. Flagged: SNR > {FLAG_SNR} or cosine < {FLAG_COSINE}."
     )
-    lines += _summary(measurement, rows, quantize_seconds, analysis_seconds)
+    lines += _summary(measurement, rows, quantize_seconds, analysis_seconds, candidates)
     lines += ["", "### Settings", ""]
     lines += _table(
         ["setting", "value"],
@@ -204,7 +204,9 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def _summary(measurement: Measurement, rows: list[Row], quantize_seconds: float, analysis_seconds: float) -> list[str]:
+def _summary(
+    measurement: Measurement, rows: list[Row], quantize_seconds: float, analysis_seconds: float, candidates=None
+) -> list[str]:
     flagged = sum(1 for row in rows if row.stats.flagged)
     lines = ["", "## Summary", "", verdict(measurement), ""]
     for name, out in measurement.outputs.items():
@@ -224,12 +226,18 @@ def _summary(measurement: Measurement, rows: list[Row], quantize_seconds: float,
             f"SNR {_num(worst.stats.snr)}, cosine {_cos(worst.stats.cosine)}"
         )
     fraction = analysis_seconds / quantize_seconds if quantize_seconds > 0 else math.nan
+    measured = (
+        f"; then {len(candidates)} float-fallback candidate(s) of the Next step, each on {candidates[0].batches} "
+        "batch(es), outside that budget"
+        if candidates
+        else ""
+    )
     lines.append(
         f"- Time: analysis {analysis_seconds:.2f} s = {fraction:.0%} of the quantization time "
-        f"({quantize_seconds:.2f} s); {measurement.batches_used} of {measurement.batches_given} "
-        f"calibration batch(es), every element compared (histograms of at most {measurement.max_elements}) "
-        f"(budget: {DEFAULT_MAX_BATCHES} batches, {TIME_FRACTION:.0%} of the quantization time "
-        "after the first batch)"
+        f"({quantize_seconds:.2f} s): the tensors compared on {measurement.batches_used} of "
+        f"{measurement.batches_given} calibration batch(es), every element (histograms of at most "
+        f"{measurement.max_elements}; budget: {DEFAULT_MAX_BATCHES} batches, {TIME_FRACTION:.0%} of the "
+        f"quantization time after the first batch){measured}"
     )
     lines += [f"- Note: {note}" for note in measurement.notes]
     return lines
