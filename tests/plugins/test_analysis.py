@@ -496,7 +496,7 @@ def test_sample_report_figures_agree_with_an_independent_onnxruntime_run(sample_
     import onnxruntime as ort
 
     text = sample_report["report"].read_text(encoding="utf-8")
-    used = int(re.search(r"; (\d+) of \d+ calibration batch", text).group(1))
+    used = int(re.search(r"compared on (\d+) of \d+ calibration batch", text).group(1))
     rows = [row for row in rows_of(text) if row["I/O"] == "out"]
     names = sorted({unquote(row["Var"]) for row in rows})
 
