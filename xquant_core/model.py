@@ -119,9 +119,10 @@ def simplify(model: onnx.ModelProto, keep: Iterable[str] = (), cache: OnnxsimCac
 class OnnxsimCache:
     """onnxsim's result for one model, kept between runs: the daily loop quantizes the same model
     again and again (a calibration setting, the report's ``custom_setting``), and a hit spares
-    importing onnxsim (0.5 s: 0.8.1 loads ~60 modules and sympy) and running it (0.1-0.5 s on the
-    zoo's models). The model is the same bytes either way (the entry holds onnxsim's output as it
-    gave it, followed by its SHA-256: a damaged entry is a miss, and is rewritten).
+    importing onnxsim (0.11 s: 0.8.1 loads ~60 modules, sympy kept out by
+    :func:`.runtime.import_onnxsim`) and running it (0.1-0.5 s on the zoo's models). The model is
+    the same bytes either way (the entry holds onnxsim's output as it gave it, followed by its
+    SHA-256: a damaged entry is a miss, and is rewritten).
 
     Keyed by the SHA-256 of the model's bytes, of what simplifies it (xquant's, onnxsim's, onnx's,
     protobuf's and onnxruntime's versions, onnxsim's ``ONNXSIM_*`` settings) and of the call. Kept

@@ -129,19 +129,29 @@ def import_onnxsim():
 
     onnxsim 0.8 imports sympy (0.26 s and 32 MiB of a first run on this machine: a tenth of
     MTCNN O-net's whole run) for one thing: ``onnxsim.model_info`` prints symbolic shapes in the
-    summary of onnxsim's command line, and takes ``sympy = None`` when it cannot import it.
-    ``simplify`` never reads it. So while onnxsim is imported, ``import sympy`` fails; afterwards
-    it works again for anyone who wants it. Where sympy is loaded already, nothing is changed.
+    summary of onnxsim's command line, and takes ``sympy = None`` when it cannot import it
+    (that summary then shows no symbolic shapes, for the life of the process); ``simplify``
+    never reads it. So while onnxsim is imported, ``import sympy`` fails; afterwards it works
+    again. Left as it is: sympy loaded already, another thread running (it might import sympy
+    meanwhile), or an onnxsim that cannot do without sympy (imported again, normally).
     """
-    if "sympy" in sys.modules or "onnxsim" in sys.modules:
+    if "sympy" in sys.modules or "onnxsim" in sys.modules or threading.active_count() > 1:
         import onnxsim
 
         return onnxsim
     sys.modules["sympy"] = None  # ``import sympy`` raises ImportError while it is None
     try:
         import onnxsim
+    except ImportError:
+        for name in [name for name in sys.modules if name == "onnxsim" or name.startswith("onnxsim.")]:
+            del sys.modules[name]
+    else:
+        return onnxsim
     finally:
-        del sys.modules["sympy"]
+        if "sympy" in sys.modules and sys.modules["sympy"] is None:
+            del sys.modules["sympy"]
+    import onnxsim
+
     return onnxsim
 
 

@@ -490,10 +490,12 @@ def test_an_onnxsim_cache_that_cannot_be_written_or_read_only_costs_the_time(tmp
     assert OnnxsimCache.folder() == tmp_path / "home" / ".cache" / "xquant" / "onnxsim"
 
 
-def test_onnxsim_is_imported_without_sympy():
+def test_onnxsim_is_imported_without_sympy(tmp_path):
     """onnxsim 0.8 imports sympy only for its command line's model summary (0.26 s and 32 MiB
     of every first run, issue 16): xquant imports it with sympy kept out, and sympy imports
-    normally afterwards; where sympy was loaded before, onnxsim gets it."""
+    normally afterwards; where sympy was loaded before, onnxsim gets it; an onnxsim that cannot do
+    without sympy is imported again, normally."""
+    pytest.importorskip("onnxsim.model_info")
     code = (
         "import sys\n"
         "from xquant_core.runtime import import_onnxsim\n"
@@ -511,3 +513,13 @@ def test_onnxsim_is_imported_without_sympy():
         capture_output=True, text=True, timeout=300,
     )
     assert before.stdout.strip() == "True", before.stderr
+    needy = tmp_path / "needs_sympy"
+    (needy / "onnxsim").mkdir(parents=True)
+    (needy / "onnxsim" / "__init__.py").write_text("import sympy\nsimplify = sympy.Symbol\n")
+    again = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom xquant_core.runtime import import_onnxsim\n"
+         "m = import_onnxsim()\nprint(m.__file__.endswith('needs_sympy/onnxsim/__init__.py'), 'sympy' in sys.modules,"
+         " sys.modules.get('sympy') is not None)\n"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(needy), *filter(None, [os.environ.get("PYTHONPATH")])])},
+    )
+    assert again.stdout.strip() == "True True True", again.stderr

@@ -132,13 +132,13 @@ CASES = _cases()
 def _run_as_ppq(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import torch
 
-    from xquant_core.engine.backend.graph import load_graph as _load_graph
+    from xquant_core.engine.backend.ppq_ir import load_graph
     from xquant_core.engine.backend.compat import import_ppq
 
     import_ppq()
     from ppq import TorchExecutor
 
-    executor = TorchExecutor(_load_graph(model), device="cpu")
+    executor = TorchExecutor(load_graph(model), device="cpu")
     outputs = executor.forward({name: torch.from_numpy(value) for name, value in feeds.items()},
                                output_names=[value.name for value in model.graph.output])
     return [output.numpy() for output in outputs]
@@ -164,7 +164,7 @@ def test_caffe_descriptor_is_read_from_the_generated_module_without_parsing_it()
     import importlib.util
     from pathlib import Path
 
-    from xquant_core.engine.backend import compat as ppq_compat
+    from xquant_core.engine.backend import compat
 
     spec = importlib.util.find_spec("ppq")
     source = (Path(spec.submodule_search_locations[0]) / "parser" / "caffe" / "ppl_caffe_pb2.py").read_text()
@@ -173,15 +173,15 @@ def test_caffe_descriptor_is_read_from_the_generated_module_without_parsing_it()
         for node in ast.walk(ast.parse(source))
         if isinstance(node, ast.keyword) and node.arg == "serialized_pb"
     )
-    assert ppq_compat._serialized_descriptor(source) == parsed and len(parsed) > 10000
-    assert ppq_compat._serialized_descriptor("f(serialized_pb=b'ab'\n    b'cd', x=1)") == b"abcd"
-    assert ppq_compat._serialized_descriptor("f(serialized_pb=None)") is None
-    assert ppq_compat._serialized_descriptor("no descriptor here") is None
+    assert compat._serialized_descriptor(source) == parsed and len(parsed) > 10000
+    assert compat._serialized_descriptor("f(serialized_pb=b'ab'\n    b'cd', x=1)") == b"abcd"
+    assert compat._serialized_descriptor("f(serialized_pb=None)") is None
+    assert compat._serialized_descriptor("no descriptor here") is None
     # not written as protoc writes it: the whole module is parsed instead, and nothing raises
-    assert ppq_compat._serialized_descriptor("f(\n  serialized_pb=b'ab'\n    b'cd'\n  , x=1)") == b"abcd"
-    assert ppq_compat._serialized_descriptor("f(serialized_pb=b'ab' + x)") is None
-    assert ppq_compat._serialized_descriptor("f(serialized_pb=_b('x'))") is None
-    ppq_compat.import_ppq()
+    assert compat._serialized_descriptor("f(\n  serialized_pb=b'ab'\n    b'cd'\n  , x=1)") == b"abcd"
+    assert compat._serialized_descriptor("f(serialized_pb=b'ab' + x)") is None
+    assert compat._serialized_descriptor("f(serialized_pb=_b('x'))") is None
+    compat.import_ppq()
     from ppq.parser.caffe import ppl_caffe_pb2
 
     assert ppl_caffe_pb2.NetParameter.DESCRIPTOR.full_name == "caffe.NetParameter"

@@ -235,12 +235,12 @@ def test_depthwise_pointwise_pairs_are_equalized_exactly():
     the regular Conv -> Conv pair keeps its weights (equalizing those hurt the MobileNetV2 sample)."""
     import torch
 
-    from xquant_core.engine.backend.graph import load_graph as _load_graph
+    from xquant_core.engine.backend.ppq_ir import load_graph
     from xquant_core.engine.equalize import equalize_depthwise_pairs
     from ppq import TorchExecutor
 
     gains = [0.02, 1.0, 30.0, 0.5]
-    graph = _load_graph(_depthwise_pointwise(gains))
+    graph = load_graph(_depthwise_pointwise(gains))
     x = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (1, 4, 8, 8)).astype(np.float32))
     executor = TorchExecutor(graph, device="cpu")
     before_y, before_d = executor.forward({"x": x}, output_names=["y", "d"])

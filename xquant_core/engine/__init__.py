@@ -8,10 +8,10 @@
 - :mod:`.equalize`: depthwise cross-layer equalization;
 - :mod:`.forms`: the ONNX forms PPQ parses and runs right, and the model's own forms restored;
 - :mod:`.common`: constants and batch views the algorithms share;
-- :mod:`.backend`: the only importer of PPQ and torch (PPQ's IR, op table, compatibility, tensors).
+- :mod:`.backend`: the core's only importer of PPQ and torch (PPQ's IR, op table, compatibility, tensors).
 """
 
-from .backend.graph import keep_float
+from .backend.ppq_ir import keep_float
 from .backend.tensors import cuda_available
 from .common import HOLD_BACK_EVERY
 from .core import FloatTrial, quantize_graph

@@ -14,8 +14,7 @@ import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
 from ..runtime import cores, in_parallel
-from .backend import graph as ppq_graph
-from .backend import tensors
+from .backend import ppq_ir, tensors
 from .common import choice_batches, clearly_lower, onnxruntime_outputs, run_now
 from .finetune import BiasShift, bias_layers, error_between
 from .plan import EnginePlan
@@ -141,9 +140,9 @@ class _TensorObserver:
         low, high = self.ranges[min(strategy, len(self.ranges) - 1)]
         for config in self.configs:
             scale, offset = range_to_scale_offset(
-                low, high, config.quant_min, config.quant_max, symmetric=ppq_graph.is_symmetric(config)
+                low, high, config.quant_min, config.quant_max, symmetric=ppq_ir.is_symmetric(config)
             )
-            ppq_graph.set_range(config, tensors.scalar(scale), tensors.scalar(offset))
+            ppq_ir.set_range(config, tensors.scalar(scale), tensors.scalar(offset))
 
 
 def _no_grad(function, *args) -> None:
@@ -201,10 +200,10 @@ class ActivationCalibration:
         per_tensor = self._settings_per_tensor(graph)
         observers: dict[str, _TensorObserver] = {}
         tables: dict[str, dict] = {}
-        for operation in ppq_graph.quantized_ops(graph, order=True):
+        for operation in ppq_ir.quantized_ops(graph, order=True):
             table = {}
             for config, var in operation.config_with_variable:
-                if var.is_parameter or not ppq_graph.awaits_calibration(config):
+                if var.is_parameter or not ppq_ir.awaits_calibration(config):
                     continue
                 observer = observers.get(var.name)
                 if observer is None:
@@ -220,10 +219,10 @@ class ActivationCalibration:
         if not observers:
             return
 
-        context = ppq_graph.op_context(executor)
+        context = ppq_ir.op_context(executor)
         shifts = {op.name: BiasShift(op, context) for op in bias_layers(graph)} if self.correct_bias else {}
         hooks = {
-            name: ppq_graph.calibration_hook(
+            name: ppq_ir.calibration_hook(
                 graph.operations[name], tables.get(name, {}), shifts[name].observe if name in shifts else None
             )
             for name in set(tables) | set(shifts)
@@ -313,7 +312,7 @@ class ActivationCalibration:
             functools.partial(quantized, 0),
         )
         if references is None:
-            with tensors.no_grad(), ppq_graph.float_graph(graph):
+            with tensors.no_grad(), ppq_ir.float_graph(graph):
                 references = [executor.forward(inputs=feed) for feed in batches]
         errors = [error_between(references, first)]
         return errors + [error_between(references, quantized(strategy)) for strategy in range(1, strategies)]

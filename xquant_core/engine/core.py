@@ -31,10 +31,8 @@ import numpy as np
 
 from ..errors import ModelError
 from . import forms
-from .backend import graph as ppq_graph
-from .backend import tensors
+from .backend import ppq_ir, tensors
 from .backend.compat import import_ppq
-from .backend.graph import fast_fake_quant, keep_float
 from .calibrate import ActivationCalibration
 from .common import Batches
 from .equalize import equalize_depthwise_pairs
@@ -63,7 +61,7 @@ class FloatTrial:
 
     def exported_with_float(self, input_names: Iterable[str], output_names: Iterable[str]):
         """The exported ``onnx.ModelProto`` with the ops between these tensors in float."""
-        undo = keep_float(self._graph, self.ops_between(input_names, output_names))
+        undo = ppq_ir.keep_float(self._graph, self.ops_between(input_names, output_names))
         try:
             return self._export()
         finally:
@@ -86,8 +84,8 @@ def quantize_graph(
     ``keep_graph``, ``(exported model, FloatTrial)``.
     """
     import_ppq()
-    with tensors.deterministic(), warnings.catch_warnings():  # torch's deprecation notes about PPQ's indexing code
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"ppq\.")
+    with tensors.seeded_fixed_threads(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ppq\.")  # torch's notes on PPQ's indexing
         return _quantize(model, batches, num_batches, platform, plan, progress, search, keep_graph)
 
 
@@ -106,7 +104,7 @@ def _quantize(model, batches, num_batches, platform, plan, progress, search=None
     graph, executor, regions = run.graph, run.executor, run.regions
     # the all-INT8 model, for a search that starts with ops already in float to compare against
     plain = forms.restore(platform.export(graph), model) if search is not None and search.already_float else None
-    keep_float(
+    ppq_ir.keep_float(
         graph,
         {
             name
@@ -161,20 +159,20 @@ def _prepared(model, feeds, num_batches, platform, plan, progress) -> PassRun:
     BlazeFace only (its outputs 0.0023 / 0.055 / 0.0043 / 0.0175 without, 0.0020 / 0.042 /
     0.0038 / 0.0047 with).
     """
-    graph = ppq_graph.load_graph(model)
+    graph = ppq_ir.load_graph(model)
     if plan.finetune_level >= 1:
         equalize_depthwise_pairs(graph)
     quantizer = platform.create_quantizer(graph)
     regions = resolve_overrides(graph, plan.overrides)
-    ppq_graph.dispatch(
+    ppq_ir.dispatch(
         graph, quantizer.quant_operation_types, plan.precision_level, _levels(regions), platform
     )  # fmt: skip
-    executor = ppq_graph.executor_for(graph, quantizer, plan.device, next(iter(feeds())))
+    executor = ppq_ir.executor_for(graph, quantizer, plan.device, next(iter(feeds())))
     return PassRun(model, graph, executor, quantizer, platform, plan, regions, feeds, num_batches, progress)
 
 
 def _fuse_activations(run: PassRun) -> None:
-    fusion = ppq_graph.ppq_pass(
+    fusion = ppq_ir.ppq_pass(
         "QuantizeFusionPass", activation_type=run.quantizer.activation_fusion_types, fuse_activation=True,
         fuse_passive_op=False,
     )  # fmt: skip
@@ -185,7 +183,7 @@ def _calibrate(run: PassRun) -> None:
     """Activation ranges through the calibration plugin; at finetune_level 1 the bias correction
     is measured in the same pass."""
     plan = run.plan
-    with fast_fake_quant(run.graph, run.executor):
+    with ppq_ir.fast_fake_quant(run.graph, run.executor):
         ActivationCalibration(
             plan, run.regions, correct_bias=plan.finetune_level == 1, float_model=run.model,
             export=lambda: forms.restore(run.platform.export(run.graph), run.model),
@@ -202,19 +200,19 @@ def _fine_tune(run: PassRun) -> None:
 
 def _correct_bias(run: PassRun) -> None:
     if run.plan.finetune_level >= 2:  # fine-tuning moved the weights: measure their bias shifts again
-        with fast_fake_quant(run.graph, run.executor):
+        with ppq_ir.fast_fake_quant(run.graph, run.executor):
             correct_bias(run.graph, run.executor, run.feeds, progress=run.progress)
 
 
 #: the passes over the dispatched graph, by name, in the order :data:`PASSES` runs them
 PASS_STEPS: dict[str, Callable[[PassRun], None]] = {
     "fuse activations": _fuse_activations,
-    "simplify quantization": lambda run: run.apply(ppq_graph.ppq_pass("QuantizeSimplifyPass")),
+    "simplify quantization": lambda run: run.apply(ppq_ir.ppq_pass("QuantizeSimplifyPass")),
     "share quantization": lambda run: run.platform.share_quantization(run.graph),
-    "quantize weights": lambda run: run.apply(ppq_graph.ppq_pass("ParameterQuantizePass")),
+    "quantize weights": lambda run: run.apply(ppq_ir.ppq_pass("ParameterQuantizePass")),
     "calibrate activations": _calibrate,
     "after calibration": lambda run: run.platform.after_calibration(run.graph),
-    "quantize biases": lambda run: run.apply(ppq_graph.ppq_pass("PassiveParameterQuantizePass")),
+    "quantize biases": lambda run: run.apply(ppq_ir.ppq_pass("PassiveParameterQuantizePass")),
     "fine-tune": _fine_tune,
     "correct bias": _correct_bias,
     "finalize": lambda run: run.platform.finalize(run.graph),
@@ -299,7 +297,7 @@ def _reachable(start: set, neighbours) -> set:
 
 def _levels(regions) -> dict[str, int]:
     """The precision level of each op a ``custom_setting`` gives one (the last entry wins); a
-    subgraph kept float after calibration is quantized now (:func:`.backend.graph.keep_float` later)."""
+    subgraph kept float after calibration is quantized now (:func:`.backend.ppq_ir.keep_float` later)."""
     levels: dict[str, int] = {}
     for override, ops in regions:
         if override.precision_level == 3 and override.float_after_calibration:

@@ -7,8 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backend import graph as ppq_graph
-from .backend import tensors
+from .backend import ppq_ir, tensors
 from .common import HOLD_BACK_EVERY, RANKING_BATCHES, clearly_lower, run_now
 from .plan import EnginePlan
 
@@ -42,9 +41,9 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
     ranking = rank_layers_by_error(graph, executor, lambda: iter(training), RANKING_BATCHES)
     worst = [name for name, _ in ranking[:layers]]
     before = output_error(graph, executor, held_back)
-    saved = ppq_graph.snapshot(graph, worst)
+    saved = ppq_ir.snapshot_params(graph, worst)
     apply(
-        ppq_graph.ppq_pass(
+        ppq_ir.ppq_pass(
             "LearnedStepSizePass",
             interested_layers=worst,
             steps=steps,
@@ -55,7 +54,7 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
         ),
         training,
     )
-    apply(ppq_graph.ppq_pass("PassiveParameterQuantizePass"))
+    apply(ppq_ir.ppq_pass("PassiveParameterQuantizePass"))
     after = output_error(graph, executor, held_back)
     if clearly_lower(after, before):
         log.info(
@@ -66,8 +65,8 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
             after,
         )
     else:
-        ppq_graph.restore(saved)
-        apply(ppq_graph.ppq_pass("PassiveParameterQuantizePass"))
+        ppq_ir.restore_params(saved)
+        apply(ppq_ir.ppq_pass("PassiveParameterQuantizePass"))
         log.info(
             "fine-tuning did not lower the held-back output error (%.5f -> %.5f): kept the layers as they were",
             before,
@@ -87,7 +86,7 @@ def output_error(graph, executor, batches, references=None) -> float:
     """
     with tensors.no_grad():
         if references is None:
-            with ppq_graph.float_graph(graph):
+            with ppq_ir.float_graph(graph):
                 references = [executor.forward(inputs=batch) for batch in batches]
         outputs = [executor.forward(inputs=batch) for batch in batches]
     return error_between(references, outputs)
@@ -147,7 +146,7 @@ def rank_layers_by_error(
     cumulative) minus the largest of its inputs': the error the op itself adds. Runs the
     float and the quantized graph on up to ``max_batches`` batches.
     """
-    quantable = ppq_graph.quantized_ops(graph)
+    quantable = ppq_ir.quantized_ops(graph)
     layers = [op for op in quantable if op_types is None or op.type in op_types]
     power = _ErrorPower()
     hooks = {op.name: power.hook(op) for op in layers}
@@ -156,7 +155,7 @@ def rank_layers_by_error(
             if index >= max_batches:
                 break
             power.float_pass = True
-            with ppq_graph.float_graph(graph):
+            with ppq_ir.float_graph(graph):
                 executor.forward(inputs=feed, hooks=hooks)
             power.float_pass = False
             executor.forward(inputs=feed, hooks=hooks)
@@ -204,7 +203,7 @@ class _ErrorPower:
             if tensors.is_float_tensor(outputs[0]):
                 self.record((operation.name, "out", 0), outputs[0])
 
-        return ppq_graph.runtime_hook(operation, before, after)
+        return ppq_ir.runtime_hook(operation, before, after)
 
 
 class BiasShift:
@@ -239,7 +238,7 @@ class BiasShift:
             key, mean = tuple(x.shape[1:]), x.mean(dim=0)
             self.inputs[key] = mean if key not in self.inputs else self.inputs[key].add_(mean)
             return
-        difference = ppq_graph.run_op(self.operation, [x, self.delta], self.context).double()
+        difference = ppq_ir.run_op(self.operation, [x, self.delta], self.context).double()
         channel = difference.ndim - 1 if self.operation.type == "Gemm" else 1
         mean = difference.mean(dim=[d for d in range(difference.ndim) if d != channel])
         self.total = mean if self.total is None else self.total + mean
@@ -286,7 +285,7 @@ def bias_layers(graph) -> list:
     """The ops whose bias correction folds in: Conv/ConvTranspose/Gemm with a constant bias."""
     return [
         operation
-        for operation in ppq_graph.quantized_ops(graph)
+        for operation in ppq_ir.quantized_ops(graph)
         if operation.type in {"Conv", "ConvTranspose", "Gemm"}
         and operation.num_of_input == 3
         and operation.inputs[2].value is not None
@@ -297,10 +296,10 @@ def correct_bias(graph, executor, feeds, progress=None) -> None:
     """Bias correction in a pass of its own, after fine-tuning moved the weights (finetune_level 2
     and up; at level 1 the calibration pass measures it): each :class:`BiasShift` on the op's
     quantized input in the quantized graph. All layers are measured in one pass, then corrected."""
-    shifts = [BiasShift(operation, ppq_graph.op_context(executor)) for operation in bias_layers(graph)]
+    shifts = [BiasShift(operation, ppq_ir.op_context(executor)) for operation in bias_layers(graph)]
     if not shifts:
         return
-    hooks = {shift.operation.name: ppq_graph.runtime_hook(shift.operation, shift.observe) for shift in shifts}
+    hooks = {shift.operation.name: ppq_ir.runtime_hook(shift.operation, shift.observe) for shift in shifts}
     bar = progress("bias correction", None) if progress else None
     with tensors.no_grad():
         for feed in feeds():

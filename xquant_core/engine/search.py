@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backend import tensors
-from .backend.graph import keep_float
+from .backend.ppq_ir import keep_float
 from .finetune import rank_layers_by_error
 
 log = logging.getLogger("xquant.engine")

@@ -205,7 +205,11 @@ def render_markdown(
 
 
 def _summary(
-    measurement: Measurement, rows: list[Row], quantize_seconds: float, analysis_seconds: float, candidates=None
+    measurement: Measurement,
+    rows: list[Row],
+    quantize_seconds: float,
+    analysis_seconds: float,
+    candidates: Sequence[fallback.Candidate] | None = None,
 ) -> list[str]:
     flagged = sum(1 for row in rows if row.stats.flagged)
     lines = ["", "## Summary", "", verdict(measurement), ""]

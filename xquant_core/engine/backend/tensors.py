@@ -29,7 +29,7 @@ def cuda_available() -> bool:
 
 
 @contextlib.contextmanager
-def deterministic() -> Iterator[None]:
+def seeded_fixed_threads() -> Iterator[None]:
     """torch seeded and on :data:`TORCH_THREADS` threads for the block; its thread count restored after."""
     import torch
 

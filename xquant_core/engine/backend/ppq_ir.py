@@ -172,8 +172,8 @@ def calibration_hook(operation, table: dict, before: Callable | None = None):
     return Hook(operation=operation, observer_table=table)
 
 
-def snapshot(graph, op_names) -> list:
-    """Weights and quantization parameters of the given ops, for :func:`restore`."""
+def snapshot_params(graph, op_names) -> list:
+    """Weights and quantization parameters of the given ops, for :func:`restore_params`."""
     saved = []
     for name in op_names:
         operation = graph.operations[name]
@@ -186,7 +186,7 @@ def snapshot(graph, op_names) -> list:
     return saved
 
 
-def restore(saved) -> None:
+def restore_params(saved) -> None:
     for var, value, root, scale, offset, state in saved:
         if value is not None:
             var.value = value
