@@ -1,4 +1,4 @@
-"""Quantize a graph: the algorithms, and the backend through which alone they reach PPQ and torch.
+"""Quantize a graph: the algorithms, and the backend, the only part of the core that imports PPQ and torch.
 
 - :mod:`.plan`: ``EnginePlan`` and ``SubgraphOverride`` (the config resolved for the engine);
 - :mod:`.core`: ``quantize_graph`` (the pass sequence as data, custom_setting regions, export);

@@ -10,8 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backend import tensors
-from .backend.ppq_ir import keep_float
+from .backend import ppq_ir, tensors
 from .finetune import rank_layers_by_error
 
 log = logging.getLogger("xquant.engine")
@@ -129,7 +128,7 @@ class FloatOpSearch:
                 for member in sorted(best_set, key=lambda op_name: -growth[op_name])
             ]
             log.info("auto_precision: %d op(s) in float: %s %.6g", len(kept), type(self.metric).__name__, best)
-        keep_float(graph, kept - self.already_float)
+        ppq_ir.keep_float(graph, kept - self.already_float)
         return SearchResult(tuple(chosen), before, best, tried, export(), time.perf_counter() - started, plain_value)
 
     def _best_extension(self, graph, name: str, growth: dict, kept: set, best: float, measure, bar):
@@ -146,7 +145,7 @@ class FloatOpSearch:
             candidate = candidate - kept
             if not candidate or len(kept | candidate) > self.max_float_ops:
                 continue
-            undo = keep_float(graph, kept | candidate)
+            undo = ppq_ir.keep_float(graph, kept | candidate)
             value = measure()
             undo()
             tried += 1
