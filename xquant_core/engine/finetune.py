@@ -215,7 +215,9 @@ class BiasShift:
     ``x`` is the op's input as the pass computes it: in the calibration pass (finetune_level 1)
     float activations of the graph whose weights are already quantized, so each layer is
     measured on what its own upstream weights make of the data and all layers are corrected at
-    once; ``submit`` runs the op on the weight difference there on the second core.
+    once. A convolution's shift is linear in its input, so ``submit`` only adds each batch's mean
+    input to a running sum (on the second core there) and :meth:`apply` runs the op on the weight
+    difference once; a Gemm (small) runs it per batch.
     """
 
     def __init__(self, operation, context):
@@ -233,22 +235,26 @@ class BiasShift:
 
     def _add(self, x) -> None:
         self.count += 1
-        if _plain_conv2d(self.operation, x):
-            # the shift is linear in the input: a running sum now, the taps once in apply()
+        if self.operation.type != "Gemm":
+            # a convolution's shift is linear in its input: a running sum of the batch means now,
+            # the op (or, for a 2-D Conv with explicit pads, its tap means) once in apply()
             key, mean = tuple(x.shape[1:]), x.mean(dim=0)
             self.inputs[key] = mean if key not in self.inputs else self.inputs[key].add_(mean)
             return
         difference = ppq_ir.run_op(self.operation, [x, self.delta], self.context).double()
-        channel = difference.ndim - 1 if self.operation.type == "Gemm" else 1
-        mean = difference.mean(dim=[d for d in range(difference.ndim) if d != channel])
+        mean = difference.mean(dim=list(range(difference.ndim - 1)))
         self.total = mean if self.total is None else self.total + mean
 
     def apply(self) -> None:
         bias = self.operation.inputs[2].value
         total = self.total
         for summed in self.inputs.values():
-            taps = _tap_means(self.operation, summed[None].double(), self.delta.shape)
-            part = _conv_of_tap_means(self.operation, self.delta, taps)
+            if _plain_conv2d(self.operation, summed[None]):
+                taps = _tap_means(self.operation, summed[None].double(), self.delta.shape)
+                part = _conv_of_tap_means(self.operation, self.delta, taps)
+            else:
+                difference = ppq_ir.run_op(self.operation, [summed[None], self.delta], self.context).double()
+                part = difference.mean(dim=[d for d in range(difference.ndim) if d != 1])
             total = part if total is None else total + part
         if total is None:
             return
