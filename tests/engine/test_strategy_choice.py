@@ -72,3 +72,25 @@ def test_a_model_that_cannot_be_exported_is_measured_by_ppq(caplog, monkeypatch)
     assert any("strategy choice by onnxruntime failed (RuntimeError: no export here)" in r.getMessage()
                for r in caplog.records)
     assert fallback.SerializeToString() == plain.SerializeToString()
+
+
+def test_models_run_two_at_a_time_give_what_each_gives_alone():
+    """Three models (the strategy choice's, now that the float model runs beside the range work): a
+    pair side by side, the third in two halves of its batches; each model's outputs as if it ran alone.
+    One batch: the odd one runs whole."""
+    import torch
+
+    from xquant_core.engine.calibrate import _outputs_two_at_a_time
+    from xquant_core.engine.common import onnxruntime_outputs
+
+    rng = np.random.default_rng(2)
+    batches = [{"input": torch.from_numpy(rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32))} for _ in range(5)]
+    three = [models.small_cnn(seed=seed) for seed in (4, 5, 6)]
+    for used in (batches, batches[:1]):
+        together = _outputs_two_at_a_time(three, used, ["logits"])
+        alone = [onnxruntime_outputs(model, used, ["logits"]) for model in three]
+        assert len(together) == 3 and all(len(outputs) == len(used) for outputs in together)
+        for got, expected in zip(together, alone):
+            assert all(torch.equal(g[0], e[0]) for g, e in zip(got, expected))
+        assert not torch.equal(together[0][0][0], together[2][0][0])  # three different models
+    assert _outputs_two_at_a_time(three, batches, ["no such output"]) == [None, None, None]

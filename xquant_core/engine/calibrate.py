@@ -230,25 +230,46 @@ class ActivationCalibration:
         self._forward_all(executor, feeds, hooks, [*observers.values(), *shifts.values()], num_batches, progress)
         for shift in shifts.values():
             shift.apply()
-        strategies = max(observer.compute() for observer in observers.values())
+        strategies, batches, references = self._ranges_and_references(graph, feeds, observers)
         if strategies > 1:
             bar = progress("strategy choice", strategies) if progress else None
-            self._choose_strategy(graph, executor, feeds, observers, strategies, bar)
+            batches = batches if batches is not None else choice_batches(feeds)
+            self._choose_strategy(graph, executor, batches, references, observers, strategies, bar)
         else:
             for observer in observers.values():
                 observer.render()
 
-    def _choose_strategy(self, graph, executor, feeds, observers, strategies: int, bar=None) -> None:
+    def _ranges_and_references(self, graph, feeds, observers) -> tuple[int, list | None, list | None]:
+        """Every observer's candidate ranges (the number of strategies) and, where the plan's algorithm
+        offers several, the strategy choice's batches and the float model's outputs on them. Working
+        out the ranges holds the GIL (numpy on small arrays) while onnxruntime releases it, so the
+        float model runs on the second core meanwhile (PP-OCRv4 det: 24 runs of 0.07 s)."""
+
+        def ranges() -> int:
+            return max(observer.compute() for observer in observers.values())
+
+        if len(getattr(self.plan.algorithm, "strategies", ())) < 2:
+            return ranges(), None, None
+        batches = choice_batches(feeds)
+        references, strategies = in_parallel(
+            functools.partial(onnxruntime_outputs, self.float_model, batches, list(graph.outputs))
+            if self.float_model is not None
+            else lambda: None,
+            ranges,
+        )
+        return strategies, batches, references
+
+    def _choose_strategy(self, graph, executor, batches, references, observers, strategies: int, bar=None) -> None:
         """Keep the strategy whose quantized model output is closest to the float one.
 
-        Measured on :func:`.common.choice_batches`, biases still float: each strategy's model as
-        exported, run by onnxruntime (:meth:`_errors_as_exported`), or where that fails as PPQ
-        simulates it (:meth:`_errors_as_simulated`).
+        Measured on ``batches`` (:func:`.common.choice_batches`; ``references``: the float model's
+        outputs on them, or None), biases still float: each strategy's model as exported, run by
+        onnxruntime (:meth:`_errors_as_exported`), or where that fails as PPQ simulates it
+        (:meth:`_errors_as_simulated`).
         """
-        batches = choice_batches(feeds)
-        errors = self._errors_as_exported(graph, batches, observers, strategies)
+        errors = self._errors_as_exported(graph, batches, observers, strategies, references)
         if errors is None:
-            errors = self._errors_as_simulated(graph, executor, batches, observers, strategies)
+            errors = self._errors_as_simulated(graph, executor, batches, observers, strategies, references)
         if bar is not None:
             bar.update(strategies)
             bar.close()
@@ -268,17 +289,18 @@ class ActivationCalibration:
         for observer in observers.values():
             observer.render(best)
 
-    def _errors_as_exported(self, graph, batches, observers, strategies: int) -> list[float] | None:
+    def _errors_as_exported(self, graph, batches, observers, strategies: int, references=None) -> list[float] | None:
         """Each strategy's output error, its model exported and run by onnxruntime (exact int8
         arithmetic, one thread per session, two sessions at a time on two cores): the model the
         user gets, and faster than PPQ's simulation (PP-OCRv4 det: 13.8 -> 7.4 s). It kept the
         simulation's strategy on eight of nine models measured; EfficientNet-Lite0, a near tie,
         moved from the wider percentile windows to KL+MSE (held-out logits SNR 0.0056 -> 0.0058).
-        None when a model cannot be exported or run."""
+        ``references``: the float model's outputs, when already run. None when a model cannot be
+        exported or run."""
         if self.export is None or self.float_model is None:
             return None
         try:
-            models = [self.float_model]
+            models = [] if references is not None else [self.float_model]
             for strategy in range(strategies):
                 for observer in observers.values():
                     observer.render(strategy)
@@ -286,18 +308,19 @@ class ActivationCalibration:
         except Exception as exc:
             log.debug("strategy choice by onnxruntime failed (%s: %s): PPQ simulates it", type(exc).__name__, exc)
             return None
-        runs = [functools.partial(onnxruntime_outputs, model, batches, list(graph.outputs)) for model in models]
-        outputs: list = []
-        for first, second in zip(runs[0::2], runs[1::2] + [lambda: None] * (len(runs) % 2)):
-            outputs += in_parallel(first, second)
-        outputs = outputs[: len(runs)]
-        if any(values is None for values in outputs):  # onnxruntime could not run one of them
+        outputs = _outputs_two_at_a_time(models, batches, list(graph.outputs))
+        if references is None:
+            references, outputs = outputs[0], outputs[1:]
+        if references is None or any(values is None for values in outputs):  # onnxruntime could not run one
             return None
-        return [error_between(outputs[0], quantized) for quantized in outputs[1:]]
+        return [error_between(references, quantized) for quantized in outputs]
 
-    def _errors_as_simulated(self, graph, executor, batches, observers, strategies: int) -> list[float]:
+    def _errors_as_simulated(
+        self, graph, executor, batches, observers, strategies: int, references=None
+    ) -> list[float]:
         """Each strategy's output error in PPQ's quantized forward pass (float references from
-        onnxruntime on the second core while PPQ runs the first strategy, else PPQ's float pass)."""
+        onnxruntime, run already or on the second core while PPQ runs the first strategy, else PPQ's
+        float pass)."""
 
         def quantized(strategy: int) -> list:
             for observer in observers.values():
@@ -307,8 +330,8 @@ class ActivationCalibration:
 
         references, first = in_parallel(
             functools.partial(onnxruntime_outputs, self.float_model, batches, list(graph.outputs))
-            if self.float_model is not None
-            else lambda: None,
+            if self.float_model is not None and references is None
+            else lambda: references,
             functools.partial(quantized, 0),
         )
         if references is None:
@@ -338,6 +361,25 @@ class ActivationCalibration:
             watcher.submit = run_now
         if bar is not None:
             bar.close()
+
+
+def _outputs_two_at_a_time(models: list, batches: list, names: list[str]) -> list:
+    """:func:`.common.onnxruntime_outputs` of each model, two sessions at a time on two cores; an
+    odd one out runs its batches in two halves side by side (None for a model that cannot run)."""
+    runs = [functools.partial(onnxruntime_outputs, model, batches, names) for model in models]
+    outputs: list = []
+    for first, second in zip(runs[0::2], runs[1::2]):
+        outputs += in_parallel(first, second)
+    if len(runs) % 2 and len(batches) < 2:
+        outputs.append(runs[-1]())
+    elif len(runs) % 2:
+        half = (len(batches) + 1) // 2
+        parts = in_parallel(
+            functools.partial(onnxruntime_outputs, models[-1], batches[:half], names),
+            functools.partial(onnxruntime_outputs, models[-1], batches[half:], names),
+        )
+        outputs.append(None if any(part is None for part in parts) else parts[0] + parts[1])
+    return outputs
 
 
 class _SideWork:
