@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -38,6 +39,17 @@ def in_parallel(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
     finally:
         result = pending.result()
     return result, other
+
+
+def in_halves(run: Callable[[list], A], batches: Sequence) -> list[A]:
+    """``run`` on the first and on the second half of ``batches`` side by side (:func:`in_parallel`:
+    two one-thread onnxruntime sessions, one per core), or once on all of them with fewer than two
+    batches or one core; the results in batch order."""
+    batches = list(batches)
+    if len(batches) < 2 or cores() < 2:
+        return [run(batches)]
+    half = (len(batches) + 1) // 2
+    return list(in_parallel(functools.partial(run, batches[:half]), functools.partial(run, batches[half:])))
 
 
 def num_threads() -> int:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from ..runtime import cores, in_parallel
+from ..runtime import cores, in_halves, in_parallel
 from .backend import ppq_ir, tensors
 from .common import choice_batches, clearly_lower, onnxruntime_outputs, run_now
 from .finetune import BiasShift, bias_layers, error_between
@@ -370,15 +370,9 @@ def _outputs_two_at_a_time(models: list, batches: list, names: list[str]) -> lis
     outputs: list = []
     for first, second in zip(runs[0::2], runs[1::2]):
         outputs += in_parallel(first, second)
-    if len(runs) % 2 and len(batches) < 2:
-        outputs.append(runs[-1]())
-    elif len(runs) % 2:
-        half = (len(batches) + 1) // 2
-        parts = in_parallel(
-            functools.partial(onnxruntime_outputs, models[-1], batches[:half], names),
-            functools.partial(onnxruntime_outputs, models[-1], batches[half:], names),
-        )
-        outputs.append(None if any(part is None for part in parts) else parts[0] + parts[1])
+    if len(runs) % 2:
+        parts = in_halves(lambda part: onnxruntime_outputs(models[-1], part, names), batches)
+        outputs.append(None if any(part is None for part in parts) else [value for part in parts for value in part])
     return outputs
 
 

@@ -18,7 +18,6 @@ Pure ONNX and onnxruntime; the trial object does the PPQ side.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 import onnx
 
 from xquant_core.control_flow import COMPUTE_OPS
-from xquant_core.runtime import cores, in_parallel, outputs_on
+from xquant_core.runtime import in_halves, outputs_on
 from xquant_core.snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
@@ -106,11 +105,7 @@ def model_outputs(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray
     def run(part: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         return [dict(zip(names, values)) for values in outputs_on(data, part, names)]
 
-    if len(batches) < 2 or cores() < 2:
-        return run(batches)
-    half = (len(batches) + 1) // 2
-    first, second = in_parallel(functools.partial(run, batches[:half]), functools.partial(run, batches[half:]))
-    return first + second
+    return [outputs for part in in_halves(run, batches) for outputs in part]
 
 
 def output_errors(
