@@ -184,10 +184,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    import json
-
     from .config import load_config
-    from .outputs import check_folder, write_bytes_atomically
+    from .outputs import all_or_nothing, check_folder, write_bytes_atomically
 
     cfg = load_config(args.config)  # before the pipeline's imports (onnx: ~0.6 s): a bad config fails fast
     from .pipeline import run
@@ -198,7 +196,12 @@ def cmd_quantize(args) -> int:
         check_folder(summary_path)
         also_writes[summary_path] = "the --summary-json file"
     stages = Stages(quiet=args.quiet)
-    result = run(cfg, model=args.input, output=args.output, progress=stages, also_writes=also_writes, own_process=True)
+    with all_or_nothing():  # the model, the report and the summary: all written, or none
+        result = run(
+            cfg, model=args.input, output=args.output, progress=stages, also_writes=also_writes, own_process=True
+        )
+        if summary_path is not None:
+            write_bytes_atomically(summary_path, _summary_json(result, stages))
     how = (
         f"{result.samples} calibration samples on {result.device}"
         if result.samples
@@ -210,18 +213,24 @@ def cmd_quantize(args) -> int:
     if stages.times:
         print(f"xquant: {stages.summary()}")
     if summary_path is not None:
-        figures = {
-            "model": str(result.output_path),
-            "seconds": result.seconds,
-            "samples": result.samples,
-            "device": result.device,
-            "report": str(result.report_path) if result.report_path else None,
-            "stages": stages.seconds(),
-            "analysis": result.analysis,
-        }
-        write_bytes_atomically(summary_path, (json.dumps(figures, indent=2) + "\n").encode("utf-8"))
         print(f"xquant: summary figures in {summary_path}")
     return EXIT_OK
+
+
+def _summary_json(result, stages: Stages) -> bytes:
+    """The ``--summary-json`` file's content: the run's figures for scripts."""
+    import json
+
+    figures = {
+        "model": str(result.output_path),
+        "seconds": result.seconds,
+        "samples": result.samples,
+        "device": result.device,
+        "report": str(result.report_path) if result.report_path else None,
+        "stages": stages.seconds(),
+        "analysis": result.analysis,
+    }
+    return (json.dumps(figures, indent=2) + "\n").encode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,13 @@ QDQ_OPS = {
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Load and sanity-check a float ONNX model (a path or an in-memory proto); opset < 13 is converted to 13."""
+    return read_model(source)[0]
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, list[Path]]:
+    """:func:`load_model`, and the external-data files the model file names (the model holds their
+    data once loaded, and no longer says where it came from: the run must not write over them)."""
+    external: list[Path] = []
     if isinstance(source, onnx.ModelProto):
         model = source
         where = "the given model"
@@ -49,9 +56,24 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if not path.is_file():
             raise ModelError(f"onnx_model {path} does not exist")
         try:
-            model = onnx.load(str(path))
+            model = onnx.load(str(path), load_external_data=False)
+            external = _external_data_files(path, model)
+            onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise ModelError(f"onnx_model {path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    return _checked(model, where), external
+
+
+def _external_data_files(path: Path, model: onnx.ModelProto) -> list[Path]:
+    locations: set[str] = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return [path.parent / location for location in sorted(locations)]
+
+
+def _checked(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """The model, once it is a float model xquant can quantize (at opset 13 or later)."""
     if not model.graph.node:
         raise ModelError(f"{where} has an empty graph: is it an ONNX model?")
     quantized = sorted({node.op_type for node in model.graph.node if node.op_type in QDQ_OPS})

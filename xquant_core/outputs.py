@@ -6,15 +6,19 @@ quantization starts, :func:`check_not_read` makes sure none of them is a file th
 (``-o data/list.txt`` used to replace the calibration list with the model) and
 :func:`check_folder` that the output folder exists or can be made and takes a file. :func:`write_bytes_atomically`
 writes through a temporary file and a rename: a full disk or a read-only folder is an error
-naming the OS's reason, the old file survives and no temporary file is left.
+naming the OS's reason, the old file survives and no temporary file is left. A run's files are
+written together (:func:`all_or_nothing`): all of them are replaced, or none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import errno
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import XQuantError
@@ -72,14 +76,14 @@ def check_folder(out_path: Path) -> None:
 
 def files_read(
     model_path: Path | None,
-    model,
+    external_data: Iterable[Path],
     config_source: str,
     lists: Iterable[Path] = (),
     samples: Iterable[Path] = (),
     preprocess_files: Iterable[Path] = (),
 ) -> dict[Path, str]:
-    """The files a run reads, each with what it is (for :func:`check_not_read`); ``model`` is the
-    loaded ``onnx.ModelProto`` of ``model_path`` (for the external-data files it names)."""
+    """The files a run reads, each with what it is (for :func:`check_not_read`); ``external_data``:
+    the files holding the weights of the model at ``model_path`` (:func:`.model.read_model`)."""
     reads: dict[Path, str] = {}
     for path in preprocess_files:
         reads[path] = f"the preprocess file {path}"
@@ -90,34 +94,136 @@ def files_read(
     if Path(config_source).is_file():
         reads[Path(config_source)] = f"the config {config_source}"
     if model_path is not None:
-        reads.update({path: f"the input model's external data {path}" for path in _external_data(model_path, model)})
+        reads.update({path: f"the input model's external data {path}" for path in external_data})
         reads[model_path] = "the input model"
     return reads
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + rename: never a partial file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {path.parent}: {_reason(exc)}") from None
+    """Write ``data`` to ``path`` via a temporary file + rename: never a partial file. Inside
+    :func:`all_or_nothing` the rename waits for the block's end, with the other files'."""
+    created = _make_folder(path.parent)
     try:
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
+        _remove_folders(created)
         raise OutputError(f"cannot write to the output folder {path.parent}: {_reason(exc)}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
-        raise OutputError(
-            f"cannot write {path}: {_reason(exc)}" + (" (the previous file is unchanged)" if path.exists() else "")
-        ) from None
+        _remove_folders(created)
+        raise OutputError(f"cannot write {path}: {_reason(exc)}" + _unchanged(path)) from None
     except BaseException:
         _remove(tmp)
+        _remove_folders(created)
         raise
+    pending = _pending.get()
+    if pending is not None:
+        pending.append(_Staged(path, tmp, created))
+    else:
+        _commit([_Staged(path, tmp, created)])
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Within the block, :func:`write_bytes_atomically` writes each file beside its target and the
+    block's end puts them all in place, or none: a run writes its model, report, chart and
+    summary together, and a failure at any point (a full disk, an old file that cannot be
+    replaced, an error, Ctrl-C) leaves every previous file as it was and no new one. Nested
+    blocks join the outermost."""
+    if _pending.get() is not None:
+        yield
+        return
+    staged: list[_Staged] = []
+    token = _pending.set(staged)
+    try:
+        yield
+    except BaseException:
+        _discard(staged)
+        raise
+    finally:
+        _pending.reset(token)
+    _commit(staged)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    target: Path
+    tmp: str
+    created: list[Path]  # the folders made for it, removed again if it is discarded
+
+
+_pending: contextvars.ContextVar[list[_Staged] | None] = contextvars.ContextVar("xquant_pending", default=None)
+
+
+def _commit(staged: list[_Staged]) -> None:
+    """Put the staged files in place: the old ones are moved aside first (an old file that cannot
+    be replaced fails here, before anything changed), then the new ones renamed in, then the
+    old ones deleted; on a failure everything is moved back."""
+    if len(staged) == 1:  # one file: the rename alone is atomic
+        item = staged[0]
+        try:
+            os.replace(item.tmp, item.target)
+        except OSError as exc:
+            _discard(staged)
+            raise OutputError(f"cannot write {item.target}: {_reason(exc)}" + _unchanged(item.target)) from None
+        return
+    aside: list[tuple[Path, str]] = []
+    placed: list[Path] = []
+    current = None
+    try:
+        for item in staged:
+            current = item.target
+            if os.path.lexists(item.target):
+                backup = f"{item.tmp}.old"
+                os.replace(item.target, backup)
+                aside.append((item.target, backup))
+        for item in staged:
+            current = item.target
+            os.replace(item.tmp, item.target)
+            placed.append(item.target)
+    except OSError as exc:
+        for target in placed:
+            _remove(str(target))
+        for target, backup in reversed(aside):
+            with contextlib.suppress(OSError):
+                os.replace(backup, target)
+        _discard(staged)
+        raise OutputError(f"cannot write {current}: {_reason(exc)}" + _unchanged(current)) from None
+    for _, backup in aside:
+        _remove(backup)
+
+
+def _discard(staged: list[_Staged]) -> None:
+    for item in staged:
+        _remove(item.tmp)
+    for item in reversed(staged):
+        _remove_folders(item.created)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; return those made (innermost first)."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder}: {_reason(exc)}") from None
+    return missing
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    for folder in folders:  # innermost first; a folder something else now holds stays
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _unchanged(path) -> str:
+    return " (the previous file is unchanged)" if path is not None and os.path.lexists(path) else ""
 
 
 def _reason(exc: OSError) -> str:
@@ -139,14 +245,3 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
-
-
-def _external_data(model_path: Path, model) -> list[Path]:
-    """The external-data files a model names."""
-    import onnx
-
-    locations: set[str] = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
-    return [model_path.parent / location for location in sorted(locations)]

@@ -24,7 +24,7 @@ from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
 from .errors import ConfigError, ModelError, XQuantError
-from .outputs import OutputError, check_folder, check_not_read, files_read, write_bytes_atomically
+from .outputs import OutputError, all_or_nothing, check_folder, check_not_read, files_read, write_bytes_atomically
 from .plugins import registry
 from .reporting import REPORTER, ReportRequest
 from .runtime import libraries_loaded
@@ -120,7 +120,7 @@ def prepare(
         check_not_read(out_path, {model_path: "the input model"}, also_writes)
     check_folder(out_path)
 
-    float_model = model_io.load_model(source)
+    float_model, external_data = model_io.read_model(source)
     specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")
     float_model = model_io.fix_input_shapes(float_model, specs)
     platform = registry("platform").get(cfg.quantization.platform)
@@ -133,13 +133,13 @@ def prepare(
                 ],
                 cfg.source or "config",
             )
-        check_not_read(out_path, files_read(model_path, float_model, cfg.source), also_writes)
+        check_not_read(out_path, files_read(model_path, external_data, cfg.source), also_writes)
         return Prepared(model_path, out_path, float_model, specs, None, platform, None)
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
-    check_not_read(out_path, _inputs_read(cfg, model_path, float_model, specs, dataset), also_writes)
+    check_not_read(out_path, _inputs_read(cfg, model_path, external_data, specs, dataset), also_writes)
     dataset.batch(0)  # fail fast on unreadable data, before the expensive parts
     return Prepared(
         model_path,
@@ -152,11 +152,11 @@ def prepare(
     )
 
 
-def _inputs_read(cfg: XQuantConfig, model_path, float_model, specs, dataset: CalibrationDataset):
+def _inputs_read(cfg: XQuantConfig, model_path, external_data, specs, dataset: CalibrationDataset):
     """Every file a static run reads: the model, the config, the lists, the samples, the preprocessors."""
     return files_read(
         model_path,
-        float_model,
+        external_data,
         cfg.source,
         [spec.config.data_list_path for spec in specs],
         [path for lists in (dataset.lists, dataset.held_back_lists) for paths in lists.values() for path in paths],
@@ -180,7 +180,10 @@ def run(
     prepared = prepare(cfg, model, output, also_writes)
     cache = None if cfg.model.skip_onnxsim else model_io.OnnxsimCache.for_model(prepared.float_model)
     needs_onnxsim = not cfg.model.skip_onnxsim and not (cache is not None and cache.hit)
-    with libraries_loaded(ppq=prepared.dataset is not None, onnxsim=needs_onnxsim, own_process=own_process):
+    with (
+        libraries_loaded(ppq=prepared.dataset is not None, onnxsim=needs_onnxsim, own_process=own_process),
+        all_or_nothing(),  # the model, its report and chart: all written, or none
+    ):
         return _run(cfg, prepared, started, progress, cache)
 
 
@@ -216,7 +219,6 @@ def _run(
     if gap:
         log.warning(gap)
     seconds = time.perf_counter() - started
-    # the report before the model: an interrupt leaves no model
     figures = None
     if cfg.quantization.analysis_enable:
         with _stage(progress, "analysis"):

@@ -478,6 +478,66 @@ def test_a_full_disk_at_write_time_is_exit_2_with_the_os_reason_and_the_old_mode
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.q.onnx", "model.q_report.md"]
 
 
+def test_a_runs_model_report_and_summary_are_written_together_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """An old report that cannot be replaced used to be found after the new model was in place,
+    and a full disk at the summary after the model and report were: a half-replaced set of
+    files, with exit 2. Now every file is written beside its target first and all are put in
+    place at the end, or none (the old files as they were, no temporary file left)."""
+    from xquant_core import cli, outputs
+
+    project = make_project(tmp_path / "p", analysis_enable=True)
+    out = project / "out"
+    out.mkdir()
+    old = {"model.q.onnx": b"old model", "model.q_report.md": b"old report", "model.q_report.png": b"old chart"}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    replace, mkstemp = os.replace, outputs.tempfile.mkstemp
+
+    def report_cannot_be_replaced(src, dst):
+        if str(src).endswith("model.q_report.md"):  # moved aside before anything is replaced
+            raise OSError(1, "Operation not permitted")
+        return replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", report_cannot_be_replaced)
+    assert cli.main(["-c", str(project / "cfg.json")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "model.q_report.md: Operation not permitted (the previous file is unchanged)" in err, err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == old and leftovers(project) == []
+
+    def full_disk_at_the_summary(*args, prefix="", **kwargs):
+        if prefix.startswith(".summary.json."):
+            raise OSError(28, "No space left on device")
+        return mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", full_disk_at_the_summary)
+    assert cli.main(["-c", str(project / "cfg.json"), "--summary-json", str(project / "summary.json")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == old and leftovers(project) == []
+    assert not (project / "summary.json").exists()
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
+    assert cli.main(["-c", str(project / "cfg.json"), "--summary-json", str(project / "summary.json")]) == 0
+    assert all((out / name).read_bytes() != data for name, data in old.items()) and leftovers(project) == []
+    assert json.loads((project / "summary.json").read_text())["report"] == str(out / "model.q_report.md")
+
+
+def test_the_output_may_not_be_the_input_models_external_data(tmp_path, run_xquant):
+    """The model's weights in a file beside it: ``-o`` naming that file used to replace it (exit 0,
+    and the input model no longer loaded)."""
+    project = make_project(tmp_path / "p")
+    model = onnx.load(str(project / "model.onnx"))
+    onnx.save(model, str(project / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.weights", size_threshold=0)
+    before = snapshot(project)
+    result = run_xquant("-c", "cfg.json", "-o", "model.weights", cwd=project)
+    assert result.returncode == 2, result.stderr
+    assert_no_traceback(result)
+    assert "is the input model's external data" in result.stderr, result.stderr
+    assert snapshot(project) == before
+    assert run_xquant("-c", "cfg.json", cwd=project).returncode == 0  # the model reads its weights
+
+
 @pytest.mark.slow
 def test_repeated_runs_are_byte_identical_and_leave_inputs_untouched(tmp_path, run_xquant):
     """Default calibration, fine-tuning level 1 and the report (test_cli checks percentile/level 0 with -o)."""
