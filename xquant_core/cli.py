@@ -185,15 +185,15 @@ def cmd_check(args) -> int:
 
 def cmd_quantize(args) -> int:
     from .config import load_config
-    from .outputs import all_or_nothing, check_folder, write_bytes_atomically
+    from .outputs import all_or_nothing, check_folder, output_file, write_bytes_atomically
 
     cfg = load_config(args.config)  # before the pipeline's imports (onnx: ~0.6 s): a bad config fails fast
     from .pipeline import run
 
-    summary_path = Path(args.summary_json) if args.summary_json else None
+    summary_path = output_file(args.summary_json, "--summary-json") if args.summary_json is not None else None
     also_writes = {}
     if summary_path is not None:  # before the run: a bad path costs no quantization
-        check_folder(summary_path)
+        check_folder(summary_path, "--summary-json")
         also_writes[summary_path] = "the --summary-json file"
     stages = Stages(quiet=args.quiet)
     with all_or_nothing():  # the model, the report and the summary: all written, or none

@@ -176,22 +176,32 @@ class PathFunctionPreprocessor:
         return func
 
     def batch(self, paths: Sequence[Path], spec: InputSpec) -> np.ndarray:
+        where = f"preprocess_file {self.file}:{self.func_name}"
         try:
             result = self.func([str(p) for p in paths], spec.vendor_dict())
-        except Exception as exc:
+            if hasattr(result, "detach"):  # torch tensor
+                result = result.detach().cpu().numpy()
+            array = np.asarray(result)
+        except (Exception, SystemExit) as exc:  # sys.exit() in a user's function is an error too
+            raise DataError(f"{where} raised {type(exc).__name__}: {exc} (first file: {paths[0]})") from None
+        if array.dtype.kind not in "biuf":
             raise DataError(
-                f"preprocess_file {self.file}:{self.func_name} raised {type(exc).__name__}: {exc} "
-                f"(first file: {paths[0]})"
-            ) from None
-        if hasattr(result, "detach"):  # torch tensor
-            result = result.detach().cpu().numpy()
-        return np.asarray(result)
+                f"{where} returned {type(result).__name__}"
+                + (f" of {array.dtype}" if isinstance(result, np.ndarray) else "")
+                + f", not an array of numbers (first file: {paths[0]})"
+            )
+        return array
 
 
 def conform(array: np.ndarray, spec: InputSpec, count: int, origin: str) -> np.ndarray:
     """Check and cast a batch of ``count`` samples to the input's shape and dtype."""
     expected = spec.batch_shape(count)
-    array = np.asarray(array)
+    try:
+        array = np.asarray(array)
+    except (ValueError, TypeError) as exc:  # a ragged list, an object whose __array__ raises
+        raise DataError(f"Calibration input {spec.name}: {origin} is not an array: {exc}") from None
+    if array.dtype == object:
+        raise DataError(f"Calibration input {spec.name}: {origin} is not an array of numbers")
     if array.shape != expected and array.size == math.prod(expected):
         # only a flat array, or a missing/extra batch dimension: never reorder axes silently
         squeezed = tuple(dim for dim in array.shape if dim != 1)
@@ -236,7 +246,8 @@ def cast_to_input_dtype(array: np.ndarray, spec: InputSpec, origin: str) -> np.n
                 f"Calibration input {spec.name}: {origin} holds {array.dtype} data with {bad}; "
                 f"the model input is {target} and casting would change them"
             )
-    return array.astype(target, copy=False)
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf, which _finite names
+        return array.astype(target, copy=False)
 
 
 class CalibrationDataset:
@@ -332,7 +343,7 @@ class CalibrationDataset:
                 raw = reader.read(path, spec)
             except DataError:
                 raise
-            except Exception as exc:  # a plugin's reader should raise DataError; name the file anyway
+            except (Exception, SystemExit) as exc:  # a plugin's reader should raise DataError; name the file anyway
                 raise DataError(
                     f"Calibration input {spec.name}: reading {path} with file_type "
                     f"{spec.config.file_type} failed: {type(exc).__name__}: {exc}"
@@ -341,7 +352,7 @@ class CalibrationDataset:
                 sample = pre(raw, spec, reader)
             except DataError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise DataError(
                     f"Calibration input {spec.name}: preprocessing {path} failed: {type(exc).__name__}: {exc}"
                 ) from None

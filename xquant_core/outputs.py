@@ -54,14 +54,31 @@ def check_not_read(out_path: Path, reads: Mapping[Path, str], also_writes: Mappi
             raise OutputError(f"{what} {path} is {read[_key(path)]}, which this run reads: choose {advice}")
 
 
-def check_folder(out_path: Path) -> None:
-    """Fail when the output folder cannot take the model: not creatable, not a folder, not writable."""
-    if out_path.is_dir():
-        raise OutputError(f"the output path {out_path} is a folder: give the path of the .onnx file to write")
+def output_file(raw: str | os.PathLike, what: str = "the output path") -> Path:
+    """``raw`` (``-o``, ``--summary-json``) as the path of a file to write, or an error saying why it
+    is not one: empty, a folder by its spelling (``out/``, ``/``, ``..``)."""
+    text = os.fspath(raw)
+    path = Path(text)
+    if not text or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+        raise OutputError(f"{what} {text!r} names a folder, not a file: give the path of the file to write")
+    return path
+
+
+def check_folder(out_path: Path, what: str = "the output path") -> None:
+    """Fail when the output folder cannot take the model: not creatable, not a folder, not
+    writable, or the names of the run's files too long for it."""
+    try:
+        is_dir = out_path.is_dir()
+    except OSError as exc:  # a name too long for the OS, ...
+        raise OutputError(f"{what} {out_path}: {_reason(exc)}") from None
+    if is_dir:
+        kind = ".onnx file" if what == "the output path" else "file"
+        raise OutputError(f"{what} {out_path} is a folder: give the path of the {kind} to write")
     folder = out_path.parent
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path("/"))
     if not existing.is_dir():
         raise OutputError(f"cannot create the output folder {folder}: {existing} is a file, not a folder")
+    _check_name_lengths(out_path, existing, what)
     try:  # a file in the folder, or a folder where it will be made: tried, then removed
         if existing == folder:
             handle, probe = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".probe", dir=folder)
@@ -70,8 +87,23 @@ def check_folder(out_path: Path) -> None:
         else:
             os.rmdir(tempfile.mkdtemp(prefix=".xquant-probe-", dir=existing))
     except OSError as exc:
-        what = "write to the output folder" if existing == folder else "create the output folder"
-        raise OutputError(f"cannot {what} {folder}: {_reason(exc)}") from None
+        action = "write to the output folder" if existing == folder else "create the output folder"
+        raise OutputError(f"cannot {action} {folder}: {_reason(exc)}") from None
+
+
+def _check_name_lengths(out_path: Path, existing: Path, what: str) -> None:
+    """The longest name the run writes beside ``out_path`` (a temporary file while it is written)
+    must fit the folder's file system."""
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no limit to read (Windows): the OS's own error later
+        return
+    longest = max(len(os.fsencode(f".{path.name}.12345678.tmp.old")) for path in derived_paths(out_path))
+    if longest > limit:
+        raise OutputError(
+            f"{what} {out_path}: the file name is too long ({len(os.fsencode(out_path.name))} bytes; with what a "
+            f"run adds to it for the report and its temporary files it must stay within {limit} bytes here)"
+        )
 
 
 def files_read(

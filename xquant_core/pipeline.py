@@ -24,7 +24,15 @@ from .calibration import CalibrationContext
 from .config import XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
 from .errors import ConfigError, ModelError, XQuantError
-from .outputs import OutputError, all_or_nothing, check_folder, check_not_read, files_read, write_bytes_atomically
+from .outputs import (
+    OutputError,
+    all_or_nothing,
+    check_folder,
+    check_not_read,
+    files_read,
+    output_file,
+    write_bytes_atomically,
+)
 from .plugins import registry
 from .reporting import REPORTER, ReportRequest
 from .runtime import libraries_loaded
@@ -67,7 +75,7 @@ def quantize_onnx_model(
 
 def output_path_for(cfg: XQuantConfig, model_path: Path | None, output: str | os.PathLike | None) -> Path:
     if output is not None:
-        return Path(output)
+        return output_file(output)
     if model_path is not None:
         stem = model_path.stem
     else:
@@ -116,9 +124,9 @@ def prepare(
         raise ModelError("no model: set model_parameters.onnx_model in the config or pass a model (-i)")
     model_path = None if isinstance(source, onnx.ModelProto) else Path(source)
     out_path = output_path_for(cfg, model_path, output)
+    check_folder(out_path)
     if model_path is not None:  # before the model is even read
         check_not_read(out_path, {model_path: "the input model"}, also_writes)
-    check_folder(out_path)
 
     float_model, external_data = model_io.read_model(source)
     specs = model_io.resolve_inputs(float_model, cfg.calibration.inputs, "input_parametres")

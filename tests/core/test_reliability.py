@@ -834,6 +834,38 @@ def test_init_writes_a_config_that_checks_and_quantizes_and_overwrites_nothing(t
     assert (project / "start" / "cfg.json").read_bytes() == before
 
 
+def test_init_names_samples_it_cannot_read_and_writes_all_its_files_or_none(tmp_path, monkeypatch, capsys):
+    """An empty or non-numpy ``.npy`` in DATA_DIR used to go into the lists, which ``xquant check``
+    then refused; a folder that could not take the last file left the first ones behind."""
+    from xquant_core import cli, outputs
+
+    project = make_project(tmp_path / "p")
+    (project / "data" / "list.txt").unlink()
+    (project / "data" / "s005.npy").write_bytes(b"")
+    (project / "data" / "s007.npy").write_text("not numpy")
+    monkeypatch.chdir(project)
+    before = snapshot(project)
+    assert cli.main(["init", "model.onnx", "data", "-o", "new/cfg.json"]) == 2
+    err = capsys.readouterr().err
+    assert "data: 2 file(s) cannot be read as npy samples: s005.npy (empty), s007.npy (ValueError" in err, err
+    assert snapshot(project) == before
+
+    (project / "data" / "s005.npy").unlink()
+    (project / "data" / "s007.npy").unlink()
+    before = snapshot(project)
+    mkstemp = outputs.tempfile.mkstemp
+
+    def no_room_for_the_config(*args, prefix="", **kwargs):
+        if prefix.startswith(".cfg.json."):
+            raise OSError(28, "No space left on device")
+        return mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", no_room_for_the_config)
+    assert cli.main(["init", "model.onnx", "data", "-o", "new/cfg.json"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert snapshot(project) == before  # no list, no folder left behind
+
+
 def _saturating_conv() -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """A QDQ 1x1 Conv of 64 channels, int8 input and weights at 127: products whose pairwise
     16-bit sums VPMADDUBSW (x86 without VNNI) can saturate, depending on the kernel onnxruntime picks."""

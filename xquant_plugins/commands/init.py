@@ -18,6 +18,7 @@ import onnx
 
 from xquant_core import model as model_io
 from xquant_core.errors import ConfigError, DataError
+from xquant_core.outputs import all_or_nothing, check_folder, output_file, write_bytes_atomically
 
 EXTENSIONS = {
     ".jpg": "img",
@@ -42,10 +43,16 @@ PRESETS = (
 
 
 def write_config(model_path: str, data_dir: str | None, config_path: str) -> list[str]:
-    """Write the config (and lists); return the lines to print."""
-    out = Path(config_path)
+    """Write the config (and lists), all of them or none; return the lines to print."""
+    out = output_file(config_path, "-o")
     if out.exists():
         raise ConfigError([f"{out} exists: xquant init does not overwrite files; give another -o"], source="init")
+    check_folder(out, "-o")
+    with all_or_nothing():
+        return _write_config(model_path, data_dir, out)
+
+
+def _write_config(model_path: str, data_dir: str | None, out: Path) -> list[str]:
     model = model_io.load_model(model_path)
     inputs = model_io.graph_inputs(model)
     entries, lines, todo = [], [], []
@@ -59,10 +66,10 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
         entry = {"input_name": value.name, "input_shape": shape, "dtype": dtype}
         described = f"input {value.name} {shape} {dtype}" + (f", {layout}" if layout else "")
         if value.name in lists:
-            kind, calib, held, used = lists[value.name]
+            kind, calib, held, used, held_count = lists[value.name]
             entry.update({"file_type": kind, "data_list_path": _ref(calib, out.parent)})
             described += (
-                f": {kind} files, {used} for calibration then {_count(held)} held back in {calib} "
+                f": {kind} files, {used} for calibration then {held_count} held back in {calib} "
                 f"(the report measures on those), the held-back ones alone in {held}"
             )
             if kind == "img":
@@ -92,8 +99,7 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
         },
         "quantization_parameters": {"analysis_enable": True, "precision_level": 0, "finetune_level": 1},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_bytes_atomically(out, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     lines.insert(0, f"wrote {out} for {model_path}")
     lines += [f"still to decide: {item}" for item in todo]
     lines.append(f"next: xquant check -c {out}, then xquant -c {out}")
@@ -116,10 +122,11 @@ def _layout(shape: list) -> str:
     return "layout not clear from the shape"
 
 
-def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str, Path, Path, int]]:
+def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str, Path, Path, int, int]]:
     """Per input: file type, calibration list (held-back files last), held-out list (written beside
-    the config), how many files calibrate. One
-    input reads DATA_DIR itself; several read DATA_DIR/<input name>/ where it exists."""
+    the config), how many files calibrate and how many are held back. One input reads DATA_DIR
+    itself; several read DATA_DIR/<input name>/ where it exists. A file that cannot be read as
+    its kind is an error naming it (the lists must pass ``xquant check``)."""
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give the folder of calibration samples")
     sources = (
@@ -133,6 +140,12 @@ def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str,
             raise DataError(f"{source} holds no sample files ({', '.join(sorted(EXTENSIONS))})")
         if len(kinds) > 1:
             raise DataError(f"{source} mixes file types ({', '.join(kinds)}): keep one kind per input")
+        bad = [f"{path.name} ({why})" for path in files if (why := _unreadable(path, kinds[0]))]
+        if bad:
+            raise DataError(
+                f"{source}: {len(bad)} file(s) cannot be read as {kinds[0]} samples: "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; remove or fix them, then run xquant init again"
+            )
         stem = config.with_suffix("").name + ("" if len(names) == 1 else f"_{name}")
         calib, held = config.parent / f"{stem}_calib.txt", config.parent / f"{stem}_holdout.txt"
         for path in (calib, held):
@@ -150,11 +163,26 @@ def _lists(folder: Path, config: Path, names: list[str]) -> dict[str, tuple[str,
         ]
         held_out = [path for path in files if path not in kept]
         for path, members in ((calib, kept + held_out), (held, held_out)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(f"{_ref(member, path.parent)}\n" for member in members), encoding="utf-8")
-        found[name] = (kind, calib, held, len(kept))
+            text = "".join(f"{_ref(member, path.parent)}\n" for member in members)
+            write_bytes_atomically(path, text.encode("utf-8"))
+        found[name] = (kind, calib, held, len(kept), len(held_out))
     return found
 
 
-def _count(path: Path) -> int:
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+def _unreadable(path: Path, kind: str) -> str | None:
+    """Why ``path`` cannot be a sample of ``kind`` (from its header: every sample is read in full
+    by ``xquant check``), or None."""
+    import numpy as np
+
+    try:
+        if path.stat().st_size == 0:
+            return "empty"
+        if kind == "img":
+            import cv2
+
+            return None if cv2.haveImageReader(str(path)) else "not an image OpenCV reads"
+        if kind == "npy":
+            np.load(str(path), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
