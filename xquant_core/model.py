@@ -76,6 +76,9 @@ def _checked(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """The model, once it is a float model xquant can quantize (at opset 13 or later)."""
     if not model.graph.node:
         raise ModelError(f"{where} has an empty graph: is it an ONNX model?")
+    problem = _invalid(model)
+    if problem:
+        raise ModelError(f"{where} is not a valid ONNX model: {problem}; export it again or fix the graph")
     quantized = sorted({node.op_type for node in model.graph.node if node.op_type in QDQ_OPS})
     if quantized:
         raise ModelError(
@@ -97,6 +100,30 @@ def _checked(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
             "export it again at opset 13 or later"
         ) from None
+
+
+def _invalid(model: onnx.ModelProto) -> str | None:
+    """What is wrong with the graph (an op no opset has, a tensor nothing makes, an output no node
+    writes, an opset from the future), or None. onnx's checker says it; a model the checker
+    refuses but onnxruntime loads (a declared output without a shape) is taken as valid."""
+    newest = onnx.defs.onnx_opset_version()
+    if default_opset(model) > newest:
+        return f"its opset {default_opset(model)} is newer than any the installed onnx knows"
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        problem = " ".join(str(exc).split())
+    except ValueError:  # over 2 GB as one message: the checker cannot take it, onnxruntime will tell
+        return None
+    else:
+        return None
+    try:
+        import onnxruntime
+
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own exception types: it cannot load the model either
+        return f"onnx's checker says: {problem[:300]}"
+    return None
 
 
 def _half_precision(model: onnx.ModelProto) -> list[str]:

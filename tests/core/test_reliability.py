@@ -123,8 +123,24 @@ def float16_model() -> onnx.ModelProto:
     return finish(graph)
 
 
+def broken_model(fault: str) -> onnx.ModelProto:
+    """conv_model with one fault onnx's checker and onnxruntime both refuse."""
+    model = conv_model()
+    graph = model.graph
+    if fault == "dangling_input":
+        graph.node[1].input[0] = "does_not_exist"
+    elif fault == "unknown_op":
+        graph.node[1].op_type = "FancyOp"
+    elif fault == "output_not_produced":
+        graph.output[0].name = "nonexistent_out"
+    elif fault == "future_opset":
+        model.opset_import[0].version = 99
+    return model
+
+
 MODELS = {
     "conv": lambda spec: conv_model(),
+    "broken": lambda spec: broken_model(spec["fault"]),
     "symbolic": lambda spec: conv_model(input_dims=spec["dims"]),
     "two_inputs": lambda spec: two_input_model(),
     "qdq": lambda spec: qdq_model(),
