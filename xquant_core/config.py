@@ -209,6 +209,9 @@ def _describe(error, schema: dict) -> list[tuple[str, str]]:
         extra = [key for key in error.instance if key not in error.schema.get("properties", {})]
         out = []
         for key in extra:
+            if not isinstance(key, str):  # a dict from Python code: JSON keys are always strings
+                out.append((f"{path}[{key!r}]", f"key {key!r} is not a string: config keys are strings, as in JSON"))
+                continue
             hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
             out.append(

@@ -145,6 +145,7 @@ def prepare(
         return Prepared(model_path, out_path, float_model, specs, None, platform, None)
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
+    _warn_unused_normalisation(specs, readers)
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
     check_not_read(out_path, _inputs_read(cfg, model_path, external_data, specs, dataset), also_writes)
@@ -158,6 +159,21 @@ def prepare(
         platform,
         registry("calibration").get(cfg.calibration.calibration_type),
     )
+
+
+def _warn_unused_normalisation(specs, readers) -> None:
+    """mean_value/std_value normalise 0-255 pixel values: given for samples that are not images
+    (npy, raw) and no preprocess function that could read them, they change nothing."""
+    for spec in specs:
+        config = spec.config
+        image = getattr(readers[spec.name], "is_image", False)
+        if (config.mean_value or config.std_value) and not image and ":" not in (config.preprocess_file or ""):
+            log.warning(
+                "input %s: mean_value/std_value apply to images (file_type img); its %s samples are fed as "
+                "they are, so they are ignored (normalise the samples themselves, or use a preprocess_file)",
+                spec.name,
+                config.file_type,
+            )
 
 
 def _inputs_read(cfg: XQuantConfig, model_path, external_data, specs, dataset: CalibrationDataset):
@@ -185,6 +201,7 @@ def run(
     a second); those load up front and out of garbage collection (:func:`.runtime.libraries_loaded`;
     ``own_process``: the process ends with the run, as the command line's does)."""
     started = time.perf_counter()
+    _check_arguments(model, output)
     prepared = prepare(cfg, model, output, also_writes)
     cache = None if cfg.model.skip_onnxsim else model_io.OnnxsimCache.for_model(prepared.float_model)
     needs_onnxsim = not cfg.model.skip_onnxsim and not (cache is not None and cache.hit)
@@ -193,6 +210,16 @@ def run(
         all_or_nothing(),  # the model, its report and chart: all written, or none
     ):
         return _run(cfg, prepared, started, progress, cache)
+
+
+def _check_arguments(model, output) -> None:
+    """The API's ``model=`` and ``output=``, before anything uses them."""
+    if isinstance(model, (bytes, bytearray)):
+        raise ModelError("model= is bytes: give a path, or onnx.load_model_from_string(data) for a serialized model")
+    if model is not None and not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise ModelError(f"model= must be a path or an onnx.ModelProto, not {type(model).__name__}")
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise OutputError(f"output= must be a path, not {type(output).__name__}")
 
 
 def _run(

@@ -467,3 +467,17 @@ def test_a_nul_character_in_a_name_is_a_config_error(tmp_path, field):
     with pytest.raises(ConfigError) as info:
         load_config(write_config(tmp_path, config))
     assert f"$.model_parameters.{field}" in str(info.value) and "NUL character" in str(info.value)
+
+
+def test_a_dict_config_with_keys_that_are_not_strings_is_a_config_error():
+    """From Python a key can be anything; difflib's did-you-mean used to raise a TypeError."""
+    config = minimal()
+    config["model_parameters"][1] = 2
+    config[None] = 1
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert info.value.problems == [
+        "config::$.model_parameters[1]: key 1 is not a string: config keys are strings, as in JSON",
+        "config::$[None]: key None is not a string: config keys are strings, as in JSON",
+    ]
+

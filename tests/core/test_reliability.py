@@ -882,6 +882,42 @@ def test_init_names_samples_it_cannot_read_and_writes_all_its_files_or_none(tmp_
     assert snapshot(project) == before  # no list, no folder left behind
 
 
+def test_the_api_names_a_model_or_output_argument_of_the_wrong_type(tmp_path):
+    import xquant
+    from xquant_core.outputs import OutputError
+
+    project = make_project(tmp_path / "p")
+    for model, match in ((12345, "model= must be a path or an onnx.ModelProto, not int"),
+                         (b"\x08\x07", "model= is bytes: give a path, or onnx.load_model_from_string")):
+        with pytest.raises(xquant.XQuantError, match=match):
+            xquant.quantize_onnx_model(str(project / "cfg.json"), model=model)
+    with pytest.raises(OutputError, match="output= must be a path, not int"):
+        xquant.quantize_onnx_model(str(project / "cfg.json"), output=7)
+    assert not (project / "out").exists()
+
+
+def test_compare_refuses_a_gate_that_cannot_fail(capsys):
+    """``--fail-snr nan`` was accepted, and no SNR is above NaN: the CI gate never fired."""
+    from xquant_core import cli
+
+    for value in ("nan", "inf", "-1"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["compare", "f.onnx", "q.onnx", "--data", "l.txt", "--fail-snr", value])
+        assert info.value.code == 2
+        assert f"argument --fail-snr: '{value}' is not a finite number >= 0" in capsys.readouterr().err
+
+
+def test_mean_and_std_given_for_npy_samples_are_named_as_ignored(tmp_path, run_xquant):
+    project = make_project(tmp_path / "p")
+    config = json.loads((project / "cfg.json").read_text())
+    config["calibration_parameters"]["input_parametres"][0].update(mean_value=[1.0], std_value=[2.0])
+    (project / "cfg.json").write_text(json.dumps(config))
+    result = run_xquant("check", "-c", "cfg.json", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert ("xquant: WARNING: input input: mean_value/std_value apply to images (file_type img); its npy samples "
+            "are fed as they are, so they are ignored") in result.stderr
+
+
 def _saturating_conv() -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """A QDQ 1x1 Conv of 64 channels, int8 input and weights at 127: products whose pairwise
     16-bit sums VPMADDUBSW (x86 without VNNI) can saturate, depending on the kernel onnxruntime picks."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 from xquant_core import hookimpl
@@ -30,9 +31,8 @@ class Init(Command):
         from .init import write_config
 
         if not 1 <= len(args.models) <= 2:
-            print(
-                "xquant: error: init needs the model: xquant init MODEL.onnx [DATA_DIR] [-o cfg.json]", file=sys.stderr
-            )
+            what = "needs the model" if not args.models else f"takes at most two paths, got {len(args.models)}"
+            print(f"xquant: error: init {what}: xquant init MODEL.onnx [DATA_DIR] [-o cfg.json]", file=sys.stderr)
             return EXIT_USAGE
         data_dir = args.models[1] if len(args.models) > 1 else None
         for line in write_config(args.models[0], data_dir, args.output or "cfg.json"):
@@ -57,7 +57,9 @@ class Compare(Command):
             help="a list of samples (npy without -c), one per model input",
         )
         parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-        parser.add_argument("--fail-snr", type=float, metavar="X", help="exit 1 when an output's SNR exceeds X")
+        parser.add_argument(
+            "--fail-snr", type=_threshold, metavar="X", help="exit 1 when an output's SNR exceeds X (or is NaN)"
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from .compare import compare, comparison_config, render
@@ -77,10 +79,18 @@ class Compare(Command):
             for line in render(figures, samples):
                 print(f"xquant: compare: {line}")
         worst = max(item.snr for item in figures)
-        if args.fail_snr is not None and worst > args.fail_snr:
+        if args.fail_snr is not None and not worst <= args.fail_snr:  # a NaN SNR fails the gate too
             print(f"xquant: compare: SNR {worst:.5g} is above --fail-snr {args.fail_snr:g}", file=sys.stderr)
             return EXIT_QUANTIZATION_FAILED
         return EXIT_OK
+
+
+def _threshold(text: str) -> float:
+    """``--fail-snr``: a finite number >= 0 (``nan`` made a gate that never fails)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 @hookimpl

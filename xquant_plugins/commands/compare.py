@@ -108,7 +108,7 @@ def _load(path: str):
     import onnx
 
     if not Path(path).is_file():
-        raise ModelError(f"{path} does not exist")
+        raise ModelError(f"{path} " + ("is a folder: give the .onnx file" if Path(path).is_dir() else "does not exist"))
     try:
         return onnx.load(path)
     except Exception as exc:  # onnx raises DecodeError and friends
