@@ -338,6 +338,9 @@ def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], input
             f"The config has {len(configs)} entr{'y' if len(configs) == 1 else 'ies'} in {inputs_key}, "
             f"the model has {len(values)} input(s): {', '.join(names)}"
         )
+    chosen = [cfg.input_name if cfg.input_name is not None else value.name for cfg, value in zip(configs, values)]
+    if len(set(chosen)) != len(chosen):  # before each input's shape is looked at: that is not the problem
+        raise ModelError(f"{inputs_key} names the same model input twice: {', '.join(chosen)}")
     specs = []
     for cfg, value in zip(configs, values):
         where = f"{inputs_key}[{cfg.index}]"
@@ -380,9 +383,6 @@ def resolve_inputs(model: onnx.ModelProto, configs: Sequence[InputConfig], input
                     )
             shape = tuple(dims)
         specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, config=cfg))
-    used = [spec.name for spec in specs]
-    if len(set(used)) != len(used):
-        raise ModelError(f"{inputs_key} names the same model input twice: {', '.join(used)}")
     return specs
 
 
