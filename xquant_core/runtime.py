@@ -108,14 +108,25 @@ def onnxruntime_session(
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def outputs_on(model, batches, names: list[str], threads: int | None = None) -> list[list]:
+def outputs_on(model, batches, names: list[str], threads: int | None = None, halves: bool = False) -> list[list]:
     """``names`` of ``model`` (a ModelProto or its bytes) on each batch ``{input: array}``, one
-    session (:func:`onnxruntime_session`); batch entries the model does not take are left out."""
+    session (:func:`onnxruntime_session`); batch entries the model does not take are left out.
+
+    ``halves``: the two halves of the batches run side by side on that one session
+    (:func:`in_halves`; onnxruntime's ``run`` may be called from several threads, and with one
+    intra-op thread each run computes on the core of the thread that calls it). The same
+    outputs, with one session made instead of two (40-75 ms for each of the zoo's models)."""
     if not batches:
         return []
     session = onnxruntime_session(model, threads)
     wanted = {value.name for value in session.get_inputs()}
-    return [session.run(names, {name: value for name, value in batch.items() if name in wanted}) for batch in batches]
+
+    def run(part: Sequence[dict]) -> list[list]:
+        return [session.run(names, {name: value for name, value in batch.items() if name in wanted}) for batch in part]
+
+    if not halves:
+        return run(batches)
+    return [values for part in in_halves(run, batches) for values in part]
 
 
 def release_memory() -> None:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from ..runtime import cores, in_halves, in_parallel
+from ..runtime import cores, in_parallel
 from .backend import ppq_ir, tensors
 from .common import choice_batches, clearly_lower, onnxruntime_outputs, run_now
 from .finetune import BiasShift, bias_layers, error_between
@@ -371,8 +371,7 @@ def _outputs_two_at_a_time(models: list, batches: list, names: list[str]) -> lis
     for first, second in zip(runs[0::2], runs[1::2]):
         outputs += in_parallel(first, second)
     if len(runs) % 2:
-        parts = in_halves(lambda part: onnxruntime_outputs(models[-1], part, names), batches)
-        outputs.append(None if any(part is None for part in parts) else [value for part in parts for value in part])
+        outputs.append(onnxruntime_outputs(models[-1], batches, names, halves=True))
     return outputs
 
 

@@ -37,17 +37,19 @@ def choice_batches(feeds) -> list:
     return list(itertools.islice(itertools.islice(feeds(), 0, None, CHOICE_EVERY), CHOICE_BATCHES))
 
 
-def onnxruntime_outputs(model, batches, names: list[str]):
+def onnxruntime_outputs(model, batches, names: list[str], halves: bool = False):
     """``model``'s outputs ``names`` on each batch (dicts of torch tensors) as torch tensors, run
-    by onnxruntime on one thread (a second core, beside PPQ); None when it cannot (an output name
-    the model lacks, an op onnxruntime does not run)."""
+    by onnxruntime on one thread (a second core, beside PPQ; ``halves``: on both cores, see
+    :func:`xquant_core.runtime.outputs_on`); None when it cannot (an output name the model lacks,
+    an op onnxruntime does not run)."""
     from ..runtime import outputs_on
 
     if not set(names) <= {value.name for value in model.graph.output}:
         return None
     arrays = [{name: value.cpu().numpy() for name, value in batch.items()} for batch in batches]
     try:
-        return [[tensors.to_tensor(value) for value in values] for values in outputs_on(model, arrays, names, 1)]
+        computed = outputs_on(model, arrays, names, 1, halves=halves)
+        return [[tensors.to_tensor(value) for value in values] for values in computed]
     except Exception as exc:  # PPQ running the graph is the fallback
         log.debug("onnxruntime could not run the model (%s): PPQ runs it", exc)
         return None

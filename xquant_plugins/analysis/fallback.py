@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from xquant_core.control_flow import COMPUTE_OPS
-from xquant_core.runtime import in_halves, outputs_on
+from xquant_core.runtime import outputs_on
 from xquant_core.snr import PowerSums
 
 log = logging.getLogger("xquant.analysis")
@@ -98,14 +98,9 @@ def stem_proposals(float_model: onnx.ModelProto) -> list[Proposal]:
 
 def model_outputs(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The model's outputs ``{name: array}`` on each batch (onnxruntime, exact int8 arithmetic);
-    with a second core, a second session runs the first half of the batches on it."""
-    data = model.SerializeToString()
+    with a second core, half of the batches run on it."""
     names = [value.name for value in model.graph.output]
-
-    def run(part: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        return [dict(zip(names, values)) for values in outputs_on(data, part, names)]
-
-    return [outputs for part in in_halves(run, batches) for outputs in part]
+    return [dict(zip(names, values)) for values in outputs_on(model, batches, names, halves=True)]
 
 
 def output_errors(
