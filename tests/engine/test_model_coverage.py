@@ -264,6 +264,48 @@ def test_outputs_keep_their_names_and_order_byte_for_byte(tmp_path):
 
 
 # --------------------------------------------------------------------------- control flow, any input rank
+def _with_odd_interface(kind: str) -> onnx.ModelProto:
+    """Conv -> Relu with an interface PPQ's export did not keep: an output that is an Identity of
+    another output, one tensor listed twice, a weight as an output, an input nothing reads."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"])]
+    outputs = [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4, 8, 8])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    if kind == "identity":
+        nodes.append(helper.make_node("Identity", ["r"], ["r2"]))
+        outputs.append(helper.make_tensor_value_info("r2", TensorProto.FLOAT, [1, 4, 8, 8]))
+    elif kind == "twice":
+        outputs.append(outputs[0])
+    elif kind == "weight":
+        outputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [4]))
+    elif kind == "unused_input":
+        inputs.append(helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1, 2]))
+    inits = [numpy_helper.from_array(_weights(4, 3, 3, 3), "w"), numpy_helper.from_array(_weights(4), "b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("kind", ["identity", "twice", "weight", "unused_input"])
+def test_the_model_is_called_as_the_float_one_whatever_its_interface(tmp_path, kind):
+    """Each was refused (exit 1: "the quantized model's outputs are ['r'], the float model's
+    ['r', 'r2']"), crashed in PPQ's exporter (a weight as an output) or lost an input."""
+    model = _with_odd_interface(kind)
+    samples = {"x": [RNG.normal(size=(3, 8, 8)).astype(np.float32) for _ in range(8)]}
+    if kind == "unused_input":
+        samples["unused"] = [np.zeros((1, 2), np.float32)] * 8
+    quantized = xquant.quantize_onnx_model(str(_project(tmp_path, model, samples, finetune_level=0)))
+    for values in ("input", "output"):
+        assert [v.name for v in getattr(quantized.graph, values)] == [v.name for v in getattr(model.graph, values)]
+    feed = {name: values[0][None] if name == "x" else values[0] for name, values in samples.items()}
+    want, got = _run(model, feed), _run(quantized, feed)
+    assert [g.dtype for g in got] == [w.dtype for w in want] and [g.shape for g in got] == [w.shape for w in want]
+    assert all(_cosine(w, g) > 0.99 for w, g in zip(want, got))
+    assert _qdq_nodes(quantized.graph) > 0
+    if kind == "weight":
+        assert np.array_equal(got[1], want[1])  # the float weight itself
+
+
 def _vad_like() -> onnx.ModelProto:
     """Silero VAD's shape: If on an int64 scalar sample rate; each branch a Conv1d encoder reading the
     [1, 64] signal and the [2, 1, 8] RNN state from the outer scope."""

@@ -380,6 +380,11 @@ def for_ppq(model: onnx.ModelProto, runnable: Iterable[str]) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(ctx.initializers)
+    weights = {init.name for init in graph.initializer}
+    if any(value.name in weights for value in graph.output):  # PPQ's exporter fails on them; restore() adds them back
+        kept = [value for value in graph.output if value.name not in weights]
+        del graph.output[:]
+        graph.output.extend(kept)
     _relabel(converted, PPQ_OPSET)
     return converted
 
@@ -406,16 +411,58 @@ def restore(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelPro
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(initializers)
     _relabel(model, opset)
-    for values, declared in ((model.graph.input, reference.graph.input), (model.graph.output, reference.graph.output)):
-        position = {value.name: index for index, value in enumerate(declared)}
-        ordered = sorted(values, key=lambda value: position.get(value.name, len(position)))
-        del values[:]
-        values.extend(declared[position[value.name]] if value.name in position else value for value in ordered)
+    _same_interface(model, reference)
     if any(has_subgraph(node) for node in model.graph.node):
         # shapes PPQ traced on the calibration data would make onnxruntime infer shapes in
         # If branches the data never takes (Silero VAD's fails to load then)
         del model.graph.value_info[:]
     return model
+
+
+def _same_interface(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """The reference's graph inputs and outputs as declared, in its order, repeats included. PPQ's
+    export drops an input nothing reads, an output that is an initializer, an Identity of another
+    tensor or listed twice: those come back (the initializer copied, an Identity node), so the
+    model is called exactly as the float one."""
+    graph = model.graph
+    available = {name for node in graph.node for name in node.output}
+    available |= {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    weights = {init.name: init for init in reference.graph.initializer}
+    producer = {name: node for node in reference.graph.node for name in node.output}
+    for value in reference.graph.output:
+        source = value.name
+        while source not in available and source in producer and producer[source].op_type == "Identity":
+            source = producer[source].input[0]
+        if source in weights:  # a weight as an output: the float weight, whatever the export made of it
+            _rename_initializer(graph, source, available)
+            graph.initializer.append(weights[source])
+            available.add(source)
+        if source in available and source != value.name:
+            graph.node.append(helper.make_node("Identity", [source], [value.name], name=f"{value.name}_identity"))
+            available.add(value.name)
+    current = {value.name for value in graph.input}
+    # weights an old exporter also lists as inputs stay inputs only where the export kept them so
+    inputs = [value for value in reference.graph.input if value.name not in weights or value.name in current]
+    outputs = [value for value in reference.graph.output if value.name in available]
+    for values, declared in ((graph.input, inputs), (graph.output, outputs)):
+        names = {value.name for value in declared}
+        extra = [value for value in values if value.name not in names]
+        del values[:]
+        values.extend([*declared, *extra])
+
+
+def _rename_initializer(graph: onnx.GraphProto, name: str, taken: set[str]) -> None:
+    """Give the initializer ``name`` (if any: a weight the export quantized) a fresh name, in the
+    nodes that read it too."""
+    if not any(init.name == name for init in graph.initializer):
+        return
+    fresh = next(f"{name}_q{index}" for index in range(len(taken) + 1) if f"{name}_q{index}" not in taken)
+    for init in graph.initializer:
+        if init.name == name:
+            init.name = fresh
+    for node in graph.node:
+        node.input[:] = [fresh if entry == name else entry for entry in node.input]
+    taken.add(fresh)
 
 
 def _restore_opaque(node: onnx.NodeProto) -> onnx.NodeProto:
