@@ -332,6 +332,11 @@ def _quantize(cfg: XQuantConfig, float_model, upper, dataset: CalibrationDataset
     except XQuantError:
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, XQuantError):  # PPQ wraps what its hooks raise
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
         raise diagnose_failure(float_model, dataset, exc) from exc
     return quantized, search, trial, branches
 

@@ -918,6 +918,20 @@ def test_mean_and_std_given_for_npy_samples_are_named_as_ignored(tmp_path, run_x
             "are fed as they are, so they are ignored") in result.stderr
 
 
+def test_samples_that_overflow_the_float_model_are_exit_2_naming_the_tensor(tmp_path, run_xquant):
+    """Finite samples of 3e38 overflow in the first Conv: exit 3 with an OverflowError; and what
+    xquant's calibration raises inside PPQ's forward came out as PPQ's "Op Execution Error"."""
+    project = make_project(tmp_path / "p", samples=4)
+    for index in range(4):
+        np.save(project / "data" / f"s{index:03d}.npy", np.full(SAMPLE_SHAPE, 3e38, np.float32))
+    before = snapshot(project)
+    result = run_xquant("-c", "cfg.json", cwd=project)
+    assert result.returncode == 2, result.stderr
+    assert_no_traceback(result)
+    assert "of the float model holds inf or NaN on calibration batch 1" in result.stderr, result.stderr
+    assert snapshot(project) == before
+
+
 def _saturating_conv() -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """A QDQ 1x1 Conv of 64 channels, int8 input and weights at 127: products whose pairwise
     16-bit sums VPMADDUBSW (x86 without VNNI) can saturate, depending on the kernel onnxruntime picks."""
@@ -972,3 +986,43 @@ def test_measurements_use_exact_int8_arithmetic_and_the_user_hears_when_this_cpu
     warning = verify.verify_model(quantized, float_model, feed)
     assert warning is not None and "output y SNR 0.04 with a default onnxruntime session" in warning
     assert "xquant compare" in warning and "ORT_ENABLE_BASIC" in warning
+
+    def refused(model, threads=None, fused=False):  # a default session that cannot run the model
+        if fused:
+            raise RuntimeError("MatMulIntegerToFloat: b zero point is not valid")
+        return onnxruntime_session(model, threads)
+
+    monkeypatch.setattr(verify, "onnxruntime_session", refused)
+    warning = verify.verify_model(quantized, float_model, feed)  # was None: nothing said
+    assert warning is not None and "default session on this CPU cannot run the quantized model" in warning
+    assert "b zero point is not valid" in warning
+
+
+def test_a_batched_matmul_weight_is_quantized_per_tensor_and_runs_in_a_default_session(tmp_path):
+    """A rank-3 constant MatMul weight got one scale per column on axis 2: onnxruntime's default
+    session (MatMulIntegerToFloat) refused to run the exported model, which exited 0."""
+    import xquant
+    from xquant_core.runtime import onnxruntime_session
+
+    rng = np.random.default_rng(5)
+    weight = numpy_helper.from_array(rng.normal(0, 0.3, (2, 8, 6)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    samples = [rng.normal(0, 1, (2, 4, 8)).astype(np.float32) for _ in range(8)]
+    for index, sample in enumerate(samples):
+        np.save(tmp_path / f"{index}.npy", sample)
+    (tmp_path / "list.txt").write_text("".join(f"{index}.npy\n" for index in range(8)))
+    config = {"model_parameters": {"onnx_model": "m.onnx", "working_dir": "out"},
+              "calibration_parameters": {"calibration_step": 8, "calibration_device": "cpu",
+                                         "input_parametres": [{"file_type": "npy", "data_list_path": "list.txt"}]},
+              "quantization_parameters": {"analysis_enable": False, "finetune_level": 0}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    quantized = xquant.quantize_onnx_model(str(tmp_path / "cfg.json"))
+    feed = {"x": samples[0]}
+    got = onnxruntime_session(quantized, fused=True).run(None, feed)[0]  # the default session runs it
+    want = onnxruntime_session(model).run(None, feed)[0]
+    assert float(np.square(got - want).sum() / np.square(want).sum()) < 1e-3

@@ -158,3 +158,62 @@ def test_window_search_kl_is_the_same_number_on_the_windows_bins_alone():
         steps = np.clip(np.round((centers[None, :] - windows[:, :1]) / scales), 0, levels)
         expected = _kl_by_masks(stats.counts() / max(stats.counts().sum(), 1.0), centers, windows, steps, levels)
         assert np.array_equal(kl, expected), trial
+
+
+class _Answers:
+    """A calibration algorithm (as a plugin may write one) that answers ``answer``."""
+
+    needs_histogram = False
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def compute_range(self, stats, context):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize("answer, says", [
+    (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero"),
+    (None, "a range must be two numbers (low, high), not None"),
+    ((0.0, 1.0, 2.0), "a range must be two numbers (low, high), not (0.0, 1.0, 2.0)"),
+    (("a", "b"), "a range must be two numbers (low, high), not ('a', 'b')"),
+    ((float("nan"), 1.0), "a range must be finite with low <= high, not (nan, 1)"),
+    ((0.0, float("inf")), "a range must be finite with low <= high, not (0, inf)"),
+    ((3.0, -3.0), "a range must be finite with low <= high, not (3, -3)"),
+])
+def test_a_calibration_algorithm_that_fails_or_answers_no_range_is_named(answer, says):
+    """A plugin's algorithm raising, or answering None, three numbers, NaN or an inverted range, used
+    to be exit 3 (an IndexError in xquant) or exit 1 with PPQ's or numpy's words; or, inverted,
+    a silently wrong model."""
+    import torch
+
+    from xquant_core.calibration import CalibrationContext
+    from xquant_core.engine.calibrate import _TensorObserver
+    from xquant_core.errors import PluginError
+
+    observer = _TensorObserver("t", [], (), False, _Answers(answer), CalibrationContext())
+    observer.observe(torch.tensor([-1.0, 2.0]))
+    with pytest.raises(PluginError) as info:
+        observer.compute()
+    assert str(info.value).startswith(f"calibration algorithm {__name__}._Answers failed on tensor t: ")
+    assert says in str(info.value)
+    observer = _TensorObserver("t", [], (), False, _Answers((0.0, 0.0)), CalibrationContext())
+    observer.observe(torch.tensor([0.0, 0.0]))
+    assert observer.compute() == 1 and observer.ranges == [(0.0, 0.0)]  # a zero-width range is a range
+
+
+def test_a_tensor_that_overflows_in_the_float_model_is_named_with_its_batch():
+    """Finite samples of 3e38 overflow to inf in the first Relu: an OverflowError in the histogram
+    was exit 3."""
+    import torch
+
+    from xquant_core.calibration import CalibrationContext
+    from xquant_core.engine.calibrate import _TensorObserver
+    from xquant_core.errors import DataError
+
+    observer = _TensorObserver("relu_out", [], (), False, _Answers((0.0, 1.0)), CalibrationContext())
+    observer.step = 3
+    with pytest.raises(DataError, match="tensor relu_out of the float model holds inf or NaN on calibration batch 4"):
+        observer.observe(torch.tensor([0.0, float("inf")]))

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
+from ..errors import DataError, PluginError
 from ..runtime import cores, in_parallel
 from .backend import ppq_ir, tensors
 from .common import choice_batches, clearly_lower, onnxruntime_outputs, run_now
@@ -112,6 +113,12 @@ class _TensorObserver:
         self.last_step = self.step
         value = value.detach().float()
         low, high = tensors.min_max(value)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise DataError(
+                f"tensor {self.name} of the float model holds inf or NaN on calibration batch {self.step + 1} "
+                f"(values {low:g} .. {high:g}): are the calibration samples in the range the model expects? "
+                "Check their values and preprocessing"
+            )
         self.low, self.high = min(self.low, low), max(self.high, high)
         if self.histogram is not None:
             self.submit(self.histogram.add, value, low, high)
@@ -126,13 +133,21 @@ class _TensorObserver:
         return TensorStatistics(self.name, self.low, self.high, histogram, self.consumers, self.is_output)
 
     def compute(self) -> int:
-        """Work out the candidate ranges; return how many there are."""
+        """Work out the candidate ranges; return how many there are. An algorithm (a plugin's,
+        maybe) that fails or answers no finite ``(low, high)`` is named."""
         candidates = getattr(self.algorithm, "candidate_ranges", None)  # plugins may only duck-type
-        self.ranges = (
-            candidates(self.statistics(), self.context)
-            if candidates is not None
-            else [self.algorithm.compute_range(self.statistics(), self.context)]
-        )
+        what = f"calibration algorithm {type(self.algorithm).__module__}.{type(self.algorithm).__qualname__}"
+        try:
+            ranges = (
+                candidates(self.statistics(), self.context)
+                if candidates is not None
+                else [self.algorithm.compute_range(self.statistics(), self.context)]
+            )
+            self.ranges = [_valid_range(entry) for entry in ranges]
+        except Exception as exc:  # a plugin's own exception types
+            raise PluginError(f"{what} failed on tensor {self.name}: {type(exc).__name__}: {exc}") from None
+        if not self.ranges:
+            raise PluginError(f"{what} gave no range for tensor {self.name}")
         return len(self.ranges)
 
     def render(self, strategy: int = 0) -> None:
@@ -143,6 +158,17 @@ class _TensorObserver:
                 low, high, config.quant_min, config.quant_max, symmetric=ppq_ir.is_symmetric(config)
             )
             ppq_ir.set_range(config, tensors.scalar(scale), tensors.scalar(offset))
+
+
+def _valid_range(entry) -> tuple[float, float]:
+    """``(low, high)`` as two finite floats with ``low <= high``, or a ValueError saying what it is instead."""
+    try:
+        low, high = (float(value) for value in entry)
+    except (TypeError, ValueError):
+        raise ValueError(f"a range must be two numbers (low, high), not {entry!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ValueError(f"a range must be finite with low <= high, not ({low:g}, {high:g})")
+    return low, high
 
 
 def _no_grad(function, *args) -> None:

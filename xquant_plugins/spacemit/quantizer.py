@@ -3,7 +3,8 @@
 - activations: int8 [-128, 127], asymmetric (zero point), per-tensor, round half to even;
 - Conv/ConvTranspose weights: int8 symmetric per-channel (axis 0; ConvTranspose axis 1),
   min/max, range [-127, 127];
-- Gemm/MatMul constant weights: symmetric per-channel over the output features; a
+- Gemm/MatMul constant weights: symmetric per-channel over the output features (a batched,
+  rank-3+ MatMul weight per tensor); a
   non-constant MatMul operand is an activation (asymmetric per-tensor);
 - bias: int32 with scale = input scale x weight scale, float when it would overflow;
 - other constant operands: int8 symmetric per-tensor;
@@ -59,8 +60,10 @@ def _weight_axis(operation: Operation) -> int | None:
         return 1
     if operation.type == "Gemm":
         return 0 if operation.attributes.get("transB", 0) else 1
-    if operation.type == "MatMul":
-        return weight.ndim - 1
+    if operation.type == "MatMul" and weight.ndim == 2:
+        return 1
+    # a batched MatMul weight (rank 3+) per tensor: onnxruntime's int8 MatMul kernels take one
+    # scale per output column of a 2-D B only (MatMulIntegerToFloat refused the per-channel one)
     return None
 
 
