@@ -11,10 +11,13 @@ Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -274,16 +277,23 @@ def _guarded(args, run) -> int:
         # OpenCV logs its decoder's complaints (with a timestamp) on stderr before our own
         # message names the unreadable file; show them with -v only
         os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+    from .outputs import forget_written, written
+
+    forget_written()
     try:
-        return run()
+        with _terminate_as_interrupt():
+            return run()
     except XQuantError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"xquant: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("xquant: interrupted; no output was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated", 128 + 15) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        done = written()
+        outcome = f"after writing {', '.join(str(path) for path in done)}" if done else "no output was written"
+        print(f"xquant: {what}; {outcome}", file=sys.stderr)
+        return code
     except Exception:
         details = traceback.format_exc()
         try:
@@ -296,8 +306,33 @@ def _guarded(args, run) -> int:
         return EXIT_INTERNAL
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a run stops the same way: nothing half written."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` while the block runs (the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # the run is over and has said so: a late Ctrl-C or SIGTERM does not change its exit code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

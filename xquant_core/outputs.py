@@ -191,7 +191,43 @@ class _Staged:
 _pending: contextvars.ContextVar[list[_Staged] | None] = contextvars.ContextVar("xquant_pending", default=None)
 
 
+#: the files the last commit put in place, since :func:`forget_written` (the command line says
+#: whether an interrupt came before or after them)
+_written: list[Path] = []
+
+
+def written() -> list[Path]:
+    return list(_written)
+
+
+def forget_written() -> None:
+    _written.clear()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (the main thread, where Python handles them):
+    the renames of a commit are never cut in the middle."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _commit(staged: list[_Staged]) -> None:
+    with _signals_held():  # an interrupt held back comes after the files are in place and recorded
+        _commit_now(staged)
+        _written[:] = [item.target for item in staged]
+
+
+def _commit_now(staged: list[_Staged]) -> None:
     """Put the staged files in place: the old ones are moved aside first (an old file that cannot
     be replaced fails here, before anything changed), then the new ones renamed in, then the
     old ones deleted; on a failure everything is moved back."""

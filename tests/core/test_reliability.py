@@ -574,6 +574,22 @@ def test_repeated_runs_are_byte_identical_and_leave_inputs_untouched(tmp_path, r
     assert inputs_snapshot(project) == before
 
 
+def test_an_interrupt_after_the_files_are_in_place_says_they_were_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the commit (while the summary lines print) said "no output was written"."""
+    from xquant_core import cli
+
+    project = make_project(tmp_path / "p")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Stages, "summary", interrupted)
+    assert cli.main(["-c", str(project / "cfg.json")]) == 130
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"xquant: interrupted; after writing {project / 'out' / 'model.q.onnx'}", last
+    assert (project / "out" / "model.q.onnx").is_file() and leftovers(project) == []
+
+
 def test_interrupt_during_analysis_tells_the_truth_about_the_output(tmp_path, monkeypatch, capsys):
     """Ctrl-C after the model was written (during the report): the message must not say 'no output'."""
     from xquant_core import cli
@@ -609,8 +625,12 @@ def load(paths, params):
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_calibration(tmp_path):
-    """SIGINT while calibration reads its samples: exit 130, one line, nothing written or left behind."""
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_mid_calibration(tmp_path, signum, code, word):
+    """SIGINT (or SIGTERM, which used to end the run at once, temporary files left in the output
+    folder when it came during the final write) while calibration reads its samples: exit 130
+    (143), one line, nothing written or left behind."""
     project = make_project(tmp_path / "p", samples=200)
     (project / "slow_prep.py").write_text(SLOW_PREPROCESS)
     config = json.loads((project / "cfg.json").read_text())
@@ -635,17 +655,17 @@ def test_ctrl_c_mid_calibration(tmp_path):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "calibration did not start within 120 s"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
     assert len(calls.read_text()) < 200, "the run finished before the interrupt: make calibration slower"
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert "Traceback" not in stderr and "Traceback" not in stdout
     *stages, last = stderr.splitlines()  # stage lines first ("xquant: INFO: onnxsim: 1.7 s")
-    assert last == "xquant: interrupted; no output was written" and stderr.endswith("\n")
+    assert last == f"xquant: {word}; no output was written" and stderr.endswith("\n")
     assert all(re.fullmatch(r"xquant: INFO: [a-z (),-]+: \d+\.\d s", line) for line in stages), stderr
     assert stdout == ""
     assert snapshot(project) == before  # the old output is intact, nothing new, inputs unchanged
