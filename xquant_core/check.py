@@ -1,8 +1,10 @@
 """``xquant check -c cfg.json``: everything a run checks before it quantizes, and nothing more.
 
 The config (schema and plugin names), the model and its inputs, every listed sample (held-back ones too) read
-and preprocessed once (shape, dtype, finite values), the output paths: the same messages and
-exit codes as a run, in seconds, without importing PPQ or torch.
+and preprocessed once (shape, dtype, finite values), the float model run in onnxruntime on every
+calibration batch (what a run that fails looks at: token ids outside the vocabulary, an op
+onnxruntime cannot run), the output paths: the same messages and exit codes as a run, in
+seconds, without importing PPQ or torch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from . import control_flow
 from .config import XQuantConfig
 from .engine.forms import default_opset
 from .pipeline import prepare
+from .verify import float_model_problem
 
 
 def check(
@@ -47,6 +50,9 @@ def check(
                     high[name] = max(high[name], float(array.max()))
         for index in range(dataset.held_back_count):  # read and checked like the others
             dataset.held_back_batch(index)
+        problem = float_model_problem(prepared.float_model, dataset)  # what a failing run would find
+        if problem is not None:
+            raise problem
         for spec in prepared.specs:
             source = spec.config.preprocess_file
             lines.append(
@@ -60,6 +66,8 @@ def check(
                 f"{dataset.held_back_count} more listed sample(s) held back: never calibrated on, the "
                 "report measures the model outputs and its Next step on them"
             )
+    if dataset is not None:
+        lines.append(f"the float model runs in onnxruntime on all {len(dataset)} calibration batch(es)")
     lines.append(f"output {prepared.out_path} can be written")
     lines.append(f"ok: ready to quantize ({time.perf_counter() - started:.1f} s)")
     return lines

@@ -115,13 +115,17 @@ def _invalid(model: onnx.ModelProto) -> str | None:
         problem = " ".join(str(exc).split())
     except ValueError:  # over 2 GB as one message: the checker cannot take it, onnxruntime will tell
         return None
-    else:
-        return None
+    else:  # the checker does not know ops of other domains: can onnxruntime run them?
+        if all(node.domain in ("", "ai.onnx") for node in model.graph.node):
+            return None
+        problem = "nodes of other domains"
     try:
         import onnxruntime
 
         onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception:  # onnxruntime raises its own exception types: it cannot load the model either
+    except Exception as exc:  # onnxruntime raises its own exception types: it cannot load the model either
+        if problem == "nodes of other domains":
+            return f"onnxruntime cannot load it: {' '.join(str(exc).split())[:300]}"
         return f"onnx's checker says: {problem[:300]}"
     return None
 

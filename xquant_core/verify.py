@@ -141,25 +141,35 @@ def diagnose_failure(float_model: onnx.ModelProto, dataset, error: BaseException
     fails in onnxruntime on a calibration sample (token ids outside the vocabulary, values an
     op refuses), a :class:`DataError` naming the sample's files and onnxruntime's reason;
     otherwise the quantization failure as it is."""
+    try:
+        problem = float_model_problem(float_model, dataset)
+    except QuantizationError:  # onnxruntime cannot load it either: PPQ's message is all there is
+        problem = None
+    return problem or QuantizationError(f"quantization failed: {type(error).__name__}: {_first_line(error)}")
+
+
+def float_model_problem(float_model: onnx.ModelProto, dataset):
+    """A :class:`DataError` naming the first calibration sample the float model fails on in
+    onnxruntime (token ids outside the vocabulary, values an op refuses), else None; raises
+    :class:`QuantizationError` when onnxruntime cannot load the model."""
     from .errors import DataError
 
     try:
         session = onnxruntime_session(float_model)
-    except Exception:  # onnxruntime cannot load it either: PPQ's message is all there is
-        session = None
-    if session is not None:
-        names = [value.name for value in session.get_inputs()]
-        for index in range(len(dataset)):
-            feed = dataset.batch(index)
-            try:
-                session.run(None, {name: feed[name] for name in names})
-            except Exception as exc:  # onnxruntime raises its own exception types
-                files = ", ".join(
-                    str(path)
-                    for paths in dataset.lists.values()
-                    for path in paths[index * dataset.batch_size : (index + 1) * dataset.batch_size]
-                )
-                return DataError(
-                    f"the float model itself fails on calibration sample {files}: onnxruntime says {_first_line(exc)}"
-                )
-    return QuantizationError(f"quantization failed: {type(error).__name__}: {_first_line(error)}")
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise QuantizationError(f"onnxruntime cannot load the float model: {_first_line(exc)}") from None
+    names = [value.name for value in session.get_inputs()]
+    for index in range(len(dataset)):
+        feed = dataset.batch(index)
+        try:
+            session.run(None, {name: feed[name] for name in names})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            files = ", ".join(
+                str(path)
+                for paths in dataset.lists.values()
+                for path in paths[index * dataset.batch_size : (index + 1) * dataset.batch_size]
+            )
+            return DataError(
+                f"the float model itself fails on calibration sample {files}: onnxruntime says {_first_line(exc)}"
+            )
+    return None

@@ -135,6 +135,9 @@ def broken_model(fault: str) -> onnx.ModelProto:
         graph.output[0].name = "nonexistent_out"
     elif fault == "future_opset":
         model.opset_import[0].version = 99
+    elif fault == "custom_domain":  # an op of another domain, which onnxruntime does not have
+        graph.node[1].op_type, graph.node[1].domain = "FancyOp", "com.example"
+        model.opset_import.append(helper.make_opsetid("com.example", 1))
     return model
 
 
@@ -793,6 +796,19 @@ def test_check_finds_a_bad_sample_anywhere_with_the_runs_message(tmp_path, run_x
     assert result.returncode == 2 and result.stdout == "xquant: check: config " + str(project / "cfg.json") + ": valid\n"
     assert result.stderr == (f"xquant: error: Calibration input input: {project / 'data' / 's009.npy'} holds 1 NaN "
                              "and 0 infinite value(s) after preprocessing: calibration needs finite numbers\n")
+
+
+@pytest.mark.parametrize("name", ["npy_token_id_outside_the_vocabulary", "model_has_an_op_of_another_domain"])
+def test_check_finds_what_the_float_model_fails_on_with_the_runs_message(tmp_path, run_xquant, name):
+    """The float model run in onnxruntime on every batch: check said "ok" where the run then
+    failed (a token id outside the vocabulary; an op of another domain onnxruntime cannot run)."""
+    case = next(case for case in INPUT_CASES if case.name == name)
+    work = tmp_path / name
+    build_case(case, work)
+    result = run_xquant("check", "-q", "-c", str(work / "cfg.json"), cwd=work)
+    expected = (case / "expected.txt").read_text(encoding="utf-8").splitlines()[-1]
+    assert result.returncode == int((case / "exit_code").read_text()) == 2, result.stderr
+    assert normalize(result.stderr, work).splitlines()[-1] == expected
 
 
 # --------------------------------------------------------------------------- xquant compare
