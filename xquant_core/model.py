@@ -407,9 +407,18 @@ def fix_input_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx
         spec = by_name.get(value.name)
         if spec is None:
             continue
+        declared = _model_shape(value)
         for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape):
             dim.Clear()
             dim.dim_value = size
+        if any(not isinstance(dim, int) for dim in declared):
+            log.warning(
+                "input %s has dynamic dimensions %s: the quantized model takes %s, the calibration shape "
+                "(onnxsim and the exported graph work out shapes for it); quantize once per shape you run",
+                value.name,
+                [dim if isinstance(dim, int) else str(dim) for dim in declared],
+                list(spec.shape),
+            )
     return model
 
 
