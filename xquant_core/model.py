@@ -527,9 +527,11 @@ def reattach(
 
 
 def keep_metadata(quantized: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
-    """Carry the float model's ``metadata_props`` into the quantized one, before the keys the
+    """Carry the float model's ``metadata_props`` (and doc strings) into the quantized one, before the keys the
     exporter wrote (``xquant_version`` ...), which win a clash. Runtimes read them: an Ultralytics
     export's class names, stride and image size are what its loader takes from the file."""
     props = {prop.key: prop.value for prop in float_model.metadata_props}
     props.update((prop.key, prop.value) for prop in quantized.metadata_props)
     onnx.helper.set_model_props(quantized, props)
+    quantized.doc_string = quantized.doc_string or float_model.doc_string  # and the model's descriptions
+    quantized.graph.doc_string = quantized.graph.doc_string or float_model.graph.doc_string

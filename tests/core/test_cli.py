@@ -176,7 +176,9 @@ def test_api_accepts_a_model_proto(small_project):
     proto = onnx.load(str(small_project / "small.onnx"))
     # what an Ultralytics export carries and its loader reads back; a key xquant writes itself
     onnx.helper.set_model_props(proto, {"names": "{0: 'face'}", "stride": "32", "xquant_version": "0.0"})
+    proto.doc_string, proto.graph.doc_string = "a face detector", "its graph"
     model = xquant.quantize_onnx_model(str(small_project / "cfg.json"), model=proto)
+    assert (model.doc_string, model.graph.doc_string) == ("a face detector", "its graph")
     # no model file: the output is named after "model" in working_dir
     written = small_project / "out" / "model.q.onnx"
     assert written.is_file()
