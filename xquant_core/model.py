@@ -533,5 +533,6 @@ def keep_metadata(quantized: onnx.ModelProto, float_model: onnx.ModelProto) -> N
     props = {prop.key: prop.value for prop in float_model.metadata_props}
     props.update((prop.key, prop.value) for prop in quantized.metadata_props)
     onnx.helper.set_model_props(quantized, props)
-    quantized.doc_string = quantized.doc_string or float_model.doc_string  # and the model's descriptions
-    quantized.graph.doc_string = quantized.graph.doc_string or float_model.graph.doc_string
+    for mine, theirs in ((quantized, float_model), (quantized.graph, float_model.graph)):
+        if theirs.doc_string and not mine.doc_string:  # set only when there is one: an empty one is bytes too
+            mine.doc_string = theirs.doc_string
