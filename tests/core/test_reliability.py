@@ -435,9 +435,9 @@ def test_unexpected_exception_in_the_installed_command_exits_3(tmp_path, run_xqu
     site.mkdir()
     (site / "sitecustomize.py").write_text(
         "import xquant_core.model\n\n"
-        "def load_model(source):\n"
+        "def read_model(source):\n"
         "    return {}['a key the code forgot']\n\n"
-        "xquant_core.model.load_model = load_model\n")
+        "xquant_core.model.read_model = read_model\n")
     temp = tmp_path / "tmp"
     temp.mkdir()
     project = make_project(tmp_path / "p")
