@@ -5,7 +5,8 @@
 NAME (:class:`xquant_core.commands.Command`; built-ins ``init`` and ``compare``).
 
 Exit codes: 0 ok, 1 quantization failed, 2 bad usage/config/input/plugin,
-3 internal error (a bug: the log file has the traceback), 130 interrupted.
+3 internal error (a bug: the log file has the traceback), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM); an interrupted run writes nothing, or says which files it had written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from ._version import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, XQuantError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, XQuantError
 
 log = logging.getLogger("xquant")
 #: where internal-error tracebacks go (one new file per failure); None: the temp folder
@@ -196,7 +197,7 @@ def cmd_quantize(args) -> int:
     summary_path = output_file(args.summary_json, "--summary-json") if args.summary_json is not None else None
     also_writes = {}
     if summary_path is not None:  # before the run: a bad path costs no quantization
-        check_folder(summary_path, "--summary-json")
+        check_folder(summary_path, "--summary-json", beside=False)
         also_writes[summary_path] = "the --summary-json file"
     stages = Stages(quiet=args.quiet)
     with all_or_nothing():  # the model, the report and the summary: all written, or none
@@ -281,15 +282,16 @@ def _guarded(args, run) -> int:
 
     forget_written()
     try:
-        with _terminate_as_interrupt():
-            return run()
+        return run()
     except XQuantError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"xquant: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        what, code = ("terminated", 128 + 15) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        what, code = (
+            ("terminated", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        )
         done = written()
         outcome = f"after writing {', '.join(str(path) for path in done)}" if done else "no output was written"
         print(f"xquant: {what}; {outcome}", file=sys.stderr)
@@ -328,7 +330,10 @@ def _terminate_as_interrupt():
 
 
 def entry() -> None:
-    code = main()
+    """The console script (and ``python -m xquant``): :func:`main` with SIGTERM stopping a run as
+    Ctrl-C does (a library caller of :func:`main` keeps its own SIGTERM handling)."""
+    with _terminate_as_interrupt():
+        code = main()
     # the run is over and has said so: a late Ctrl-C or SIGTERM does not change its exit code
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -182,9 +182,14 @@ class PathFunctionPreprocessor:
             result = self.func([str(p) for p in paths], spec.vendor_dict())
             if hasattr(result, "detach"):  # torch tensor
                 result = result.detach().cpu().numpy()
-            array = np.asarray(result)
         except (Exception, SystemExit) as exc:  # sys.exit() in a user's function is an error too
             raise DataError(f"{where} raised {type(exc).__name__}: {exc} (first file: {paths[0]})") from None
+        try:
+            array = np.asarray(result)
+        except (Exception, SystemExit) as exc:  # a ragged list, an object whose __array__ raises
+            raise DataError(
+                f"{where} returned a {type(result).__name__} that is not an array: {exc} (first file: {paths[0]})"
+            ) from None
         if array.dtype.kind not in "biuf":
             raise DataError(
                 f"{where} returned {type(result).__name__}"

@@ -12,6 +12,7 @@ EXIT_QUANTIZATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM, as a shell reports it (128 + 15)
 
 
 class XQuantError(Exception):

@@ -65,8 +65,11 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
 
 
 def _external_data_files(path: Path, model: onnx.ModelProto) -> list[Path]:
+    from onnx import external_data_helper
+
+    every = getattr(external_data_helper, "_get_all_tensors", None)  # subgraphs' and Constant nodes' too
     locations: set[str] = set()
-    for tensor in model.graph.initializer:
+    for tensor in every(model) if every is not None else model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
     return [path.parent / location for location in sorted(locations)]
@@ -116,13 +119,13 @@ def _invalid(model: onnx.ModelProto) -> str | None:
     except ValueError:  # over 2 GB as one message: the checker cannot take it, onnxruntime will tell
         return None
     else:  # the checker does not know ops of other domains: can onnxruntime run them?
-        if all(node.domain in ("", "ai.onnx") for node in model.graph.node):
+        if all(node.domain in ("", "ai.onnx", "ai.onnx.ml") for node in model.graph.node):
             return None
         problem = "nodes of other domains"
     try:
-        import onnxruntime
+        from .runtime import onnxruntime_session
 
-        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        onnxruntime_session(model, threads=1)
     except Exception as exc:  # onnxruntime raises its own exception types: it cannot load the model either
         if problem == "nodes of other domains":
             return f"onnxruntime cannot load it: {' '.join(str(exc).split())[:300]}"

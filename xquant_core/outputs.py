@@ -59,14 +59,17 @@ def output_file(raw: str | os.PathLike, what: str = "the output path") -> Path:
     is not one: empty, a folder by its spelling (``out/``, ``/``, ``..``)."""
     text = os.fspath(raw)
     path = Path(text)
-    if not text or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+    if not text:
+        raise OutputError(f"{what} is empty: give the path of the file to write")
+    if text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
         raise OutputError(f"{what} {text!r} names a folder, not a file: give the path of the file to write")
     return path
 
 
-def check_folder(out_path: Path, what: str = "the output path") -> None:
+def check_folder(out_path: Path, what: str = "the output path", beside: bool = True) -> None:
     """Fail when the output folder cannot take the model: not creatable, not a folder, not
-    writable, or the names of the run's files too long for it."""
+    writable, or the names of the run's files too long for it (``beside``: the report, chart and
+    custom_setting files written next to the model too; one of them already a folder fails)."""
     try:
         is_dir = out_path.is_dir()
     except OSError as exc:  # a name too long for the OS, ...
@@ -78,7 +81,11 @@ def check_folder(out_path: Path, what: str = "the output path") -> None:
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path("/"))
     if not existing.is_dir():
         raise OutputError(f"cannot create the output folder {folder}: {existing} is a file, not a folder")
-    _check_name_lengths(out_path, existing, what)
+    targets = derived_paths(out_path) if beside else {out_path: what}
+    _check_name_lengths(list(targets), existing, what)
+    for path, kind in targets.items():
+        if path != out_path and path.is_dir():
+            raise OutputError(f"{kind} {path} is a folder: move it, or choose another output_prefix or -o")
     try:  # a file in the folder, or a folder where it will be made: tried, then removed
         if existing == folder:
             handle, probe = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".probe", dir=folder)
@@ -91,18 +98,19 @@ def check_folder(out_path: Path, what: str = "the output path") -> None:
         raise OutputError(f"cannot {action} {folder}: {_reason(exc)}") from None
 
 
-def _check_name_lengths(out_path: Path, existing: Path, what: str) -> None:
-    """The longest name the run writes beside ``out_path`` (a temporary file while it is written)
-    must fit the folder's file system."""
+def _check_name_lengths(paths: list[Path], existing: Path, what: str) -> None:
+    """The longest name written for ``paths`` (the first is the one the user gave; a temporary
+    file while each is written) must fit the folder's file system."""
     try:
         limit = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no limit to read (Windows): the OS's own error later
         return
-    longest = max(len(os.fsencode(f".{path.name}.12345678.tmp.old")) for path in derived_paths(out_path))
-    if longest > limit:
+    given = len(os.fsencode(paths[0].name))
+    added = max(len(os.fsencode(f".{path.name}.12345678.tmp.old")) for path in paths) - given
+    if given + added > limit:
         raise OutputError(
-            f"{what} {out_path}: the file name is too long ({len(os.fsencode(out_path.name))} bytes; with what a "
-            f"run adds to it for the report and its temporary files it must stay within {limit} bytes here)"
+            f"{what} {paths[0]}: the file name is too long ({given} bytes; at most {limit - added} here, "
+            "as a run adds to it for its temporary files" + (" and the report's names)" if len(paths) > 1 else ")")
         )
 
 
@@ -206,19 +214,26 @@ def forget_written() -> None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends (the main thread, where Python handles them):
-    the renames of a commit are never cut in the middle."""
+    """Ctrl-C and SIGTERM wait until the block ends: the renames of a commit are never cut in the
+    middle. Python runs signal handlers in the main thread whichever thread the OS gives the
+    signal to, so there the handlers are swapped for ones that only note it; it is raised again
+    once the block is over. Elsewhere (a library's worker thread) nothing is changed."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda got, frame: noted.append(got)) for number in wanted}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+    for got in dict.fromkeys(noted):
+        signal.raise_signal(got)
 
 
 def _commit(staged: list[_Staged]) -> None:
@@ -231,6 +246,10 @@ def _commit_now(staged: list[_Staged]) -> None:
     """Put the staged files in place: the old ones are moved aside first (an old file that cannot
     be replaced fails here, before anything changed), then the new ones renamed in, then the
     old ones deleted; on a failure everything is moved back."""
+    for item in staged:  # a folder where a file goes would be moved aside, and lost from sight
+        if os.path.isdir(item.target) and not os.path.islink(item.target):
+            _discard(staged)
+            raise OutputError(f"cannot write {item.target}: it is a folder")
     if len(staged) == 1:  # one file: the rename alone is atomic
         item = staged[0]
         try:
@@ -253,16 +272,29 @@ def _commit_now(staged: list[_Staged]) -> None:
             current = item.target
             os.replace(item.tmp, item.target)
             placed.append(item.target)
-    except OSError as exc:
-        for target in placed:
-            _remove(str(target))
-        for target, backup in reversed(aside):
-            with contextlib.suppress(OSError):
-                os.replace(backup, target)
-        _discard(staged)
-        raise OutputError(f"cannot write {current}: {_reason(exc)}" + _unchanged(current)) from None
+    except BaseException as exc:
+        stranded = _roll_back(staged, placed, aside)
+        if not isinstance(exc, OSError):
+            raise
+        where = f" (the previous {', '.join(stranded)} could not be put back)" if stranded else _unchanged(current)
+        raise OutputError(f"cannot write {current}: {_reason(exc)}{where}") from None
     for _, backup in aside:
         _remove(backup)
+
+
+def _roll_back(staged: list[_Staged], placed: list[Path], aside: list[tuple[Path, str]]) -> list[str]:
+    """Undo a commit cut short: the new files removed, the old ones moved back, the temporary
+    ones deleted. Returns "file (kept as backup)" for each old file that could not be moved back."""
+    for target in placed:
+        _remove(str(target))
+    stranded = []
+    for target, backup in reversed(aside):
+        try:
+            os.replace(backup, target)
+        except OSError:
+            stranded.append(f"{target} (kept as {backup})")
+    _discard(staged)
+    return stranded
 
 
 def _discard(staged: list[_Staged]) -> None:

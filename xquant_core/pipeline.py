@@ -21,7 +21,7 @@ import onnx
 from . import control_flow
 from . import model as model_io
 from .calibration import CalibrationContext
-from .config import XQuantConfig, load_config
+from .config import PREPROCESS_NONE, XQuantConfig, load_config
 from .data import CalibrationDataset, resolve_preprocessor
 from .errors import ConfigError, ModelError, XQuantError
 from .outputs import (
@@ -167,7 +167,8 @@ def _warn_unused_normalisation(specs, readers) -> None:
     for spec in specs:
         config = spec.config
         image = getattr(readers[spec.name], "is_image", False)
-        if (config.mean_value or config.std_value) and not image and ":" not in (config.preprocess_file or ""):
+        builtin = (config.preprocess_file or PREPROCESS_NONE) == PREPROCESS_NONE  # a plugin's may read them
+        if (config.mean_value or config.std_value) and not image and builtin:
             log.warning(
                 "input %s: mean_value/std_value apply to images (file_type img); its %s samples are fed as "
                 "they are, so they are ignored (normalise the samples themselves, or use a preprocess_file)",
@@ -332,9 +333,9 @@ def _quantize(cfg: XQuantConfig, float_model, upper, dataset: CalibrationDataset
     except XQuantError:
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, NotImplementedError) as exc:
-        cause = exc.__cause__ or exc.__context__
+        cause = exc.__cause__
         while cause is not None and not isinstance(cause, XQuantError):  # PPQ wraps what its hooks raise
-            cause = cause.__cause__ or cause.__context__
+            cause = cause.__cause__
         if cause is not None:
             raise cause from None
         raise diagnose_failure(float_model, dataset, exc) from exc

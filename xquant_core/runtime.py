@@ -43,8 +43,8 @@ def in_parallel(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
 
 def in_halves(run: Callable[[list], A], batches: Sequence) -> list[A]:
     """``run`` on the first and on the second half of ``batches`` side by side (:func:`in_parallel`:
-    two one-thread onnxruntime sessions, one per core), or once on all of them with fewer than two
-    batches or one core; the results in batch order."""
+    e.g. one onnxruntime session run from two threads, one per core), or once on all of them with
+    fewer than two batches or one core; the results in batch order."""
     batches = list(batches)
     if len(batches) < 2 or cores() < 2:
         return [run(batches)]
@@ -113,9 +113,10 @@ def outputs_on(model, batches, names: list[str], threads: int | None = None, hal
     session (:func:`onnxruntime_session`); batch entries the model does not take are left out.
 
     ``halves``: the two halves of the batches run side by side on that one session
-    (:func:`in_halves`; onnxruntime's ``run`` may be called from several threads, and with one
-    intra-op thread each run computes on the core of the thread that calls it). The same
-    outputs, with one session made instead of two (40-75 ms for each of the zoo's models)."""
+    (:func:`in_halves`; onnxruntime's ``run`` may be called from several threads: with one
+    intra-op thread each run computes on the core of the thread that calls it, with more they
+    share the session's pool). The same outputs, with one session made instead of two (40-75 ms
+    for each of the zoo's models)."""
     if not batches:
         return []
     session = onnxruntime_session(model, threads)

@@ -1,4 +1,5 @@
-"""The last check before a quantized model is written: it must be a model a user can run.
+"""The last check before a quantized model is written: it must be a model a user can run; and
+the float model run on the calibration samples (what ``xquant check`` and a failed run look at).
 
 A model that fails here is exit 1 naming what is wrong, never a file written with exit 0
 (an inf in the calibration data gave a model whose every output was NaN; a graph with

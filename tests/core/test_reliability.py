@@ -541,6 +541,58 @@ def test_a_runs_model_report_and_summary_are_written_together_or_not_at_all(tmp_
     assert json.loads((project / "summary.json").read_text())["report"] == str(out / "model.q_report.md")
 
 
+def test_a_signal_during_the_commit_waits_for_it_and_an_exception_in_it_rolls_it_back(tmp_path, monkeypatch):
+    """Ctrl-C reaches the main thread's handler whichever thread the OS gave it to: arriving
+    between the renames, it cut the commit short (the old model moved aside and lost from sight,
+    "no output was written"). Now it waits for the renames; anything else raised rolls them back."""
+    from xquant_core import outputs
+
+    old = {name: f"old {name}".encode() for name in ("m.onnx", "m_report.md")}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    replace, calls = os.replace, []
+
+    def signalled(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # Python runs the handler at once, here
+        return replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", signalled)
+    outputs.forget_written()
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.all_or_nothing():
+            for name in old:
+                outputs.write_bytes_atomically(tmp_path / name, b"new")
+    assert {name: (tmp_path / name).read_bytes() for name in old} == {name: b"new" for name in old}
+    assert outputs.written() == [tmp_path / name for name in old] and leftovers(tmp_path) == []
+
+    def cut(src, dst):
+        if str(dst).endswith("m_report.md") and not str(src).endswith(".old"):
+            raise RuntimeError("cut short")
+        return replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", cut)
+    outputs.forget_written()
+    with pytest.raises(RuntimeError, match="cut short"):
+        with outputs.all_or_nothing():
+            for name in old:
+                outputs.write_bytes_atomically(tmp_path / name, b"newer")
+    assert {name: (tmp_path / name).read_bytes() for name in old} == {name: b"new" for name in old}
+    assert outputs.written() == [] and leftovers(tmp_path) == []
+
+
+def test_a_folder_where_the_report_goes_is_found_before_any_work(tmp_path, run_xquant):
+    """The commit moved it aside like an old report, out of sight under a temporary name."""
+    project = make_project(tmp_path / "p", analysis_enable=True)
+    (project / "out" / "model.q_report.md").mkdir(parents=True)
+    before = snapshot(project)
+    result = run_xquant("-c", "cfg.json", cwd=project)
+    assert result.returncode == 2, result.stderr
+    assert f"the analysis report {project / 'out' / 'model.q_report.md'} is a folder" in result.stderr
+    assert snapshot(project) == before
+
+
 def test_the_output_may_not_be_the_input_models_external_data(tmp_path, run_xquant):
     """The model's weights in a file beside it: ``-o`` naming that file used to replace it (exit 0,
     and the input model no longer loaded)."""

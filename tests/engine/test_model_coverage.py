@@ -279,6 +279,9 @@ def _with_odd_interface(kind: str) -> onnx.ModelProto:
         outputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [4]))
     elif kind == "unused_input":
         inputs.append(helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1, 2]))
+    elif kind == "input_passed_through":  # an input nothing reads, returned as it is
+        inputs.append(helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1, 2]))
+        outputs.append(inputs[-1])
     inits = [numpy_helper.from_array(_weights(4, 3, 3, 3), "w"), numpy_helper.from_array(_weights(4), "b")]
     model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", 13)])
@@ -286,14 +289,14 @@ def _with_odd_interface(kind: str) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("kind", ["identity", "twice", "weight", "unused_input"])
+@pytest.mark.parametrize("kind", ["identity", "twice", "weight", "unused_input", "input_passed_through"])
 def test_the_model_is_called_as_the_float_one_whatever_its_interface(tmp_path, kind):
     """Each was refused (exit 1: "the quantized model's outputs are ['r'], the float model's
     ['r', 'r2']"), crashed in PPQ's exporter (a weight as an output) or lost an input."""
     model = _with_odd_interface(kind)
     samples = {"x": [RNG.normal(size=(3, 8, 8)).astype(np.float32) for _ in range(8)]}
-    if kind == "unused_input":
-        samples["unused"] = [np.zeros((1, 2), np.float32)] * 8
+    if kind in ("unused_input", "input_passed_through"):
+        samples["unused"] = [np.full((1, 2), 0.5, np.float32)] * 8
     quantized = xquant.quantize_onnx_model(str(_project(tmp_path, model, samples, finetune_level=0)))
     for values in ("input", "output"):
         assert [v.name for v in getattr(quantized.graph, values)] == [v.name for v in getattr(model.graph, values)]

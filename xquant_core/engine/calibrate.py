@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..calibration import HISTOGRAM_BINS, CalibrationAlgorithm, CalibrationContext, TensorStatistics
-from ..errors import DataError, PluginError
+from ..errors import DataError, PluginError, XQuantError
 from ..runtime import cores, in_parallel
 from .backend import ppq_ir, tensors
 from .common import choice_batches, clearly_lower, onnxruntime_outputs, run_now
@@ -116,8 +116,9 @@ class _TensorObserver:
         if not (math.isfinite(low) and math.isfinite(high)):
             raise DataError(
                 f"tensor {self.name} of the float model holds inf or NaN on calibration batch {self.step + 1} "
-                f"(values {low:g} .. {high:g}): are the calibration samples in the range the model expects? "
-                "Check their values and preprocessing"
+                f"(values {low:g} .. {high:g}), which int8 cannot hold: are the calibration samples in the "
+                "range the model expects (their values, their preprocessing)? If the graph makes them itself "
+                "(an attention mask of -inf), keep the ops around that tensor in float with a custom_setting"
             )
         self.low, self.high = min(self.low, low), max(self.high, high)
         if self.histogram is not None:
@@ -144,6 +145,8 @@ class _TensorObserver:
                 else [self.algorithm.compute_range(self.statistics(), self.context)]
             )
             self.ranges = [_valid_range(entry) for entry in ranges]
+        except XQuantError:  # a plugin saying what is wrong in xquant's own terms
+            raise
         except Exception as exc:  # a plugin's own exception types
             raise PluginError(f"{what} failed on tensor {self.name}: {type(exc).__name__}: {exc}") from None
         if not self.ranges:

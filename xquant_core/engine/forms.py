@@ -380,9 +380,10 @@ def for_ppq(model: onnx.ModelProto, runnable: Iterable[str]) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(ctx.initializers)
-    weights = {init.name for init in graph.initializer}
-    if any(value.name in weights for value in graph.output):  # PPQ's exporter fails on them; restore() adds them back
-        kept = [value for value in graph.output if value.name not in weights]
+    # outputs no op makes (a weight, an input passed through): PPQ fails on them; restore() adds them back
+    unmade = {init.name for init in graph.initializer} | {value.name for value in graph.input}
+    if any(value.name in unmade for value in graph.output):
+        kept = [value for value in graph.output if value.name not in unmade]
         del graph.output[:]
         graph.output.extend(kept)
     _relabel(converted, PPQ_OPSET)
@@ -427,6 +428,7 @@ def _same_interface(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
     graph = model.graph
     available = {name for node in graph.node for name in node.output}
     available |= {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    available |= {value.name for value in reference.graph.input}  # all come back as inputs, below
     weights = {init.name: init for init in reference.graph.initializer}
     producer = {name: node for node in reference.graph.node for name in node.output}
     for value in reference.graph.output:

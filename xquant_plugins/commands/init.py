@@ -47,7 +47,7 @@ def write_config(model_path: str, data_dir: str | None, config_path: str) -> lis
     out = output_file(config_path, "-o")
     if out.exists():
         raise ConfigError([f"{out} exists: xquant init does not overwrite files; give another -o"], source="init")
-    check_folder(out, "-o")
+    check_folder(out, "-o", beside=False)
     with all_or_nothing():
         return _write_config(model_path, data_dir, out)
 
