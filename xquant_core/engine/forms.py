@@ -431,14 +431,16 @@ def _same_interface(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
     available |= {value.name for value in reference.graph.input}  # all come back as inputs, below
     weights = {init.name: init for init in reference.graph.initializer}
     producer = {name: node for node in reference.graph.node for name in node.output}
+    restored: set[str] = set()
     for value in reference.graph.output:
         source = value.name
         while source not in available and source in producer and producer[source].op_type == "Identity":
             source = producer[source].input[0]
-        if source in weights:  # a weight as an output: the float weight, whatever the export made of it
+        if source in weights and source not in restored:  # the float weight, whatever the export made of it
             _rename_initializer(graph, source, available)
             graph.initializer.append(weights[source])
             available.add(source)
+            restored.add(source)
         if source in available and source != value.name:
             graph.node.append(helper.make_node("Identity", [source], [value.name], name=f"{value.name}_identity"))
             available.add(value.name)
