@@ -58,7 +58,7 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
     after = output_error(graph, executor, held_back)
     if clearly_lower(after, before):
         log.info(
-            "fine-tuned %d layers (%s): held-back output error %.5f -> %.5f",
+            "fine-tuned %d layers (%s): held-back output error %.5g -> %.5g",
             len(worst),
             ", ".join(worst),
             before,
@@ -68,7 +68,7 @@ def fine_tune_worst_layers(graph, executor, feeds, plan: EnginePlan, apply) -> N
         ppq_ir.restore_params(saved)
         apply(ppq_ir.ppq_pass("PassiveParameterQuantizePass"))
         log.info(
-            "fine-tuning did not lower the held-back output error (%.5f -> %.5f): kept the layers as they were",
+            "fine-tuning did not lower the held-back output error (%.5g -> %.5g): kept the layers as they were",
             before,
             after,
         )
