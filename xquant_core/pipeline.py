@@ -146,6 +146,7 @@ def prepare(
 
     readers = {spec.name: registry("reader").get(spec.config.file_type) for spec in specs}
     _warn_unused_normalisation(specs, readers)
+    _warn_low_percentiles(cfg)
     preprocessors = {spec.name: resolve_preprocessor(spec.config, registry("preprocessor")) for spec in specs}
     dataset = CalibrationDataset(specs, readers, preprocessors, cfg.calibration.calibration_step)
     check_not_read(out_path, _inputs_read(cfg, model_path, external_data, specs, dataset), also_writes)
@@ -174,6 +175,27 @@ def _warn_unused_normalisation(specs, readers) -> None:
                 "they are, so they are ignored (normalise the samples themselves, or use a preprocess_file)",
                 spec.name,
                 config.file_type,
+            )
+
+
+#: a max_percentile below this clips so much of every activation that outputs land far from float
+LOW_PERCENTILE = 0.99
+
+
+def _warn_low_percentiles(cfg: XQuantConfig) -> None:
+    """max_percentile 0.9 is valid and exits 0, with O-net's outputs at cosine 0.59: say so up front."""
+    values = [("max_percentile", cfg.quantization.max_percentile)] + [
+        (f"custom_setting[{index}].max_percentile", item.max_percentile)
+        for index, item in enumerate(cfg.quantization.custom_setting)
+    ]
+    for field, value in values:
+        if value is not None and value < LOW_PERCENTILE:
+            log.warning(
+                "%s is %g: the clip windows may then cut off %.3g%% of every activation's values, and the "
+                "model's outputs usually land far from float (the default is 0.9999)",
+                field,
+                value,
+                100 * (1 - value),
             )
 
 
@@ -241,6 +263,8 @@ def _run(
     plan = engine_plan(cfg, prepared.algorithm, device)
     cut = cfg.quantization.truncate_var_names
     upper, lower = model_io.split_at(float_model, cut) if cut else (float_model, [])
+    if cut:
+        _check_settings_above_the_cut(cfg, upper, float_model)
     quantized, search, trial, branches = _quantize(cfg, float_model, upper, dataset, prepared.platform, plan, progress)
 
     summary: tuple[str, ...] = (*branches.lines(), quantized_ops_line(quantized))
@@ -269,6 +293,24 @@ def _run(
     return QuantizationResult(
         quantized, out_path, seconds, dataset.count, device, report_path, summary + lines, figures
     )
+
+
+def _check_settings_above_the_cut(cfg: XQuantConfig, upper: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
+    """A custom_setting tensor below the truncate_var_names cut (that part stays float) is named as
+    such: "not in the graph" sent users to skip_onnxsim, which does not help."""
+
+    def tensors(model: onnx.ModelProto) -> set[str]:
+        return {name for node in model.graph.node for name in node.output} | {v.name for v in model.graph.input}
+
+    above, everywhere = tensors(upper), tensors(float_model)
+    for index, item in enumerate(cfg.quantization.custom_setting):
+        for field, names in (("input_names", item.input_names), ("output_names", item.output_names)):
+            below = [name for name in names if name not in above and name in everywhere]
+            if below:
+                raise ModelError(
+                    f"$.quantization_parameters.custom_setting[{index}].{field}: {', '.join(below)} lie(s) below "
+                    "the truncate_var_names cut, which stays float: a custom_setting applies above it"
+                )
 
 
 def _check_something_to_quantize(float_model: onnx.ModelProto) -> None:

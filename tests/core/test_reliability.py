@@ -995,6 +995,14 @@ def test_compare_refuses_a_gate_that_cannot_fail(capsys):
         assert f"argument --fail-snr: '{value}' is not a finite number >= 0" in capsys.readouterr().err
 
 
+def test_a_max_percentile_that_clips_most_activations_is_warned_about(tmp_path, run_xquant):
+    """0.9 is valid, exits 0, and left MTCNN O-net's outputs at cosine 0.59 without a word."""
+    project = make_project(tmp_path / "p", max_percentile=0.9)
+    result = run_xquant("check", "-c", "cfg.json", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "xquant: WARNING: max_percentile is 0.9: the clip windows may then cut off 10% of every" in result.stderr
+
+
 def test_mean_and_std_given_for_npy_samples_are_named_as_ignored(tmp_path, run_xquant):
     project = make_project(tmp_path / "p")
     config = json.loads((project / "cfg.json").read_text())
