@@ -157,6 +157,27 @@ def test_prelu_with_a_per_channel_slope_quantizes(tmp_path):
     assert "PRelu" in {node.op_type for node in quantized.graph.node}
 
 
+def test_constant_of_shape_without_a_value_quantizes(tmp_path):
+    """BlazeFace with skip_onnxsim: a ConstantOfShape with ONNX's default value (no attribute) made
+    PPQ's exporter fail (``KeyError: 'value'``, exit 1)."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ConstantOfShape", ["zeros_shape"], ["zeros"]),
+             helper.make_node("Concat", ["c", "zeros"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w2"], ["y"])]
+    inits = {"w": _weights(4, 3, 3, 3), "b": _weights(4), "zeros_shape": np.array([1, 2, 8, 8], np.int64),
+             "w2": _weights(5, 6, 1, 1)}
+    model = _single_input_model(nodes, inits, [1, 3, 8, 8], "y")
+    _quantizes_close_to_float(tmp_path, model, (3, 8, 8))
+    (tmp_path / "skip").mkdir()
+    config = _project(tmp_path / "skip", model, {"x": [RNG.normal(size=(3, 8, 8)).astype(np.float32) for _ in range(8)]},
+                      finetune_level=0)
+    raw = json.loads(config.read_text())
+    raw["model_parameters"]["skip_onnxsim"] = True
+    config.write_text(json.dumps(raw))
+    quantized = xquant.quantize_onnx_model(str(config))
+    assert _qdq_nodes(quantized.graph) > 0
+
+
 def test_same_upper_conv_with_an_even_kernel_keeps_its_size(tmp_path):
     """A SAME_UPPER 2x2 conv beside a 3x3 'pads 1' conv, concatenated: sizes must agree."""
     nodes = [helper.make_node("Conv", ["x", "w_even"], ["even"], auto_pad="SAME_UPPER", kernel_shape=[2, 2]),

@@ -223,6 +223,13 @@ def _resize_supported(node: onnx.NodeProto, ctx: _Context) -> None:
         raise _NoForm("cubic Resize")
 
 
+def _constant_value(node: onnx.NodeProto, ctx: _Context) -> None:
+    """ConstantOfShape without ``value``: ONNX's default (a float32 0) written out, which PPQ's
+    exporter reads (BlazeFace with skip_onnxsim failed on it: ``KeyError: 'value'``)."""
+    if _attr(node, "value") is None:
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float32))))
+
+
 _REWRITES: dict[str, tuple[int, Callable[[onnx.NodeProto, _Context], None]]] = {
     # op type -> (from opset, rewrite)
     **{op: (1, _explicit_pads) for op in _PADDED},
@@ -230,6 +237,7 @@ _REWRITES: dict[str, tuple[int, Callable[[onnx.NodeProto, _Context], None]]] = {
     "Split": (18, _split_sizes),
     "Pad": (18, _pad_all_axes),
     "Resize": (1, _resize_supported),
+    "ConstantOfShape": (1, _constant_value),
 }
 
 
