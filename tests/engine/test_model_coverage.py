@@ -378,10 +378,31 @@ def _vad_samples(count=10):
 
 
 @pytest.mark.slow
-def test_if_branches_quantize_inside_and_the_untaken_branch_stays_float(tmp_path, run_xquant):
+def test_the_exported_model_has_the_float_models_outputs_and_no_more():
+    """Silero VAD with skip_onnxsim: PPQ's export of the lifted If branch carried two outputs more
+    than the branch declares (4 against the other branch's 2), kept at the end of the list, and
+    onnxruntime refused the If (exit 1). Restoring the interface keeps the float model's outputs."""
+    from xquant_core.engine import forms
+
+    reference = _with_odd_interface("identity")
+    exported = onnx.ModelProto()
+    exported.CopyFrom(reference)
+    exported.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))  # an extra
+    restored = forms.restore(exported, reference)
+    assert [value.name for value in restored.graph.output] == ["r", "r2"]
+    assert [value.name for value in restored.graph.input] == ["x"]
+
+
+@pytest.mark.parametrize("skip_onnxsim", [False, True])
+def test_if_branches_quantize_inside_and_the_untaken_branch_stays_float(tmp_path, run_xquant, skip_onnxsim):
+    """With skip_onnxsim too (this small model quantized before as well; the real Silero VAD did not:
+    :func:`test_the_exported_model_has_the_float_models_outputs_and_no_more`)."""
     model = _vad_like()
     samples = _vad_samples()
     cfg = _project(tmp_path, model, samples)
+    raw = json.loads(cfg.read_text())
+    raw["model_parameters"]["skip_onnxsim"] = skip_onnxsim
+    cfg.write_text(json.dumps(raw))
     result = run_xquant("-c", str(cfg), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "control flow: 1 If branch(es) quantized: rate/then_branch" in result.stdout

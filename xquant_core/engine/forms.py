@@ -456,11 +456,11 @@ def _same_interface(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
     # weights an old exporter also lists as inputs stay inputs only where the export kept them so
     inputs = [value for value in reference.graph.input if value.name not in weights or value.name in current]
     outputs = [value for value in reference.graph.output if value.name in available]
-    for values, declared in ((graph.input, inputs), (graph.output, outputs)):
-        names = {value.name for value in declared}
-        extra = [value for value in values if value.name not in names]
+    names = {value.name for value in inputs}
+    inputs += [value for value in graph.input if value.name not in names]  # none expected; never dropped
+    for values, declared in ((graph.input, inputs), (graph.output, outputs)):  # outputs: the reference's only
         del values[:]
-        values.extend([*declared, *extra])
+        values.extend(declared)
 
 
 def _rename_initializer(graph: onnx.GraphProto, name: str, taken: set[str]) -> None:
