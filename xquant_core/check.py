@@ -43,16 +43,19 @@ def check(
     else:
         low = {spec.name: np.inf for spec in prepared.specs}
         high = {spec.name: -np.inf for spec in prepared.specs}
-        for batch in dataset:  # the ranges calibration will see
+
+        def ranges(batch: dict) -> None:  # the ranges calibration will see
             for name, array in batch.items():
                 if array.size:
                     low[name] = min(low[name], float(array.min()))
                     high[name] = max(high[name], float(array.max()))
-        for index in range(dataset.held_back_count):  # read and checked like the others
-            dataset.held_back_batch(index)
-        problem = float_model_problem(prepared.float_model, dataset)  # what a failing run would find
+
+        # every batch read once: checked, its ranges taken, the float model run on it (what a failing run looks at)
+        problem = float_model_problem(prepared.float_model, dataset, ranges)
         if problem is not None:
             raise problem
+        for index in range(dataset.held_back_count):  # read and checked like the others
+            dataset.held_back_batch(index)
         for spec in prepared.specs:
             source = spec.config.preprocess_file
             lines.append(

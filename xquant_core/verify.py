@@ -149,10 +149,11 @@ def diagnose_failure(float_model: onnx.ModelProto, dataset, error: BaseException
     return problem or QuantizationError(f"quantization failed: {type(error).__name__}: {_first_line(error)}")
 
 
-def float_model_problem(float_model: onnx.ModelProto, dataset):
+def float_model_problem(float_model: onnx.ModelProto, dataset, seen=None):
     """A :class:`DataError` naming the first calibration sample the float model fails on in
     onnxruntime (token ids outside the vocabulary, values an op refuses), else None; raises
-    :class:`QuantizationError` when onnxruntime cannot load the model."""
+    :class:`QuantizationError` when onnxruntime cannot load the model. ``seen(batch)``: called with
+    each batch read (``xquant check`` takes the value ranges from them: each sample read once)."""
     from .errors import DataError
 
     try:
@@ -162,6 +163,8 @@ def float_model_problem(float_model: onnx.ModelProto, dataset):
     names = [value.name for value in session.get_inputs()]
     for index in range(len(dataset)):
         feed = dataset.batch(index)
+        if seen is not None:
+            seen(feed)
         try:
             session.run(None, {name: feed[name] for name in names})
         except Exception as exc:  # onnxruntime raises its own exception types
